@@ -1,0 +1,149 @@
+"""Configuration: one TOML file (stdlib tomllib) validated with pydantic.
+
+Errors name the offending key. Secrets never live here: they come from the
+environment.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bon_gateway.errors import BonError
+
+
+class ConfigError(BonError):
+    code = "config_error"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    max_best_of: int = Field(64, ge=1)
+    default_best_of: int = Field(4, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    log_level: str = "INFO"
+
+
+class GeneratorConfig(_Strict):
+    url: str = "http://127.0.0.1:8000/v1"
+    model: str = "default"
+    timeout_s: float = Field(300.0, gt=0)
+    max_connections: int = Field(256, ge=1)
+
+
+class JudgeConfig(_Strict):
+    """A causal LM used as a reward model: logit(yes) - logit(no)."""
+
+    template: str = (
+        "Here is a question and an answer.\n\nQuestion:\n{question}\n\nAnswer:\n{answer}\n\n"
+        "Is the answer helpful and correct? Reply with Yes or No."
+    )
+    yes: str = "Yes"
+    no: str = "No"
+
+
+class StepConfig(_Strict):
+    """Process reward models: how answers are split into steps."""
+
+    delimiter: str = "\n\n"
+    # math-shepherd style causal-LM PRMs
+    step_tag: str = " ки"
+    good_token: str = "+"
+    bad_token: str = "-"
+
+
+class RewardModelConfig(_Strict):
+    name: str
+    path: str  # local directory or hub id (e.g. Skywork/Skywork-Reward-V2-Qwen3-0.6B)
+    # auto: picked from config.json "architectures"; judge: causal LM as judge;
+    # causal_prm: math-shepherd style PRM on a causal LM.
+    kind: Literal["auto", "judge", "causal_prm"] = "auto"
+    gguf_file: str | None = None
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    workers: int = Field(1, ge=1)
+    # Remote workers (bon-gateway worker --listen HOST:PORT); when set, none are spawned.
+    addresses: tuple[str, ...] = ()
+    max_batch_tokens: int = Field(16384, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+    max_length: int | None = Field(None, ge=1)
+    truncate_prompt: bool = False
+    activation: Literal["none", "sigmoid", "softmax"] = "none"
+    normalize_mean: float = 0.0
+    normalize_std: float = Field(1.0, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    judge: JudgeConfig = JudgeConfig()
+    steps: StepConfig = StepConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be non-empty without spaces")
+        return value
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    reward_models: tuple[RewardModelConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GatewayConfig:
+        names = [m.name for m in self.reward_models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"reward_models: duplicate name(s) {dupes}")
+        if self.server.default_best_of > self.server.max_best_of:
+            raise ValueError("server.default_best_of must be <= server.max_best_of")
+        return self
+
+    def reward_model(self, name: str) -> RewardModelConfig:
+        for entry in self.reward_models:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        parts.append(f"{key}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
+
+
+def parse_config(data: dict[str, object]) -> GatewayConfig:
+    """Validate a config mapping; ConfigError names the offending key."""
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: Path | None) -> GatewayConfig:
+    """Load and validate a TOML config file (None: all defaults)."""
+    if path is None:
+        return GatewayConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    return parse_config(data)
+
+
+def parse_reward_model_flag(flag: str) -> tuple[str, str]:
+    """`NAME=PATH_OR_HF_ID` from --reward-model."""
+    name, sep, path = flag.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--reward-model expects NAME=PATH_OR_HF_ID, got {flag!r}")
+    return name, path

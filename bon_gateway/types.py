@@ -1,0 +1,158 @@
+"""Plain data types shared by the api, engine, generation and scoring client.
+
+No I/O and no third-party imports: these are what crosses module boundaries
+inside the front process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Selection = Literal["argmax", "weighted_vote", "majority_vote"]
+Aggregation = Literal["last", "min", "prod", "mean"]
+Activation = Literal["none", "sigmoid", "softmax"]
+
+SELECTIONS: tuple[str, ...] = ("argmax", "weighted_vote", "majority_vote")
+AGGREGATIONS: tuple[str, ...] = ("last", "min", "prod", "mean")
+ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid", "softmax")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    # Other OpenAI parameters passed through untouched (e.g. presence_penalty).
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BonRequest:
+    """One Best-of-N request, after validation, whatever front it came from."""
+
+    messages: tuple[Message, ...]
+    prompt: str | None = None  # plain completion instead of chat
+    model: str | None = None  # generator model; None = configured default
+    best_of: int = 4
+    n: int = 1
+    reward_model: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    selection: Selection = "argmax"
+    aggregation: Aggregation = "last"
+    return_candidates: bool = False
+    min_candidates: int | None = None
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class Generation:
+    """One candidate as returned by the upstream generator."""
+
+    index: int
+    text: str
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ScoredCandidate:
+    index: int
+    text: str
+    reward: float
+    step_rewards: tuple[float, ...] = ()
+    finish_reason: str = "stop"
+    rank: int = 0
+    answer: str | None = None
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    candidates_generated: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Timings:
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
+    select_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class BonResult:
+    """The outcome of a Best-of-N request: every candidate, ranked best first."""
+
+    id: str
+    model: str
+    reward_model: str
+    ranked: list[ScoredCandidate]
+    usage: Usage
+    timings: Timings
+    dropped: list[str] = field(default_factory=list)  # one reason per dropped candidate
+    selected_answer: str | None = None
+    vote_share: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    """Score given answers for a prompt (no generation)."""
+
+    messages: tuple[Message, ...]
+    candidates: tuple[str, ...] = ()
+    steps: tuple[tuple[str, ...], ...] = ()  # explicit steps, one tuple per answer
+    reward_model: str | None = None
+    activation: Activation | None = None
+    aggregation: Aggregation = "last"
+    selection: Selection = "argmax"
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class CandidateScore:
+    reward: float
+    step_rewards: tuple[float, ...] = ()
+    tokens: int = 0
+
+
+@dataclass(slots=True)
+class ScoreBatchResult:
+    """What the worker pool returns for one group (in input order)."""
+
+    model: str
+    scores: list[CandidateScore]
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    model: str
+    scores: list[ScoredCandidate]  # input order
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    selected_index: int = 0
+    selected_answer: str | None = None
+    vote_share: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    kind: Literal["generator", "reward"]
+    architecture: str = ""

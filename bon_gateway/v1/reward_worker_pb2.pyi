@@ -1,0 +1,88 @@
+from bon_gateway.v1 import best_of_n_pb2 as _best_of_n_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerScoreRequest(_message.Message):
+    __slots__ = ("request_id", "model", "messages", "candidates", "steps", "activation")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    messages: _containers.RepeatedCompositeFieldContainer[_best_of_n_pb2.ChatMessage]
+    candidates: _containers.RepeatedScalarFieldContainer[str]
+    steps: _containers.RepeatedCompositeFieldContainer[_best_of_n_pb2.StepList]
+    activation: str
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_best_of_n_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[_Union[_best_of_n_pb2.StepList, _Mapping]]] = ..., activation: _Optional[str] = ...) -> None: ...
+
+class WorkerScore(_message.Message):
+    __slots__ = ("reward", "step_rewards", "tokens")
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    STEP_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    reward: float
+    step_rewards: _containers.RepeatedScalarFieldContainer[float]
+    tokens: int
+    def __init__(self, reward: _Optional[float] = ..., step_rewards: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("queue_seconds", "compute_seconds", "batch_size", "batch_tokens", "padded_tokens", "reused_prompt_tokens")
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PADDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REUSED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    compute_seconds: float
+    batch_size: int
+    batch_tokens: int
+    padded_tokens: int
+    reused_prompt_tokens: int
+    def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., reused_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class WorkerScoreResponse(_message.Message):
+    __slots__ = ("scores", "prompt_tokens", "total_tokens", "stats")
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedCompositeFieldContainer[WorkerScore]
+    prompt_tokens: int
+    total_tokens: int
+    stats: WorkerStats
+    def __init__(self, scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ...) -> None: ...
+
+class WorkerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerModel(_message.Message):
+    __slots__ = ("name", "architecture", "kind", "max_length")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    architecture: str
+    kind: str
+    max_length: int
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+
+class WorkerInfoResponse(_message.Message):
+    __slots__ = ("models", "device", "pid")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[WorkerModel]
+    device: str
+    pid: int
+    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
