@@ -1,0 +1,102 @@
+"""`bon-gateway` command line: serve, worker, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from bon_gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    RewardModelConfig,
+    load_config,
+    parse_reward_model_flag,
+)
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("serve", help="run the gateway (HTTP + gRPC)")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--generator-url", help="upstream base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--generator-model", help="upstream model name")
+    p.add_argument(
+        "--reward-model", action="append", default=[], metavar="NAME=PATH_OR_HF_ID",
+        help="reward model (repeatable); replaces the config file's list",
+    )
+    p.add_argument("--device", help="device for the reward models (cpu, cuda, cuda:N, auto)")
+    p.add_argument("--workers", type=int, help="worker processes per reward model")
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--grpc-port", type=int)
+    p.add_argument("--host")
+
+
+def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
+    """Command-line flags override the config file."""
+    server = config.server.model_copy(
+        update={
+            k: v
+            for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port}.items()
+            if v is not None
+        }
+    )
+    generator = config.generator.model_copy(
+        update={
+            k: v for k, v in {"url": args.generator_url, "model": args.generator_model}.items() if v is not None
+        }
+    )
+    models = list(config.reward_models)
+    if args.reward_model:
+        models = []
+        for flag in args.reward_model:
+            name, path = parse_reward_model_flag(flag)
+            models.append(RewardModelConfig(name=name, path=path))
+    overrides = {k: v for k, v in {"device": args.device, "workers": args.workers}.items() if v is not None}
+    if overrides:
+        models = [m.model_copy(update=overrides) for m in models]
+    return GatewayConfig.model_validate(
+        {"server": server.model_dump(), "generator": generator.model_dump(),
+         "reward_models": [m.model_dump() for m in models]}
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bon_gateway.api.server import run_gateway
+
+    config = apply_serve_flags(load_config(args.config), args)
+    logging.basicConfig(level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(run_gateway(config))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        # The worker has its own parser; it is the only command that imports torch.
+        from bon_gateway.scoring.worker.__main__ import main as worker_main
+
+        worker_main(argv[1:])
+        return
+    parser = argparse.ArgumentParser(prog="bon-gateway", description="Best-of-N reranking gateway")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(subparsers)
+    subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
+    demo = subparsers.add_parser("demo", help="llama.cpp + gateway + one Best-of-4 request, then stop")
+    demo.add_argument("--best-of", type=int, default=4)
+    demo.add_argument("--prompt", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            code = _serve(args)
+        else:
+            from bon_gateway.demo import run_demo
+
+            code = run_demo(best_of=args.best_of, prompt=args.prompt)
+    except ConfigError as err:
+        print(f"bon-gateway: {err.message}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
