@@ -8,6 +8,10 @@ tests can build as many as they like.
 
 from __future__ import annotations
 
+import platform
+from typing import Protocol
+from urllib.parse import urlsplit
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,8 +22,38 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 REWARD_BUCKETS = (-20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20)
+# Worker-side waits and forward passes: sub-millisecond to tens of seconds.
+WORKER_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+RATIO_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class WorkerStatsLike(Protocol):
+    """The fields of `bon_gateway.v1.WorkerStats` (duck-typed: no protobuf import here)."""
+
+    queue_seconds: float
+    compute_seconds: float
+    batch_size: int
+    batch_tokens: int
+    padded_tokens: int
+    reused_prompt_tokens: int
+
+
+def upstream_label(url: str, index: int = 0) -> str:
+    """A bounded `upstream` label for a configured generator URL: `host:port`, never
+    credentials, path or query; `upstream<index>` when the URL has no host."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        host, port = None, None
+    if not host:
+        return f"upstream{index}"
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{port}" if port is not None else host
 
 
 class Metrics:
@@ -29,7 +63,7 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.build_info = Info("bon_build", "Build information of the gateway.", registry=r)
-        self.build_info.info({"version": __version__})
+        self.build_info.info({"version": __version__, "python": platform.python_version()})
         self.requests = Counter(
             "bon_requests", "Requests finished, by API and status code.", ["api", "status"], registry=r
         )
@@ -99,6 +133,80 @@ class Metrics:
         self.worker_restarts = Counter(
             "bon_worker_restarts", "Reward worker processes restarted after dying.", ["model"], registry=r
         )
+
+        # --- added for the full operator set (issue 6); labels stay bounded ---
+        self.upstream_errors = Counter(
+            "bon_upstream_errors",
+            "Failed generator calls per upstream (host:port from the config, never a URL with "
+            "credentials) and kind (timeout, connect_error, http_4xx, http_5xx, bad_response).",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.upstream_call_duration = Histogram(
+            "bon_upstream_call_duration_seconds",
+            "Latency of one generator call per upstream (its _count is the call rate).",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.score_queue_depth = Gauge(
+            "bon_score_queue_depth",
+            "Candidate groups waiting in the gateway's scoring queue, per reward model.",
+            ["model"],
+            registry=r,
+        )
+        self.score_queue_capacity = Gauge(
+            "bon_score_queue_capacity",
+            "Bound of the scoring queue per reward model (beyond it requests are shed with 429).",
+            ["model"],
+            registry=r,
+        )
+        self.score_queue_wait = Histogram(
+            "bon_score_queue_wait_seconds",
+            "Time a group waited on the worker before its batch ran (WorkerStats.queue_seconds).",
+            ["model"],
+            buckets=WORKER_TIME_BUCKETS,
+            registry=r,
+        )
+        self.score_compute_duration = Histogram(
+            "bon_score_compute_seconds",
+            "Forward-pass time of the batch that scored a group (WorkerStats.compute_seconds).",
+            ["model"],
+            buckets=WORKER_TIME_BUCKETS,
+            registry=r,
+        )
+        self.score_padding_ratio = Histogram(
+            "bon_score_padding_ratio",
+            "Fraction of a forward batch's tokens that are padding (padded_tokens / batch_tokens).",
+            ["model"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.workers_configured = Gauge(
+            "bon_workers_configured",
+            "Reward workers the pool should have per model (spawned count, or remote endpoints).",
+            ["model"],
+            registry=r,
+        )
+
+    def observe_worker_stats(self, model: str, stats: WorkerStatsLike, scored_tokens: int = 0) -> None:
+        """Record the figures a RewardWorker returned with one scored group.
+
+        Call it once per WorkerScoreResponse, with `scored_tokens` = the reply's
+        `total_tokens` (the group's own tokens: batch figures are shared by every
+        group of a batch, so they must not be summed into the token counter).
+        """
+        self.score_queue_wait.labels(model).observe(stats.queue_seconds)
+        self.score_compute_duration.labels(model).observe(stats.compute_seconds)
+        if stats.batch_size > 0:
+            self.score_batch_size.labels(model).observe(stats.batch_size)
+        if stats.batch_tokens > 0:
+            self.score_batch_tokens.labels(model).observe(stats.batch_tokens)
+            self.score_padding_ratio.labels(model).observe(stats.padded_tokens / stats.batch_tokens)
+        if scored_tokens > 0:
+            self.scored_tokens.labels(model).inc(scored_tokens)
+        if stats.reused_prompt_tokens > 0:
+            self.reused_prompt_tokens.labels(model).inc(stats.reused_prompt_tokens)
 
     def render(self) -> bytes:
         """The classic Prometheus text format (what `promtool check metrics` accepts)."""
