@@ -1,0 +1,204 @@
+"""The OpenAI-compatible HTTP front (FastAPI), built by `build_app`.
+
+Handlers only convert: JSON -> engine types -> engine -> JSON. Errors are
+raised as BonError and turned into responses in http_errors.py. Nothing is
+created at import time; importing this module never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bon_gateway import __version__
+from bon_gateway.api.http_errors import install_error_handlers
+from bon_gateway.api.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RewardsRequest,
+    chat_completion_body,
+    chat_completion_chunks,
+    completion_body,
+    completion_chunks,
+    models_body,
+    rewards_body,
+)
+from bon_gateway.engine.engine import Engine
+from bon_gateway.errors import DeadlineExceeded
+from bon_gateway.metrics import Metrics
+from bon_gateway.types import BonRequest, BonResult
+
+__all__ = ["API_LABELS", "METRICS_CONTENT_TYPE", "build_app"]
+
+log = logging.getLogger("bon_gateway.api")
+
+T = TypeVar("T")
+
+# The classic text format: what Prometheus and `promtool check metrics` parse.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# `api` label of bon_requests_total & co: a fixed set, so the label stays bounded
+# whatever paths clients probe.
+API_LABELS = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/completions": "completions",
+    "/v1/rewards": "rewards",
+    "/v1/models": "models",
+}
+
+# nginx's "client closed request": the client left before the answer was ready.
+CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was being processed."""
+
+
+class RequestMetricsMiddleware:
+    """bon_requests_total{api,status}, duration and in-flight for the API routes.
+
+    Pure ASGI (not BaseHTTPMiddleware) so the duration of a streamed response
+    covers its whole body and nothing is buffered.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        api = API_LABELS.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if api is None:
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        in_flight = self.metrics.requests_in_flight.labels(api)
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        in_flight.inc()
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            in_flight.dec()
+            self.metrics.request_duration.labels(api).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(api, str(status)).inc()
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    # The body has been read by the time a handler runs, so the next message
+    # the server hands us is the disconnect (or the end of the response).
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _guarded(request: Request, timeout_s: float, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` under the request timeout; cancel it when the client hangs up.
+
+    Cancelling the engine call cancels its upstream calls and queued scoring:
+    nobody is left to read the answer.
+    """
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        async with asyncio.timeout(timeout_s):
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except TimeoutError:
+        raise DeadlineExceeded(f"request took longer than {timeout_s:g}s") from None
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            # Let the engine unwind (close upstream calls) before we answer.
+            await asyncio.gather(task, return_exceptions=True)
+    if task in done:
+        return task.result()
+    raise ClientGone
+
+
+def _sse(chunks: list[dict[str, Any]]) -> Callable[[], AsyncIterator[bytes]]:
+    async def events() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    return events
+
+
+def build_app(engine: Engine, metrics: Metrics) -> FastAPI:
+    """The HTTP app serving `engine`; metrics recorded into `metrics`."""
+    server = engine.config.server
+    app = FastAPI(title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None)
+    install_error_handlers(app, [ChatCompletionRequest, CompletionRequest, RewardsRequest])
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    async def best_of_n(request: Request, bon: BonRequest) -> BonResult:
+        return await _guarded(request, server.request_timeout_s, lambda: engine.run(bon))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        bon = body.to_bon_request(server.default_best_of)
+        try:
+            result = await best_of_n(request, bon)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = chat_completion_chunks(result, bon, include_usage=include_usage)
+            return StreamingResponse(_sse(chunks)(), media_type="text/event-stream")
+        return JSONResponse(chat_completion_body(result, bon))
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        bon = body.to_bon_request(server.default_best_of)
+        try:
+            result = await best_of_n(request, bon)
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = completion_chunks(result, bon, include_usage=include_usage)
+            return StreamingResponse(_sse(chunks)(), media_type="text/event-stream")
+        return JSONResponse(completion_body(result, bon))
+
+    @app.post("/v1/rewards", response_model=None)
+    async def rewards(body: RewardsRequest, request: Request) -> Response:
+        score_request = body.to_score_request()
+        try:
+            result = await _guarded(request, server.request_timeout_s, lambda: engine.score(score_request))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(rewards_body(result))
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return models_body(engine.list_models())
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        # Liveness only: answering at all is the signal.
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=None)
+    async def ready() -> JSONResponse:
+        if engine.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not_ready"}, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    return app

@@ -1,0 +1,401 @@
+"""Pydantic schemas of the OpenAI-compatible HTTP API, and their conversion to
+the engine's plain types.
+
+Schemas check types and shapes only; range checks that depend on the
+configuration (best_of <= max, n <= best_of, known reward model) live in the
+engine so that both fronts share them. No engine logic here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
+
+from bon_gateway.errors import InvalidRequest
+from bon_gateway.types import (
+    Activation,
+    Aggregation,
+    BonRequest,
+    BonResult,
+    Message,
+    ModelInfo,
+    SamplingParams,
+    ScoredCandidate,
+    ScoreRequest,
+    ScoreResult,
+    Selection,
+)
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "RewardsRequest",
+    "chat_completion_body",
+    "chat_completion_chunks",
+    "completion_body",
+    "completion_chunks",
+    "models_body",
+    "rewards_body",
+]
+
+# OpenAI sampling fields that change what the generator samples and that
+# OpenAI-compatible servers (vLLM, SGLang, llama.cpp) understand: forwarded to
+# every candidate call. Anything else unknown is ignored, as OpenAI clients
+# send fields (user, metadata, ...) that mean nothing to a generator.
+PASSTHROUGH_FIELDS = (
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_k",
+    "min_p",
+    "logit_bias",
+    "response_format",
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(BaseModel):
+    """One chat turn; `content` may be a string or OpenAI text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def to_message(self) -> Message:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return Message(self.role, content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerateFields(_Request):
+    """Fields shared by chat and plain completions."""
+
+    model: str | None = None
+    # Best-of-N extras. Ranges are the engine's business (they depend on config).
+    best_of: StrictInt | None = None
+    n: StrictInt = 1
+    reward_model: str | None = None
+    selection: Selection = "argmax"
+    aggregation: Aggregation = "last"
+    return_candidates: StrictBool = False
+    min_candidates: StrictInt | None = None
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: StrictInt | None = None
+    seed: StrictInt | None = None
+    stop: str | list[str] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    top_k: StrictInt | None = None
+    min_p: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def sampling(self, max_tokens: int | None) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        extra = {name: getattr(self, name) for name in PASSTHROUGH_FIELDS if getattr(self, name) is not None}
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=max_tokens,
+            seed=self.seed,
+            stop=stop,
+            extra=extra,
+        )
+
+    def _bon_request(
+        self, default_best_of: int, messages: tuple[Message, ...], prompt: str | None, max_tokens: int | None
+    ) -> BonRequest:
+        return BonRequest(
+            messages=messages,
+            prompt=prompt,
+            model=self.model,
+            # Without best_of, asking for n choices still generates at least n.
+            best_of=self.best_of if self.best_of is not None else max(default_best_of, self.n),
+            n=self.n,
+            reward_model=self.reward_model,
+            sampling=self.sampling(max_tokens),
+            selection=self.selection,
+            aggregation=self.aggregation,
+            return_candidates=self.return_candidates,
+            min_candidates=self.min_candidates,
+        )
+
+
+class ChatCompletionRequest(_GenerateFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageIn]
+    max_completion_tokens: StrictInt | None = None
+
+    def to_bon_request(self, default_best_of: int) -> BonRequest:
+        messages = tuple(m.to_message() for m in self.messages)
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._bon_request(default_best_of, messages, None, max_tokens)
+
+
+class CompletionRequest(_GenerateFields):
+    """POST /v1/completions (a plain prompt)."""
+
+    prompt: str | list[str]
+
+    def to_bon_request(self, default_best_of: int) -> BonRequest:
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            # One Best-of-N run per request: batching prompts would multiply the
+            # fan-out behind a single client call.
+            if len(prompt) != 1:
+                raise InvalidRequest(
+                    "prompt must be a string or a list of exactly one string", param="prompt"
+                )
+            prompt = prompt[0]
+        return self._bon_request(default_best_of, (), prompt, self.max_tokens)
+
+
+class RewardsRequest(_Request):
+    """POST /v1/rewards: score given answers for a prompt (no generation)."""
+
+    model: str | None = None
+    messages: list[ChatMessageIn]
+    candidates: list[str] | None = None
+    steps: list[list[str]] | None = None
+    activation: Activation | None = None
+    aggregation: Aggregation = "last"
+    selection: Selection = "argmax"
+
+    def to_score_request(self) -> ScoreRequest:
+        return ScoreRequest(
+            messages=tuple(m.to_message() for m in self.messages),
+            candidates=tuple(self.candidates or ()),
+            steps=tuple(tuple(s) for s in self.steps or ()),
+            reward_model=self.model,
+            activation=self.activation,
+            aggregation=self.aggregation,
+            selection=self.selection,
+        )
+
+
+# -- responses -----------------------------------------------------------------
+# Built as plain dicts: OpenAI objects are open-ended (extra fields per choice),
+# and clients only see JSON.
+
+
+def _usage(result: BonResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "total_tokens": result.usage.total_tokens,
+        "candidates_generated": result.usage.candidates_generated,
+    }
+
+
+def _reward_fields(candidate: ScoredCandidate) -> dict[str, Any]:
+    fields: dict[str, Any] = {"reward": candidate.reward}
+    if candidate.step_rewards:
+        fields["step_rewards"] = list(candidate.step_rewards)
+    return fields
+
+
+def _candidates(result: BonResult) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": c.index,
+            "text": c.text,
+            "reward": c.reward,
+            "rank": c.rank,
+            "finish_reason": c.finish_reason,
+            **({"step_rewards": list(c.step_rewards)} if c.step_rewards else {}),
+        }
+        for c in result.ranked
+    ]
+
+
+def _envelope(result: BonResult, request: BonRequest, obj: str, prefix: str) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": f"{prefix}-{result.id}",
+        "object": obj,
+        "created": int(time.time()),
+        "model": result.model,
+        "choices": [],
+        "usage": _usage(result),
+        "reward_model": result.reward_model,
+        "candidates_dropped": len(result.dropped),
+    }
+    if result.selected_answer is not None:
+        body["selected_answer"] = result.selected_answer
+    if request.return_candidates:
+        body["candidates"] = _candidates(result)
+    return body
+
+
+def chat_completion_body(result: BonResult, request: BonRequest) -> dict[str, Any]:
+    """An OpenAI chat.completion: the best n candidates, best first."""
+    body = _envelope(result, request, "chat.completion", "chatcmpl")
+    body["choices"] = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": c.finish_reason,
+            "logprobs": None,
+            **_reward_fields(c),
+        }
+        for i, c in enumerate(result.ranked[: request.n])
+    ]
+    return body
+
+
+def completion_body(result: BonResult, request: BonRequest) -> dict[str, Any]:
+    """An OpenAI text_completion: the best n candidates, best first."""
+    body = _envelope(result, request, "text_completion", "cmpl")
+    body["choices"] = [
+        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None, **_reward_fields(c)}
+        for i, c in enumerate(result.ranked[: request.n])
+    ]
+    return body
+
+
+def rewards_body(result: ScoreResult) -> dict[str, Any]:
+    """The /v1/rewards reply: one entry per candidate, in input order."""
+    body: dict[str, Any] = {
+        "object": "list",
+        "model": result.model,
+        "data": [{"index": s.index, **_reward_fields(s)} for s in result.scores],
+        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.total_tokens},
+        "selected_index": result.selected_index,
+    }
+    if result.selected_answer is not None:
+        body["selected_answer"] = result.selected_answer
+    return body
+
+
+def models_body(models: list[ModelInfo]) -> dict[str, Any]:
+    """OpenAI model list; `kind` tells generator from reward models."""
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": created,
+                "owned_by": "bon-gateway",
+                "kind": m.kind,
+                **({"architecture": m.architecture} if m.architecture else {}),
+            }
+            for m in models
+        ],
+    }
+
+
+def _chunk(
+    result: BonResult, obj: str, prefix: str, created: int, choices: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{result.id}",
+        "object": obj,
+        "created": created,
+        "model": result.model,
+        "choices": choices,
+    }
+
+
+def _summary_chunk(
+    result: BonResult, request: BonRequest, include_usage: bool, base: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The last chunk (no choices): usage when asked, every candidate when asked."""
+    if not include_usage and not request.return_candidates:
+        return None
+    base["choices"] = []
+    base["reward_model"] = result.reward_model
+    base["candidates_dropped"] = len(result.dropped)
+    if include_usage:
+        base["usage"] = _usage(result)
+    if request.return_candidates:
+        base["candidates"] = _candidates(result)
+    return base
+
+
+def chat_completion_chunks(
+    result: BonResult, request: BonRequest, *, include_usage: bool = False
+) -> list[dict[str, Any]]:
+    """The chosen answers as OpenAI chat.completion.chunk objects.
+
+    The candidates are ranked before anything is sent (the best one is only
+    known once all are scored), so each choice is one role chunk, one content
+    chunk and one closing chunk that carries finish_reason and the reward.
+    """
+    created = int(time.time())
+    chunks: list[dict[str, Any]] = []
+    for i, c in enumerate(result.ranked[: request.n]):
+        for delta in ({"role": "assistant", "content": ""}, {"content": c.text}):
+            chunks.append(
+                _chunk(
+                    result,
+                    "chat.completion.chunk",
+                    "chatcmpl",
+                    created,
+                    [{"index": i, "delta": delta, "finish_reason": None, "logprobs": None}],
+                )
+            )
+        closing = {
+            "index": i,
+            "delta": {},
+            "finish_reason": c.finish_reason,
+            "logprobs": None,
+            **_reward_fields(c),
+        }
+        chunks.append(_chunk(result, "chat.completion.chunk", "chatcmpl", created, [closing]))
+    base = _chunk(result, "chat.completion.chunk", "chatcmpl", created, [])
+    summary = _summary_chunk(result, request, include_usage, base)
+    return chunks if summary is None else [*chunks, summary]
+
+
+def completion_chunks(
+    result: BonResult, request: BonRequest, *, include_usage: bool = False
+) -> list[dict[str, Any]]:
+    """The chosen answers as streamed text_completion objects (one text chunk each)."""
+    created = int(time.time())
+    chunks = [
+        _chunk(
+            result,
+            "text_completion",
+            "cmpl",
+            created,
+            [
+                {
+                    "index": i,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "logprobs": None,
+                    **_reward_fields(c),
+                }
+            ],
+        )
+        for i, c in enumerate(result.ranked[: request.n])
+    ]
+    summary = _summary_chunk(
+        result, request, include_usage, _chunk(result, "text_completion", "cmpl", created, [])
+    )
+    return chunks if summary is None else [*chunks, summary]

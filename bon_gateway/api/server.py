@@ -1,0 +1,220 @@
+"""Serving: the HTTP app (uvicorn) and the gRPC server in one process and one
+event loop, both over one Engine.
+
+`run_gateway` is what `bon-gateway serve` calls; `serve_gateway` runs the two
+fronts over an engine built elsewhere (tests, embedding); `build_grpc_server`
+builds the gRPC side with health and reflection wired in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bon_gateway.api.grpc_service import BestOfNService
+from bon_gateway.api.http_app import build_app
+from bon_gateway.config import GatewayConfig
+from bon_gateway.engine.engine import Engine
+from bon_gateway.metrics import Metrics
+from bon_gateway.v1 import best_of_n_pb2 as pb
+from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
+
+__all__ = ["GrpcFront", "build_grpc_server", "run_gateway", "serve_gateway"]
+
+log = logging.getLogger("bon_gateway.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BestOfN"].full_name
+# How often readiness is re-read for grpc.health.v1: workers load and die on
+# their own schedule and the engine only answers "ready?" when asked.
+HEALTH_POLL_S = 0.25
+# Bounded grace for in-flight requests at shutdown (SIGTERM), per front.
+SHUTDOWN_GRACE_S = 30.0
+
+
+@dataclass
+class GrpcFront:
+    """A grpc.aio server with health and reflection, plus the task keeping health current."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    health: health.aio.HealthServicer
+    _watch: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        await self.server.start()
+        self._watch = asyncio.create_task(self._watch_ready(), name="grpc-health-watch")
+
+    async def _watch_ready(self) -> None:
+        serving: bool | None = None
+        while True:
+            ready = self.engine.ready()
+            if ready != serving:
+                serving = ready
+                await self.set_serving(ready)
+                log.info("phase=grpc_health status=%s", "SERVING" if ready else "NOT_SERVING")
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    async def stop(self, grace_s: float | None = SHUTDOWN_GRACE_S) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        # Tell load balancers first, then drain.
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+def build_grpc_server(engine: Engine, metrics: Metrics, port: int, host: str = "127.0.0.1") -> GrpcFront:
+    """A BestOfN grpc.aio server bound to host:port (0 = a free port); call `start()`.
+
+    Health reports NOT_SERVING until `engine.ready()`; reflection lists BestOfN and Health.
+    """
+    server = grpc.aio.server()
+    pb_grpc.add_BestOfNServicer_to_server(BestOfNService(engine, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    return GrpcFront(server=server, port=bound, engine=engine, health=health_servicer)
+
+
+class _UvicornServer(uvicorn.Server):
+    # serve_gateway owns SIGTERM/SIGINT for both fronts; uvicorn's own handling
+    # would re-raise the signal after shutdown and kill the process non-zero.
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set `stop`; returns the undo. Only the main thread gets signals."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+
+    def undo() -> None:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+    return undo
+
+
+async def serve_gateway(
+    config: GatewayConfig,
+    engine: Engine,
+    metrics: Metrics,
+    *,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[int, int], None] | None = None,
+) -> None:
+    """Serve HTTP and gRPC over `engine` until SIGTERM/SIGINT or `stop` is set.
+
+    Ports 0 pick free ports; `on_started(http_port, grpc_port)` reports them once
+    both fronts accept connections. In-flight requests get a bounded grace at
+    shutdown. The engine is not closed here: whoever built it closes it.
+    """
+    stop = stop or asyncio.Event()
+    host = config.server.host
+    uv_config = uvicorn.Config(
+        build_app(engine, metrics),
+        host=host,
+        port=config.server.http_port,
+        log_level=config.server.log_level.lower(),
+        access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
+        lifespan="off",
+        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+    )
+    http = _UvicornServer(uv_config)
+    sock = uv_config.bind_socket()
+    http_port = sock.getsockname()[1]
+    grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host)
+    undo_signals = _install_signal_handlers(stop)
+    http_task: asyncio.Task[None] | None = None
+    try:
+        await grpc_front.start()
+        log.info("phase=grpc_listening address=%s:%d", host, grpc_front.port)
+        http_task = asyncio.create_task(http.serve(sockets=[sock]), name="uvicorn")
+        while not http.started:
+            if http_task.done():
+                await http_task  # startup failed: surface its error
+                raise RuntimeError("the HTTP server stopped during startup")
+            await asyncio.sleep(0.01)
+        log.info("phase=http_listening address=%s:%d", host, http_port)
+        if on_started is not None:
+            on_started(http_port, grpc_front.port)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        log.info("phase=shutdown grace_s=%g", SHUTDOWN_GRACE_S)
+    finally:
+        undo_signals()
+        http.should_exit = True
+        # Drain both fronts at once: each waits for its own in-flight requests.
+        await asyncio.gather(
+            grpc_front.stop(SHUTDOWN_GRACE_S),
+            http_task if http_task is not None else asyncio.sleep(0),
+            return_exceptions=True,
+        )
+        sock.close()
+        log.info("phase=stopped")
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """`bon-gateway serve`: build the engine, start the reward workers, serve both fronts."""
+    # Imported here: the pool spawns worker processes and is the heaviest part
+    # of the front; importing this module must stay cheap and torch-free.
+    from bon_gateway.generation.upstream import UpstreamClient
+    from bon_gateway.scoring.pool import WorkerPool
+
+    metrics = Metrics()
+    upstream = UpstreamClient(config.generator, metrics)
+    pool = WorkerPool(config, metrics)
+    engine = Engine(config, upstream, pool, metrics)
+    log.info(
+        "phase=config generator=%s reward_models=%s",
+        config.generator.url,
+        ",".join(m.name for m in config.reward_models) or "none",
+    )
+    stop = asyncio.Event()
+    # Serve at once (liveness answers, readiness says "not yet") while the
+    # workers load: loading a model takes seconds to minutes.
+    serving = asyncio.create_task(serve_gateway(config, engine, metrics, stop=stop), name="serve")
+    log.info("phase=workers_starting")
+    starting = asyncio.create_task(pool.start(), name="pool-start")
+    try:
+        done, _ = await asyncio.wait({serving, starting}, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            starting.result()  # a pool that cannot start stops the gateway
+            log.info("phase=workers_started ready=%s", pool.ready())
+        await serving
+    finally:
+        stop.set()
+        starting.cancel()
+        await asyncio.gather(serving, starting, return_exceptions=True)
+        await engine.aclose()
+        log.info("phase=closed")

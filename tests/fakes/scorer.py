@@ -1,0 +1,100 @@
+"""FakeScorer: a deterministic RewardScorer with no model and no torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from bon_gateway.errors import BonError
+from bon_gateway.types import CandidateScore, Message, ModelInfo, ScoreBatchResult
+
+__all__ = ["FakeScorer", "ScoreCall", "words"]
+
+
+def words(text: str) -> int:
+    """The fakes' token count: whitespace-separated words."""
+    return len(text.split())
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreCall:
+    model: str
+    messages: tuple[Message, ...]
+    candidates: tuple[str, ...]
+    steps: tuple[tuple[str, ...], ...]
+    activation: str | None
+
+
+class FakeScorer:
+    """Implements engine.RewardScorer: reward = `rewards[text]` (else `default_reward`).
+
+    Flip `is_ready` to exercise readiness; set `error` to make `score` raise it
+    (a worker failure); set `crash` to make it raise an unexpected exception.
+    `calls` records every group scored.
+    """
+
+    def __init__(
+        self,
+        rewards: Mapping[str, float] | None = None,
+        *,
+        models: Sequence[str] = ("fake-rm",),
+        default_reward: float = 0.0,
+        step_rewards: Mapping[str, Sequence[float]] | None = None,
+        ready: bool = True,
+    ) -> None:
+        self.rewards = dict(rewards or {})
+        self.model_names = tuple(models)
+        self.default_reward = default_reward
+        self.step_rewards = {k: tuple(v) for k, v in (step_rewards or {}).items()}
+        self.is_ready = ready
+        self.error: BonError | None = None
+        self.crash: Exception | None = None
+        self.calls: list[ScoreCall] = []
+        self.closed = False
+
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name, "reward", "FakeForSequenceClassification") for name in self.model_names]
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def reward(self, text: str, activation: str | None = None) -> float:
+        value = self.rewards.get(text, self.default_reward)
+        return 1.0 / (1.0 + math.exp(-value)) if activation == "sigmoid" else value
+
+    async def score(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        candidates: Sequence[str],
+        *,
+        steps: Sequence[Sequence[str]] = (),
+        activation: str | None = None,
+        request_id: str = "",
+    ) -> ScoreBatchResult:
+        self.calls.append(
+            ScoreCall(model, tuple(messages), tuple(candidates), tuple(tuple(s) for s in steps), activation)
+        )
+        if self.crash is not None:
+            raise self.crash
+        if self.error is not None:
+            raise self.error
+        prompt_tokens = sum(words(m.content) for m in messages)
+        scores = [
+            CandidateScore(
+                reward=self.reward(text, activation),
+                step_rewards=self.step_rewards.get(text, ()),
+                tokens=prompt_tokens + words(text),
+            )
+            for text in candidates
+        ]
+        return ScoreBatchResult(
+            model=model,
+            scores=scores,
+            prompt_tokens=prompt_tokens,
+            total_tokens=prompt_tokens + sum(words(t) for t in candidates),
+        )
+
+    async def aclose(self) -> None:
+        self.closed = True

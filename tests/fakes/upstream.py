@@ -1,0 +1,168 @@
+"""FakeUpstream: a real OpenAI-compatible HTTP server on 127.0.0.1 (uvicorn in a
+thread) answering fixed candidate texts, with fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from tests.fakes.scorer import words
+
+__all__ = ["FakeUpstream", "ThreadedServer"]
+
+
+class ThreadedServer:
+    """Runs an ASGI app with uvicorn on a free loopback port in a daemon thread."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+        config = uvicorn.Config(app, host=host, port=0, log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._sock = config.bind_socket()
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._sock]},
+            name=f"uvicorn-{self.port}",
+            daemon=True,
+        )
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("fake server did not start")
+            time.sleep(0.005)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout_s)
+        self._sock.close()
+
+
+class FakeUpstream:
+    """OpenAI-compatible generator on 127.0.0.1 with fixed answers.
+
+    A call with seed s answers `texts[s % len(texts)]`. The gateway sends
+    seed = base_seed + candidate index, so with `seed=0` in the request,
+    candidate i is `texts[i]`; without a seed, best_of == len(texts) still
+    yields every text once.
+
+    Faults: `fail_status` (every call answers that status), `fail_seeds`
+    (those seeds answer 500), `delay_s` (sleep before answering).
+    `requests` records every JSON body received.
+    """
+
+    def __init__(self, texts: Sequence[str], *, model: str = "fake-generator", delay_s: float = 0.0) -> None:
+        if not texts:
+            raise ValueError("texts must not be empty")
+        self.texts = list(texts)
+        self.model = model
+        self.delay_s = delay_s
+        self.fail_status: int | None = None
+        self.fail_seeds: set[int] = set()
+        self.requests: list[dict[str, Any]] = []
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/completions", self._completions, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+        self._server = ThreadedServer(app)
+
+    @property
+    def port(self) -> int:
+        return self._server.port
+
+    @property
+    def url(self) -> str:
+        """Base URL for GeneratorConfig.url."""
+        return f"http://127.0.0.1:{self._server.port}/v1"
+
+    def text_for(self, seed: int) -> str:
+        return self.texts[seed % len(self.texts)]
+
+    def start(self) -> FakeUpstream:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    async def _answer(self, request: Request) -> tuple[dict[str, Any], str, JSONResponse | None]:
+        body: dict[str, Any] = await request.json()
+        self.requests.append(body)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        seed = int(body.get("seed") or 0)
+        if self.fail_status is not None:
+            error = {"error": {"message": "injected failure", "type": "server_error"}}
+            return body, "", JSONResponse(error, status_code=self.fail_status)
+        if seed in self.fail_seeds:
+            return body, "", JSONResponse({"error": {"message": "injected failure"}}, status_code=500)
+        return body, self.text_for(seed), None
+
+    def _usage(self, prompt_tokens: int, text: str) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": words(text),
+            "total_tokens": prompt_tokens + words(text),
+        }
+
+    async def _chat(self, request: Request) -> JSONResponse:
+        body, text, failure = await self._answer(request)
+        if failure is not None:
+            return failure
+        prompt_tokens = sum(words(str(m.get("content", ""))) for m in body.get("messages", []))
+        return JSONResponse(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", self.model),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
+                "usage": self._usage(prompt_tokens, text),
+            }
+        )
+
+    async def _completions(self, request: Request) -> JSONResponse:
+        body, text, failure = await self._answer(request)
+        if failure is not None:
+            return failure
+        return JSONResponse(
+            {
+                "id": "cmpl-fake",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model", self.model),
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                "usage": self._usage(words(str(body.get("prompt", ""))), text),
+            }
+        )
+
+    async def _models(self, request: Request) -> JSONResponse:
+        return JSONResponse(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "fake"}]}
+        )
