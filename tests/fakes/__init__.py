@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.fakes.gateway import ServedGateway, gateway_config
 from tests.fakes.scorer import FakeScorer, ScoreCall, words
-from tests.fakes.upstream import FakeUpstream, ThreadedServer
+from tests.fakes.upstream import FakeUpstream, ThreadedServer, unused_port
 
 __all__ = [
     "FakeScorer",
@@ -14,5 +14,6 @@ __all__ = [
     "ServedGateway",
     "ThreadedServer",
     "gateway_config",
+    "unused_port",
     "words",
 ]

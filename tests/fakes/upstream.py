@@ -4,6 +4,7 @@ thread) answering fixed candidate texts, with fault injection."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -18,7 +19,15 @@ from starlette.routing import Route
 
 from tests.fakes.scorer import words
 
-__all__ = ["FakeUpstream", "ThreadedServer"]
+__all__ = ["FakeUpstream", "ThreadedServer", "unused_port"]
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A loopback port nobody listens on (for "upstream down" cases)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 class ThreadedServer:
@@ -47,7 +56,8 @@ class ThreadedServer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
         self._sock.close()
 
 
