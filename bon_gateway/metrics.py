@@ -126,8 +126,11 @@ class Metrics:
             registry=r,
         )
         self.rewards = Histogram(
-            "bon_reward", "Distribution of reward values per reward model.", ["model"],
-            buckets=REWARD_BUCKETS, registry=r,
+            "bon_reward",
+            "Distribution of reward values per reward model.",
+            ["model"],
+            buckets=REWARD_BUCKETS,
+            registry=r,
         )
         self.workers_up = Gauge("bon_workers_up", "Reward workers serving, per model.", ["model"], registry=r)
         self.worker_restarts = Counter(
