@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -21,7 +22,12 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 K8S_VERSION = "1.30"  # oldest release these manifests target (native gRPC probes, preStop sleep)
 
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
+try:
+    import kubernetes_validate
+except ImportError:  # a dev extra; CI installs it, so there a missing one is a failure
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("kubernetes-validate not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 
 def _documents(path: Path) -> list[dict[str, Any]]:
