@@ -209,3 +209,17 @@ def test_dockerfile() -> None:
     for args in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
         for source in args.split()[:-1]:
             assert source.rstrip("/") in allowed, f"{source} is excluded by Dockerfile.dockerignore"
+
+
+def test_worker_args_parse_with_the_worker_cli(tmp_path: Path) -> None:
+    """The reward-worker pod's command line is one `bon-gateway worker` accepts."""
+    worker_cli = pytest.importorskip("bon_gateway.scoring.worker.__main__")
+    args = list(_container(_manifests()[("Deployment", "reward-workers")])["args"])
+    assert args[0] == "worker"
+    config = tmp_path / "gateway.toml"
+    config.write_text(_in_cluster_config())
+    args[args.index("--config") + 1] = str(config)  # the ConfigMap, as mounted in the pod
+    parsed = worker_cli.build_parser().parse_args(args[1:])
+    entries = worker_cli.model_entries(parsed)
+    assert [e.name for e in entries] == ["skywork"]
+    assert entries[0].device == "cuda"
