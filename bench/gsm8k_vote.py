@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gsm8k import MODELS, Problem, is_right, load_gsm8k_candidates, vote_locally
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 from bon_gateway.engine.answers import extract_answer
 from bon_gateway.engine.selection import group_by_answer

@@ -73,21 +73,29 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalize_answer(answer: str) -> str:
-    """Light, idempotent normalisation for display and string comparison."""
-    s = answer.strip()
-    for _ in range(2):  # "**$18**": markdown and math wrappers, in either order
-        s = s.strip("*").strip()
-        for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
-            if s.startswith(left) and s.endswith(right):
-                s = s[len(left) : -len(right)].strip()
-        s = s.replace("\\$", "").replace("$", "").strip()
+    """Light normalisation for display and string comparison: "$1,000." -> "1000"."""
+    s = answer
+    # Each pass can expose another wrapper ("**$18**", "\\\\,0"); repeat until
+    # nothing changes so that normalising twice changes nothing.
+    for _ in range(8):
+        previous, s = s, _normalize_once(s)
+        if s == previous:
+            break
+    return s
+
+
+def _normalize_once(answer: str) -> str:
+    s = answer.strip().strip("*").strip()
+    for left, right in (("\\(", "\\)"), ("\\[", "\\]")):
+        if s.startswith(left) and s.endswith(right):
+            s = s[len(left) : -len(right)].strip()
+    s = s.replace("\\$", "").replace("$", "")
     s = _TEXT_COMMAND.sub(r" \1", s)
     s = re.sub(r"\\[,;:! ]", " ", s)  # LaTeX spacing commands
     s = re.sub(r"\s+", " ", s).strip()
     s = s.rstrip(".").strip()
     s = _strip_units(s)
-    s = _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)
-    return s
+    return _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)
 
 
 def _strip_units(s: str) -> str:

@@ -13,7 +13,7 @@ logits, which are often negative; the count share always lies in [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bon_gateway.engine.answers import answers_equivalent, extract_answer
@@ -83,7 +83,10 @@ def select(candidates: Sequence[ScoredCandidate], selection: Selection = "argmax
     return SelectionResult(ranked, ranked[0].answer, len(winner) / len(candidates))
 
 
-def group_by_answer(candidates: Sequence[ScoredCandidate]) -> list[list[ScoredCandidate]]:
+def group_by_answer(
+    candidates: Sequence[ScoredCandidate],
+    equivalent: Callable[[str | None, str | None], bool] = answers_equivalent,
+) -> list[list[ScoredCandidate]]:
     """Candidates with equivalent `answer`s, in first-seen order; no-answer candidates are left out.
 
     Each candidate is compared with one representative per group (the group's
@@ -98,7 +101,7 @@ def group_by_answer(candidates: Sequence[ScoredCandidate]) -> list[list[ScoredCa
             continue
         group = by_text.get(answer)
         if group is None:
-            group = next((g for g in groups if answers_equivalent(g[0].answer, answer)), None)
+            group = next((g for g in groups if equivalent(g[0].answer, answer)), None)
             if group is None:
                 group = []
                 groups.append(group)
