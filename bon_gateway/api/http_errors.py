@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,10 +31,12 @@ from bon_gateway.errors import (
 
 __all__ = [
     "CatchAllMiddleware",
+    "describe_validation_errors",
     "error_body",
     "error_response",
     "http_status",
     "install_error_handlers",
+    "request_field_names",
     "validation_param",
 ]
 
@@ -75,7 +77,7 @@ def error_response(error: BonError) -> JSONResponse:
     )
 
 
-def _field_names(models: Sequence[type[BaseModel]]) -> frozenset[str]:
+def request_field_names(models: Sequence[type[BaseModel]]) -> frozenset[str]:
     """Every field name reachable from the request schemas."""
     names: set[str] = set()
     pending = list(models)
@@ -115,29 +117,37 @@ def validation_param(loc: Sequence[str | int], field_names: frozenset[str]) -> s
     return param or None
 
 
-def _validation_response(exc: RequestValidationError, field_names: frozenset[str]) -> JSONResponse:
-    errors = list(exc.errors())
+def describe_validation_errors(
+    errors: Sequence[Mapping[str, Any]], field_names: frozenset[str]
+) -> tuple[str | None, str, str]:
+    """`(param, message, code)` for FastAPI/pydantic validation errors."""
     if not errors:
-        return JSONResponse(error_body("invalid request", "invalid_request_error"), status_code=400)
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "")
-        message = f"malformed JSON body: {detail}" if detail else "malformed JSON body"
-        return JSONResponse(
-            error_body(message, "invalid_request_error", None, "invalid_json"), status_code=400
-        )
-    param = validation_param(first.get("loc", ()), field_names)
-    message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid"))
-    if len(errors) > 1 and not all(validation_param(e.get("loc", ()), field_names) == param for e in errors):
-        message += f" (and {len(errors) - 1} more error(s))"
-    return JSONResponse(
-        error_body(message, "invalid_request_error", param, "invalid_request_error"), status_code=400
-    )
+        return None, "invalid request", "invalid_request_error"
+    if errors[0].get("type") == "json_invalid":
+        detail = (errors[0].get("ctx") or {}).get("error", "")
+        return None, f"malformed JSON body: {detail}" if detail else "malformed JSON body", "invalid_json"
+    # A value that fits no member of a union fails once per member; the deepest
+    # location is the member the client meant (a list of parts missing "text"
+    # rather than "not a string").
+    chosen = max(errors, key=lambda e: len(e.get("loc", ())))
+    param = validation_param(chosen.get("loc", ()), field_names)
+    message = str(chosen.get("msg", "invalid value"))
+    if param:
+        message = f"{param}: {message}"
+    others = {validation_param(e.get("loc", ()), field_names) for e in errors} - {param}
+    if others:
+        message += f" (and {len(others)} more invalid field(s))"
+    return param, message, "invalid_request_error"
+
+
+def _validation_response(exc: RequestValidationError, field_names: frozenset[str]) -> JSONResponse:
+    param, message, code = describe_validation_errors(exc.errors(), field_names)
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 
 def install_error_handlers(app: FastAPI, request_models: Sequence[type[BaseModel]]) -> None:
     """Route gateway errors, validation errors and HTTP errors to OpenAI-shaped bodies."""
-    field_names = _field_names(request_models)
+    field_names = request_field_names(request_models)
 
     async def on_bon_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, BonError)
