@@ -1,0 +1,378 @@
+"""The gateway side of scoring: a pool of RewardWorker processes.
+
+Co-located workers are spawned as `python -m bon_gateway.scoring.worker` on a
+Unix socket in a private temp dir and supervised (a dead one is restarted);
+remote ones (`addresses` in the model entry) are used over TCP with the same
+protocol. One request's candidates go to one worker as one group; the worker
+batches groups across requests.
+
+This module runs in the front process: it must not import torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+import bon_gateway
+from bon_gateway.config import GatewayConfig, RewardModelConfig
+from bon_gateway.errors import InvalidRequest, WorkerError
+from bon_gateway.metrics import Metrics
+from bon_gateway.types import CandidateScore, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2, reward_worker_pb2_grpc
+
+log = logging.getLogger("bon_gateway.scoring")
+
+__all__ = ["WorkerPool"]
+
+#: what the worker prints before a fatal start-up error (see worker/__main__.py)
+_ERROR_PREFIX = "bon-gateway worker: error: "
+# gRPC codes that mean "this worker is gone", worth one retry elsewhere.
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.INTERNAL}
+
+
+def _remove_stale_socket(path: str) -> None:
+    # A restarted worker binds the same path; a socket file left by a killed one blocks it.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class _Worker:
+    """One RewardWorker: a spawned process on a Unix socket, or a remote address."""
+
+    def __init__(self, entry: RewardModelConfig, target: str, argv: list[str] | None,
+                 env: dict[str, str] | None) -> None:
+        self.entry = entry
+        self.target = target
+        self.argv = argv  # None: remote, not ours to spawn
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: reward_worker_pb2_grpc.RewardWorkerStub | None = None
+        self.up = False
+        self.inflight = 0
+        self.info: reward_worker_pb2.WorkerInfoResponse | None = None
+        self.tail: deque[str] = deque(maxlen=40)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def name(self) -> str:
+        pid = self.proc.pid if self.proc else None
+        return f"{self.entry.name}@{self.target}" + (f"(pid {pid})" if pid else "")
+
+    async def spawn(self) -> None:
+        assert self.argv is not None
+        if self.target.startswith("unix:"):
+            _remove_stale_socket(self.target[5:])
+        self.tail.clear()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE, env=self.env,
+        )
+        self.tasks.append(asyncio.create_task(self._read_stderr(self.proc)))
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        # Forward the worker's log lines (never prompt text) and keep the last ones for errors.
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            text = line.decode("utf-8", "replace").rstrip()
+            self.tail.append(text)
+            log.info("worker %s: %s", self.entry.name, text)
+
+    def failure(self) -> str:
+        for line in reversed(self.tail):
+            if _ERROR_PREFIX in line:
+                return line.split(_ERROR_PREFIX, 1)[1]
+        return " | ".join(list(self.tail)[-5:]) or "no output"
+
+    async def connect(self, timeout_s: float) -> None:
+        """Wait until the worker answers Info (its models are loaded)."""
+        await self.close_channel()
+        self.channel = grpc.aio.insecure_channel(
+            self.target, options=[("grpc.max_receive_message_length", 64 << 20),
+                                  ("grpc.max_send_message_length", 64 << 20)])
+        self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.returncode is not None:
+                await asyncio.sleep(0.1)  # let the stderr reader catch the last lines
+                raise WorkerError(
+                    f"reward model {self.entry.name!r}: worker exited with code "
+                    f"{self.proc.returncode}: {self.failure()}"
+                )
+            try:
+                self.info = await self.stub.Info(reward_worker_pb2.WorkerInfoRequest(), timeout=2.0)
+                self.up = True
+                return
+            except grpc.aio.AioRpcError as err:
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"reward model {self.entry.name!r}: worker {self.target} not ready after "
+                        f"{timeout_s:.0f} s: {err.details()}"
+                    ) from None
+            await asyncio.sleep(0.2)
+
+    async def close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.up = False
+        await self.close_channel()
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
+class WorkerPool:
+    """Implements the engine's RewardScorer over RewardWorker processes."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        metrics: Metrics,
+        *,
+        start_timeout_s: float = 600.0,
+        request_timeout_s: float | None = None,
+        restart: bool = True,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.start_timeout_s = start_timeout_s
+        self.request_timeout_s = request_timeout_s or config.server.request_timeout_s
+        self.restart = restart
+        self._workers: dict[str, list[_Worker]] = {}
+        self._entries = {m.name: m for m in config.reward_models}
+        self._dir: str | None = None
+        self._closing = False
+        self._up_changed = asyncio.Event()
+        self._supervisors: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        """Spawn or connect every worker and wait until all have loaded their models."""
+        self._dir = tempfile.mkdtemp(prefix="bon-workers-")
+        local_count = sum(m.workers for m in self.config.reward_models if not m.addresses)
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_count))
+        for entry in self.config.reward_models:
+            workers: list[_Worker] = []
+            if entry.addresses:
+                workers = [_Worker(entry, addr, None, None) for addr in entry.addresses]
+            else:
+                for i in range(entry.workers):
+                    sock = f"unix:{self._dir}/{len(self._workers)}-{i}.sock"
+                    argv = self._argv(entry, sock, threads)
+                    workers.append(_Worker(entry, sock, argv, self._env(entry, i)))
+            self._workers[entry.name] = workers
+        try:
+            all_workers = [w for ws in self._workers.values() for w in ws]
+            for w in all_workers:
+                if w.argv is not None:
+                    await w.spawn()
+            await asyncio.gather(*(w.connect(self.start_timeout_s) for w in all_workers))
+        except BaseException:
+            await self.aclose()
+            raise
+        for name, workers in self._workers.items():
+            self._set_up_gauge(name)
+            for w in workers:
+                log.info("phase=worker-ready model=%s target=%s device=%s", name, w.target,
+                         w.info.device if w.info else "?")
+                if w.argv is not None:
+                    self._supervisors.append(asyncio.create_task(self._supervise(w)))
+
+    def _argv(self, entry: RewardModelConfig, sock: str, threads: int) -> list[str]:
+        argv = [sys.executable, "-m", "bon_gateway.scoring.worker", "--listen", sock,
+                "--model-json", entry.model_dump_json(), "--parent-pid", str(os.getpid()),
+                "--log-level", self.config.server.log_level]
+        if entry.device == "cpu":
+            argv += ["--threads", str(threads)]
+        return argv
+
+    @staticmethod
+    def _env(entry: RewardModelConfig, index: int) -> dict[str, str]:
+        env = dict(os.environ)
+        # The child imports this very package, wherever it was imported from.
+        root = str(Path(bon_gateway.__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        if entry.device == "cuda" and entry.workers > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+            env["CUDA_VISIBLE_DEVICES"] = str(index)  # one worker per GPU
+        return env
+
+    async def _supervise(self, worker: _Worker) -> None:
+        """Restart the worker whenever its process dies (until the pool closes)."""
+        delay = 0.5
+        while not self._closing:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._closing:
+                return
+            worker.up = False
+            self._set_up_gauge(worker.entry.name)
+            log.warning("phase=worker-died model=%s target=%s code=%s", worker.entry.name, worker.target,
+                        code)
+            if not self.restart:
+                return
+            while not self._closing:
+                try:
+                    await worker.spawn()
+                    await worker.connect(self.start_timeout_s)
+                    break
+                except WorkerError as err:
+                    log.error("phase=worker-restart-failed model=%s: %s", worker.entry.name, err.message)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            if self._closing:
+                return
+            delay = 0.5
+            self.metrics.worker_restarts.labels(worker.entry.name).inc()
+            self._set_up_gauge(worker.entry.name)
+            log.info("phase=worker-restarted model=%s target=%s", worker.entry.name, worker.target)
+
+    def _set_up_gauge(self, model: str) -> None:
+        self.metrics.workers_up.labels(model).set(sum(w.up for w in self._workers.get(model, ())))
+        self._up_changed.set()
+        self._up_changed = asyncio.Event()
+
+    async def aclose(self) -> None:
+        """Stop every spawned worker (SIGTERM, then SIGKILL) and remove the sockets."""
+        self._closing = True
+        for task in self._supervisors:
+            task.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        self._supervisors.clear()
+        await asyncio.gather(*(w.stop() for ws in self._workers.values() for w in ws))
+        for name in self._workers:
+            self.metrics.workers_up.labels(name).set(0)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    # -- RewardScorer -------------------------------------------------------
+    def models(self) -> list[ModelInfo]:
+        return [ModelInfo(name=name, kind="reward", architecture=self._architecture(name))
+                for name in self._entries]
+
+    def _architecture(self, name: str) -> str:
+        for w in self._workers.get(name, ()):
+            if w.info is not None:
+                for m in w.info.models:
+                    if m.name == name:
+                        return m.architecture
+        config = Path(self._entries[name].path) / "config.json"
+        try:
+            archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or [""]
+            return str(archs[0])
+        except (OSError, ValueError):
+            return ""
+
+    def ready(self) -> bool:
+        return bool(self._workers) and all(any(w.up for w in ws) for ws in self._workers.values())
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the spawned workers that are running (tests, diagnostics)."""
+        return [w.proc.pid for ws in self._workers.values() for w in ws
+                if w.proc is not None and w.proc.returncode is None]
+
+    async def _pick(self, model: str, exclude: set[int]) -> _Worker:
+        """The least-loaded live worker, preferring ones not tried yet; waits for a restart."""
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            live = [w for w in self._workers[model] if w.up]
+            fresh = [w for w in live if id(w) not in exclude] or live
+            if fresh:
+                return min(fresh, key=lambda w: w.inflight)
+            if self._closing or time.monotonic() > deadline:
+                raise WorkerError(f"no reward worker for {model!r} is up")
+            waiter = self._up_changed
+            try:
+                await asyncio.wait_for(waiter.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    async def score(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        candidates: Sequence[str],
+        *,
+        steps: Sequence[Sequence[str]] = (),
+        activation: str | None = None,
+        request_id: str = "",
+    ) -> ScoreBatchResult:
+        if model not in self._workers:
+            raise InvalidRequest(f"unknown reward model {model!r}", param="reward_model")
+        request = reward_worker_pb2.WorkerScoreRequest(
+            request_id=request_id,
+            model=model,
+            messages=[best_of_n_pb2.ChatMessage(role=m.role, content=m.content) for m in messages],
+            candidates=list(candidates),
+            steps=[best_of_n_pb2.StepList(steps=list(s)) for s in steps],
+            activation=activation or "",
+        )
+        tried: set[int] = set()
+        for attempt in range(2):  # a group whose worker died is retried once
+            worker = await self._pick(model, tried)
+            tried.add(id(worker))
+            worker.inflight += 1
+            try:
+                assert worker.stub is not None
+                reply = await worker.stub.Score(request, timeout=self.request_timeout_s)
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequest(err.details() or "invalid input", param="candidates") from None
+                if code in _RETRYABLE and attempt == 0 and not self._closing:
+                    log.warning("phase=score-retry model=%s id=%s worker=%s code=%s", model, request_id,
+                                worker.target, code.name)
+                    if worker.proc is not None and worker.proc.returncode is None:
+                        # give the supervisor a moment to notice a dying process
+                        await asyncio.sleep(0.05)
+                    continue
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise WorkerError(f"reward model {model!r} timed out") from None
+                raise WorkerError(f"reward model {model!r} failed: {code.name}: {err.details()}") from None
+            finally:
+                worker.inflight -= 1
+            self._record(model, reply)
+            return ScoreBatchResult(
+                model=model,
+                scores=[CandidateScore(reward=s.reward, step_rewards=tuple(s.step_rewards), tokens=s.tokens)
+                        for s in reply.scores],
+                prompt_tokens=reply.prompt_tokens,
+                total_tokens=reply.total_tokens,
+            )
+        raise WorkerError(f"reward model {model!r}: no worker could score the request")
+
+    def _record(self, model: str, reply: reward_worker_pb2.WorkerScoreResponse) -> None:
+        stats = reply.stats
+        if stats.batch_size > 0:  # batch figures ride on one group per batch
+            self.metrics.score_batch_size.labels(model).observe(stats.batch_size)
+            self.metrics.score_batch_tokens.labels(model).observe(stats.batch_tokens)
+        self.metrics.scored_tokens.labels(model).inc(reply.total_tokens)
+        if stats.reused_prompt_tokens:
+            self.metrics.reused_prompt_tokens.labels(model).inc(stats.reused_prompt_tokens)

@@ -1,0 +1,1 @@
+"""The reward-model worker process (imports torch; the front process never imports this)."""

@@ -1,0 +1,140 @@
+"""`python -m bon_gateway.scoring.worker` / `bon-gateway worker`: one RewardWorker process.
+
+Models come from `--config FILE [--model NAME ...]`, from `--reward-model NAME=PATH`
+plus flags, or from `--model-json` entries (what the gateway's pool passes).
+Logs one line per phase; never prompt or answer text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from bon_gateway.config import ConfigError, RewardModelConfig, load_config, parse_reward_model_flag
+
+log = logging.getLogger("bon_gateway.worker")
+
+#: printed before the message of a fatal start-up error; the pool looks for it
+ERROR_PREFIX = "bon-gateway worker: error: "
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bon-gateway worker", description="Serve RewardWorker over gRPC")
+    p.add_argument("--listen", required=True, help="unix:PATH or HOST:PORT")
+    p.add_argument("--config", type=Path, help="gateway TOML config; serve its reward_models")
+    p.add_argument("--model", action="append", default=[], help="with --config: serve only this model")
+    p.add_argument("--reward-model", action="append", default=[], metavar="NAME=PATH_OR_HF_ID")
+    p.add_argument("--model-json", action="append", default=[], help="a reward_models entry as JSON")
+    p.add_argument("--kind", choices=["auto", "judge", "causal_prm"])
+    p.add_argument("--gguf-file")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-tokens", type=int)
+    p.add_argument("--max-wait-ms", type=float)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--truncate-prompt", action="store_true", default=None)
+    p.add_argument("--no-prefix-reuse", action="store_true", help="always recompute the shared prompt")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def model_entries(args: argparse.Namespace) -> list[RewardModelConfig]:
+    entries: list[RewardModelConfig] = []
+    if args.config is not None:
+        config = load_config(args.config)
+        wanted = set(args.model)
+        entries += [m for m in config.reward_models if not wanted or m.name in wanted]
+        missing = wanted - {m.name for m in entries}
+        if missing:
+            raise ConfigError(f"--model {sorted(missing)} not in {args.config}")
+    overrides = {
+        k: v
+        for k, v in {
+            "kind": args.kind, "gguf_file": args.gguf_file, "device": args.device, "dtype": args.dtype,
+            "max_batch_tokens": args.max_batch_tokens, "max_wait_ms": args.max_wait_ms,
+            "max_length": args.max_length, "truncate_prompt": args.truncate_prompt,
+        }.items()
+        if v is not None
+    }
+    for flag in args.reward_model:
+        name, path = parse_reward_model_flag(flag)
+        entries.append(RewardModelConfig.model_validate({"name": name, "path": path, **overrides}))
+    for text in args.model_json:
+        entries.append(RewardModelConfig.model_validate_json(text))
+    if not entries:
+        raise ConfigError("no reward model: give --config, --reward-model NAME=PATH or --model-json")
+    return entries
+
+
+async def _parent_watch(parent: int, stop: asyncio.Event) -> None:
+    # Co-located workers must not outlive the gateway, even when it is killed with -9.
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("phase=stop reason=parent-gone")
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> None:
+    from bon_gateway.scoring.worker.loading import load_adapter
+    from bon_gateway.scoring.worker.runtime import ModelRuntime
+    from bon_gateway.scoring.worker.server import build_server
+
+    runtimes = {}
+    for entry in entries:
+        adapter = await asyncio.to_thread(load_adapter, entry)
+        runtimes[entry.name] = ModelRuntime(entry, adapter, prefix_reuse=not args.no_prefix_reuse)
+    for runtime in runtimes.values():
+        runtime.batcher.start()
+    server = await build_server(runtimes, args.listen)
+    log.info("phase=serving listen=%s models=%s pid=%d", args.listen, ",".join(runtimes), os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(_parent_watch(args.parent_pid, stop)) if args.parent_pid else None
+    await stop.wait()
+    log.info("phase=stopping")
+    await server.stop(grace=5.0)
+    if watch is not None:
+        watch.cancel()
+    for runtime in runtimes.values():
+        await runtime.batcher.aclose()
+    log.info("phase=stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        entries = model_entries(args)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        asyncio.run(serve(args, entries))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # start-up failures: one clear line for the operator / the pool
+        from bon_gateway.errors import BonError
+
+        message = err.message if isinstance(err, BonError) else str(err) or type(err).__name__
+        log.debug("start-up failure", exc_info=True)
+        print(ERROR_PREFIX + message.replace("\n", " "), file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

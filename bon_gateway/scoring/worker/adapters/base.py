@@ -1,0 +1,117 @@
+"""The adapter interface: what one architecture family tells the worker.
+
+Every reward model is scored the same way: backbone -> hidden states ->
+positions -> head. An adapter supplies the pieces that differ per family:
+
+- `load(...)`: build the model (transformers class, attention implementation);
+- `backbone`: the module that maps input ids to last hidden states (after the
+  final norm), e.g. `model.model`; it must accept `input_ids`, `attention_mask`,
+  `position_ids`, `past_key_values`, `use_cache` like transformers' decoders;
+- `encode(...)`: the token ids of one candidate (chat template, reward token...);
+- `positions(ids)`: where to read hidden states (last token, step separators);
+- `head(hidden)`: fp32 logits from the gathered fp32 hidden states, with the
+  checkpoint's own weights;
+- `reward(logits, activation)`: the candidate's reward and step rewards.
+
+To add a family: subclass `Adapter` in its own module under `adapters/` and
+list the class in `adapters/__init__.py::ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from bon_gateway.config import RewardModelConfig
+from bon_gateway.scoring.worker.formatting import Encoded, Tokenizing
+from bon_gateway.types import Message
+
+
+class Adapter:
+    """Base class; the defaults fit a decoder-only outcome reward model."""
+
+    #: config.json `architectures` values this adapter serves
+    architectures: ClassVar[tuple[str, ...]] = ()
+    #: outcome | process | judge (reported by Info)
+    kind: ClassVar[str] = "outcome"
+    #: attention implementation on CPU / without flash-attn
+    attn_implementation: ClassVar[str] = "sdpa"
+    #: whether the backbone can continue from a repeated KV cache of the shared prompt
+    supports_prefix_reuse: ClassVar[bool] = True
+
+    def __init__(self, model: Any, tokenizer: Any, entry: RewardModelConfig, *, architecture: str) -> None:
+        self.model = model
+        self.entry = entry
+        self.architecture = architecture
+        self.max_length = entry.max_length or int(
+            getattr(model.config, "max_position_embeddings", 0) or 1 << 20
+        )
+        self.tok = Tokenizing(tokenizer, max_length=self.max_length, truncate_prompt=entry.truncate_prompt)
+
+    # -- loading ----------------------------------------------------------
+    @classmethod
+    def load_model(cls, entry: RewardModelConfig, load_kwargs: dict[str, Any]) -> Any:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(entry.path, **load_kwargs)
+
+    # -- pieces -------------------------------------------------------------
+    @property
+    def backbone(self) -> torch.nn.Module:
+        module: torch.nn.Module = self.model.base_model
+        return module
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def encode(
+        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
+    ) -> Encoded:
+        return self.tok.encode_chat(messages, answer, what=what)
+
+    def positions(self, ids: Sequence[int]) -> list[int]:
+        """The token transformers' *ForSequenceClassification pools: the rightmost non-pad id."""
+        pad = self.config.pad_token_id
+        if pad is None:
+            return [len(ids) - 1]
+        for i in range(len(ids) - 1, -1, -1):
+            if ids[i] != pad:
+                return [i]
+        # All pad: transformers' argmax over an all-false mask picks position 0.
+        return [0]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [n, num_labels] from fp32 hidden states [n, h]."""
+        score = self.model.score
+        weight = score.weight.float()
+        bias = score.bias.float() if getattr(score, "bias", None) is not None else None
+        return torch.nn.functional.linear(hidden, weight, bias)
+
+    def reward(self, logits: torch.Tensor, activation: str) -> tuple[float, tuple[float, ...]]:
+        """Reward of one candidate from its gathered logits [k, num_labels]."""
+        row = logits[-1]
+        label = self.reward_label(row.shape[0])
+        if activation == "softmax" and row.shape[0] > 1:
+            value = float(torch.softmax(row, dim=-1)[label])
+        elif activation == "sigmoid" or activation == "softmax":
+            # softmax over a single logit is always 1: a one-logit head means sigmoid.
+            value = 1.0 / (1.0 + math.exp(-float(row[label])))
+        else:
+            value = float(row[label])
+        return self.normalize(value, activation), ()
+
+    @staticmethod
+    def reward_label(num_labels: int) -> int:
+        # One logit: that logit. Two or more (classifiers such as Qwen2.5-1.5B-apeach): the
+        # last label, conventionally the positive class.
+        return 0 if num_labels == 1 else num_labels - 1
+
+    def normalize(self, value: float, activation: str) -> float:
+        # Normalization applies to raw scores only; probabilities stay probabilities.
+        if activation != "none":
+            return value
+        return (value - self.entry.normalize_mean) / self.entry.normalize_std

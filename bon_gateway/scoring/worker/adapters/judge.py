@@ -1,0 +1,75 @@
+"""Any causal LM as a judge: logit(yes) - logit(no) after a judging prompt.
+
+The prompt is the model's chat template of one user message built from the
+model entry's `judge.template` ({question} = the last user message, {answer} =
+the candidate) with the generation prompt added; the score is read at the last
+position, where the model would write its verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from bon_gateway.config import RewardModelConfig
+from bon_gateway.scoring.worker.adapters.base import Adapter
+from bon_gateway.scoring.worker.formatting import Encoded
+from bon_gateway.types import Message
+
+
+def last_user_message(messages: Sequence[Message]) -> str:
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.content
+    return messages[-1].content if messages else ""
+
+
+class JudgeAdapter(Adapter):
+    architectures: ClassVar[tuple[str, ...]] = ()  # chosen by kind="judge", any *ForCausalLM
+    kind: ClassVar[str] = "judge"
+
+    def __init__(self, model: Any, tokenizer: Any, entry: RewardModelConfig, *, architecture: str) -> None:
+        super().__init__(model, tokenizer, entry, architecture=architecture)
+        self.yes_id = self.tok.first_token(entry.judge.yes)
+        self.no_id = self.tok.first_token(entry.judge.no)
+
+    @classmethod
+    def load_model(cls, entry: RewardModelConfig, load_kwargs: dict[str, Any]) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(entry.path, **load_kwargs)
+
+    def encode(
+        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
+    ) -> Encoded:
+        template = self.entry.judge.template
+        content = template.format(question=last_user_message(messages), answer=answer)
+        text = self.tok.render_chat([{"role": "user", "content": content}], add_generation_prompt=True)
+        # Everything up to the answer is prompt; what follows it is part of the candidate's
+        # own tokens (never cut when truncating).
+        prefix = template.split("{answer}", 1)[0].format(question=last_user_message(messages))
+        start = text.find(prefix)
+        answer_start = start + len(prefix) if start >= 0 else 0
+        return self.tok.encode(text, answer_start, what=what)
+
+    def positions(self, ids: Sequence[int]) -> list[int]:
+        return [len(ids) - 1]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.get_output_embeddings().weight
+        rows = weight[[self.yes_id, self.no_id]].float()
+        logits = torch.nn.functional.linear(hidden, rows)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def reward(self, logits: torch.Tensor, activation: str) -> tuple[float, tuple[float, ...]]:
+        row = logits[-1]
+        diff = row[0] - row[1]
+        if activation in ("sigmoid", "softmax"):
+            # softmax over {yes, no} equals sigmoid of the difference
+            return float(torch.sigmoid(diff)), ()
+        return self.normalize(float(diff), activation), ()

@@ -1,0 +1,133 @@
+"""Cross-request dynamic batching under a token budget.
+
+Policy (pure, `pick_batch`): the oldest queued group always goes first (no
+starvation); the groups closest to it in length join while the padded batch
+stays within `max_batch_tokens`, so padding stays small. A group larger than
+the budget runs alone.
+
+Timing (`Batcher`): the forward pass runs in one thread, one batch at a time.
+Requests that arrive while it is busy queue up and form the next batch, so a
+loaded worker batches without waiting; an idle worker starts at once, waiting
+up to `max_wait_ms` only while other requests are still being tokenized (they
+are known to be on their way), so a lone request is not delayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from bon_gateway.scoring.worker.forward import Group, batch_cost
+
+log = logging.getLogger("bon_gateway.worker")
+
+R = TypeVar("R")
+
+
+def length_key(group: Group) -> int:
+    return group.max_suffix if group.prefix else group.max_len
+
+
+def pick_batch(queue: Sequence[Group], max_batch_tokens: int) -> list[int]:
+    """Indices (into the queue, oldest first) of the groups to run next."""
+    if not queue:
+        return []
+    chosen = [0]
+    anchor = length_key(queue[0])
+    others = sorted(range(1, len(queue)), key=lambda i: (abs(length_key(queue[i]) - anchor), i))
+    for i in others:
+        trial = [queue[j] for j in chosen] + [queue[i]]
+        if batch_cost(trial) <= max_batch_tokens:
+            chosen.append(i)
+    return sorted(chosen)
+
+
+@dataclass(slots=True)
+class _Item(Generic[R]):
+    group: Group
+    future: asyncio.Future[tuple[R, float]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher(Generic[R]):
+    """Queues groups and runs them in batches; `run` executes one batch (in a thread)."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Group]], list[R]],
+        *,
+        max_batch_tokens: int,
+        max_wait_ms: float,
+    ) -> None:
+        self._run = run
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._queue: list[_Item[R]] = []
+        self._wakeup = asyncio.Event()
+        self._incoming = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def announce(self) -> None:
+        """A request arrived and is being tokenized: worth waiting for briefly."""
+        self._incoming += 1
+        self._wakeup.set()
+
+    def withdraw(self) -> None:
+        self._incoming -= 1
+        self._wakeup.set()
+
+    async def submit(self, group: Group) -> tuple[R, float]:
+        """The batch result for this group and its queue time in seconds."""
+        future: asyncio.Future[tuple[R, float]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Item(group, future))
+        self._wakeup.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            self._queue = [item for item in self._queue if not item.future.done()]  # cancelled
+            if not self._queue:
+                continue
+            deadline = self._queue[0].enqueued + self.max_wait_s
+            while self._incoming > 0 and time.perf_counter() < deadline:
+                if batch_cost([item.group for item in self._queue]) >= self.max_batch_tokens:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), deadline - time.perf_counter())
+                except TimeoutError:
+                    break
+            picked = pick_batch([item.group for item in self._queue], self.max_batch_tokens)
+            items = [self._queue[i] for i in picked]
+            self._queue = [item for i, item in enumerate(self._queue) if i not in set(picked)]
+            started = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self._run, [item.group for item in items])
+            except Exception as err:  # a failed batch fails its requests, not the worker
+                log.exception("phase=batch error")
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(err)
+            else:
+                for item, result in zip(items, results, strict=True):
+                    if not item.future.done():
+                        item.future.set_result((result, started - item.enqueued))
+            if self._queue:
+                self._wakeup.set()

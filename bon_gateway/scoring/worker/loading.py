@@ -1,0 +1,70 @@
+"""Load a reward model: config.json -> adapter -> tokenizer and weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bon_gateway.config import RewardModelConfig
+from bon_gateway.scoring.worker.adapters import Adapter, adapter_for
+
+log = logging.getLogger("bon_gateway.worker")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_architectures(entry: RewardModelConfig) -> list[str]:
+    """`architectures` from config.json (local dir, GGUF metadata, or the hub)."""
+    local = Path(entry.path) / "config.json"
+    if local.is_file():
+        data = json.loads(local.read_text(encoding="utf-8"))
+        return list(data.get("architectures") or [])
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
+    if entry.gguf_file:
+        kwargs["gguf_file"] = entry.gguf_file
+    config = AutoConfig.from_pretrained(entry.path, **kwargs)
+    return list(getattr(config, "architectures", None) or [])
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(entry: RewardModelConfig, device: torch.device) -> torch.dtype:
+    if entry.dtype != "auto":
+        return _DTYPES[entry.dtype]
+    # CPU: fp32 (exact reference scores); CUDA: bf16 backbone, the head stays fp32.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_adapter(entry: RewardModelConfig) -> Adapter:
+    """Load one model entry; UnsupportedArchitecture lists what is supported."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    architectures = read_architectures(entry)
+    cls, architecture = adapter_for(architectures, entry.kind)
+    device = resolve_device(entry.device)
+    dtype = resolve_dtype(entry, device)
+    log.info("phase=load model=%s architecture=%s adapter=%s device=%s dtype=%s",
+             entry.name, architecture, cls.__name__, device, dtype)
+    common: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
+    if entry.gguf_file:
+        common["gguf_file"] = entry.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(entry.path, **common)
+    model = cls.load_model(entry, {**common, "dtype": dtype, "attn_implementation": cls.attn_implementation})
+    model.to(device)
+    model.eval()
+    adapter = cls(model, tokenizer, entry, architecture=architecture)
+    log.info("phase=loaded model=%s params=%d seconds=%.1f", entry.name,
+             sum(p.numel() for p in model.parameters()), time.perf_counter() - started)
+    return adapter

@@ -1,0 +1,86 @@
+"""One loaded reward model inside a worker: tokenize, batch, run, reward."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bon_gateway.config import RewardModelConfig
+from bon_gateway.scoring.worker.adapters import Adapter
+from bon_gateway.scoring.worker.batching import Batcher
+from bon_gateway.scoring.worker.forward import BatchFigures, Forward, Group, common_prefix
+from bon_gateway.types import Message
+
+log = logging.getLogger("bon_gateway.worker")
+
+
+@dataclass(slots=True)
+class GroupOutcome:
+    logits: list[torch.Tensor]  # per candidate [positions, labels], fp32
+    # The batch's figures ride on the first group of each batch only (None on the others),
+    # so the gateway observes every batch exactly once.
+    figures: BatchFigures | None
+    reused_tokens: int
+    compute_seconds: float
+
+
+@dataclass(slots=True)
+class Scored:
+    rewards: list[tuple[float, tuple[float, ...]]]
+    tokens: list[int]
+    prompt_tokens: int
+    outcome: GroupOutcome
+    queue_seconds: float
+
+
+class ModelRuntime:
+    def __init__(self, entry: RewardModelConfig, adapter: Adapter, *, prefix_reuse: bool = True) -> None:
+        self.entry = entry
+        self.adapter = adapter
+        device = next(adapter.model.parameters()).device
+        self.forward = Forward(adapter, device)
+        self.prefix_reuse = prefix_reuse and adapter.supports_prefix_reuse
+        self.batcher: Batcher[GroupOutcome] = Batcher(
+            self._run_batch, max_batch_tokens=entry.max_batch_tokens, max_wait_ms=entry.max_wait_ms
+        )
+
+    @property
+    def device(self) -> str:
+        return str(self.forward.device)
+
+    def prepare(
+        self, messages: Sequence[Message], candidates: Sequence[str], steps: Sequence[Sequence[str]]
+    ) -> tuple[Group, int]:
+        """Tokenize a group; InputTooLong names the candidate and the limit."""
+        seqs: list[list[int]] = []
+        positions: list[list[int]] = []
+        prompt_tokens = 0
+        for i, answer in enumerate(candidates):
+            enc = self.adapter.encode(messages, answer, steps[i] if steps else (), what=f"candidates[{i}]")
+            seqs.append(enc.ids)
+            positions.append(self.adapter.positions(enc.ids))
+            prompt_tokens = max(prompt_tokens, enc.prompt_tokens)
+        prefix = common_prefix(seqs) if self.prefix_reuse else 0
+        return Group(seqs=seqs, positions=positions, prefix=prefix), prompt_tokens
+
+    def _run_batch(self, groups: list[Group]) -> list[GroupOutcome]:
+        started = time.perf_counter()
+        logits, figures = self.forward.run(groups)
+        seconds = time.perf_counter() - started
+        log.debug("phase=batch model=%s groups=%d rows=%d tokens=%d seconds=%.3f", self.entry.name,
+                  len(groups), figures.rows, figures.batch_tokens, seconds)
+        return [
+            GroupOutcome(per, figures if i == 0 else None, (len(g.seqs) - 1) * g.prefix, seconds)
+            for i, (g, per) in enumerate(zip(groups, logits, strict=True))
+        ]
+
+    async def score(
+        self, group: Group, prompt_tokens: int, activation: str
+    ) -> Scored:
+        outcome, queued = await self.batcher.submit(group)
+        rewards = [self.adapter.reward(lg, activation) for lg in outcome.logits]
+        return Scored(rewards, [len(s) for s in group.seqs], prompt_tokens, outcome, queued)

@@ -1,0 +1,115 @@
+"""The RewardWorker gRPC service (grpc.aio) with health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from bon_gateway.scoring.worker.formatting import InputTooLong
+from bon_gateway.scoring.worker.runtime import ModelRuntime
+from bon_gateway.types import ACTIVATIONS, Message
+from bon_gateway.v1 import reward_worker_pb2 as pb
+from bon_gateway.v1 import reward_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("bon_gateway.worker")
+
+SERVICE_NAME = "bon_gateway.v1.RewardWorker"
+
+
+class RewardWorkerService(pb_grpc.RewardWorkerServicer):
+    def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
+        self.runtimes = runtimes
+
+    async def _runtime(self, name: str, context: grpc.aio.ServicerContext) -> ModelRuntime:
+        if not name and len(self.runtimes) == 1:
+            return next(iter(self.runtimes.values()))
+        runtime = self.runtimes.get(name)
+        if runtime is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"reward model {name!r} is not served here (serving: {', '.join(self.runtimes)})",
+            )
+        assert runtime is not None
+        return runtime
+
+    async def Score(self, request: pb.WorkerScoreRequest, context: grpc.aio.ServicerContext) -> pb.WorkerScoreResponse:  # noqa: E501
+        runtime = await self._runtime(request.model, context)
+        activation = request.activation or runtime.entry.activation
+        if activation not in ACTIVATIONS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}",
+            )
+        messages = [Message(m.role, m.content) for m in request.messages]
+        steps = [tuple(s.steps) for s in request.steps]
+        candidates = list(request.candidates) or [request_steps_text(s) for s in steps]
+        if not candidates:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "candidates must be a non-empty list")
+        runtime.batcher.announce()
+        try:
+            group, prompt_tokens = await asyncio.to_thread(runtime.prepare, messages, candidates, steps)
+        except InputTooLong as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        finally:
+            runtime.batcher.withdraw()
+        scored = await runtime.score(group, prompt_tokens, activation)
+        outcome = scored.outcome
+        stats = pb.WorkerStats(
+            queue_seconds=scored.queue_seconds,
+            compute_seconds=outcome.compute_seconds,
+            reused_prompt_tokens=outcome.reused_tokens,
+        )
+        if outcome.figures is not None:
+            stats.batch_size = outcome.figures.rows
+            stats.batch_tokens = outcome.figures.batch_tokens
+            stats.padded_tokens = outcome.figures.padded_tokens
+        return pb.WorkerScoreResponse(
+            scores=[
+                pb.WorkerScore(reward=reward, step_rewards=list(step_rewards), tokens=tokens)
+                for (reward, step_rewards), tokens in zip(scored.rewards, scored.tokens, strict=True)
+            ],
+            prompt_tokens=scored.prompt_tokens,
+            total_tokens=sum(scored.tokens),
+            stats=stats,
+        )
+
+    async def Info(self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfoResponse:  # noqa: E501
+        models = [
+            pb.WorkerModel(
+                name=name, architecture=rt.adapter.architecture, kind=rt.adapter.kind,
+                max_length=min(rt.adapter.max_length, 2**31 - 1),
+            )
+            for name, rt in self.runtimes.items()
+        ]
+        device = next(iter(self.runtimes.values())).device if self.runtimes else ""
+        return pb.WorkerInfoResponse(models=models, device=device, pid=os.getpid())
+
+
+def request_steps_text(steps: tuple[str, ...]) -> str:
+    return "".join(steps)
+
+
+async def build_server(runtimes: dict[str, ModelRuntime], listen: str) -> grpc.aio.Server:
+    """A started server on `listen` (unix:PATH or HOST:PORT), health SERVING."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
+                                      ("grpc.max_send_message_length", 64 << 20)])
+    pb_grpc.add_RewardWorkerServicer_to_server(RewardWorkerService(runtimes), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(listen)
+    if port == 0 and not listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    # The models are loaded before the server starts, so it is ready as soon as it listens.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return server

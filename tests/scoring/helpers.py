@@ -1,0 +1,40 @@
+"""Shared bits of the scoring tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from bon_gateway.config import GatewayConfig, RewardModelConfig
+from bon_gateway.types import Message
+
+MESSAGES = (
+    Message("system", "You are a careful math tutor."),
+    Message("user", "What is 17 * 23? Explain briefly."),
+)
+MESSAGE_DICTS = [{"role": m.role, "content": m.content} for m in MESSAGES]
+
+
+def mixed_candidates() -> list[str]:
+    """8 answers from 1 token to ~300 tokens."""
+    long = " ".join(f"step {i}: add {i * 7} to the running total." for i in range(30))
+    return [
+        "391",
+        "17 * 23 = 391.",
+        "",
+        "Let me think. 17 * 20 = 340 and 17 * 3 = 51, so the total is 391.",
+        long,
+        "I am not sure, maybe 401?",
+        long[: len(long) // 3] + " Therefore 391.",
+        "The answer is 391 because 23 * 17 = 23 * 10 + 23 * 7 = 230 + 161 = 391. " * 3,
+    ]
+
+
+def gateway_config(*entries: dict[str, Any]) -> GatewayConfig:
+    return GatewayConfig(reward_models=tuple(RewardModelConfig.model_validate(e) for e in entries))
+
+
+@contextmanager
+def no_torch_check() -> Iterator[None]:
+    yield
