@@ -88,7 +88,8 @@ def build_grpc_server(engine: Engine, metrics: Metrics, port: int, host: str = "
     Health reports NOT_SERVING until `engine.ready()`; reflection lists BestOfN and Health.
     """
     server = grpc.aio.server()
-    pb_grpc.add_BestOfNServicer_to_server(BestOfNService(engine, metrics), server)
+    # The generated registration helper carries no annotations.
+    pb_grpc.add_BestOfNServicer_to_server(BestOfNService(engine, metrics), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

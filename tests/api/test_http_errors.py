@@ -4,6 +4,7 @@ the gateway keeps serving afterwards."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -234,3 +235,26 @@ def test_slow_upstream_is_a_504(upstream: FakeUpstream) -> None:
         assert response.status_code == 504
         assert response.json()["error"]["type"] == "deadline_exceeded"
         _assert_good_request_works(gateway)
+
+
+def test_client_hang_up_cancels_the_request(gateway: ServedGateway, upstream: FakeUpstream) -> None:
+    gone = gateway.metrics.requests.labels("chat_completions", "499")
+    before = gone._value.get()
+    upstream.delay_s = 3.0
+    try:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            _post_with_timeout(gateway, GOOD, timeout_s=0.3)
+        # The gateway notices the hang-up and drops the work long before the
+        # upstream would have answered.
+        while gone._value.get() == before:
+            assert time.monotonic() - started < 2.0, "the gateway kept working for a client that left"
+            time.sleep(0.02)
+    finally:
+        upstream.delay_s = 0.0
+    assert gateway.metrics.requests_in_flight.labels("chat_completions")._value.get() == 0
+    _assert_good_request_works(gateway)
+
+
+def _post_with_timeout(gateway: ServedGateway, body: Any, timeout_s: float) -> httpx.Response:
+    return httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=timeout_s)
