@@ -223,3 +223,15 @@ def test_worker_args_parse_with_the_worker_cli(tmp_path: Path) -> None:
     entries = worker_cli.model_entries(parsed)
     assert [e.name for e in entries] == ["skywork"]
     assert entries[0].device == "cuda"
+
+
+def test_only_gateways_reach_the_workers() -> None:
+    docs = _manifests()
+    policy = docs[("NetworkPolicy", "reward-workers")]["spec"]
+    workers = docs[("Deployment", "reward-workers")]["spec"]["template"]["metadata"]["labels"]
+    gateways = docs[("Deployment", "bon-gateway")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= workers.items()
+    (rule,) = policy["ingress"]
+    assert rule["from"][0]["podSelector"]["matchLabels"].items() <= gateways.items()
+    assert not rule["from"][0]["podSelector"]["matchLabels"].items() <= workers.items()
+    assert rule["ports"] == [{"port": 50061, "protocol": "TCP"}]
