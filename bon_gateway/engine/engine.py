@@ -6,6 +6,7 @@ HTTP, protobuf or torch: the generator and the scorer are injected.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -13,10 +14,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from bon_gateway.config import GatewayConfig
-from bon_gateway.engine.selection import rank_argmax
+from bon_gateway.engine.selection import SelectionResult, select
+from bon_gateway.engine.steps import aggregate_steps
 from bon_gateway.errors import InvalidRequest, Unavailable
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import (
+    Aggregation,
     BonRequest,
     BonResult,
     CandidateScore,
@@ -27,6 +30,7 @@ from bon_gateway.types import (
     ScoredCandidate,
     ScoreRequest,
     ScoreResult,
+    Selection,
     Timings,
     Usage,
 )
@@ -168,13 +172,14 @@ class Engine:
             ScoredCandidate(
                 index=gen.index,
                 text=gen.text,
-                reward=score.reward,
+                reward=candidate_reward(score, request.aggregation),
                 step_rewards=score.step_rewards,
                 finish_reason=gen.finish_reason,
             )
             for gen, score in zip(generations, batch.scores, strict=True)
         ]
-        ranked = rank_argmax(candidates)
+        selection = await select_candidates(candidates, request.selection)
+        ranked = selection.ranked
         done = time.perf_counter()
         self.metrics.phase_duration.labels("select").observe(done - scored_at)
         log.info("phase=select id=%s best=%d seconds=%.4f", request_id, ranked[0].index, done - scored_at)
@@ -193,6 +198,8 @@ class Engine:
             usage=usage,
             timings=timings,
             dropped=list(outcome.dropped),
+            selected_answer=selection.selected_answer,
+            vote_share=selection.vote_share,
         )
 
     def validate(self, request: BonRequest) -> None:
@@ -234,23 +241,45 @@ class Engine:
         )
         self.metrics.phase_duration.labels("score").observe(time.perf_counter() - started)
         scored = [
-            ScoredCandidate(index=i, text=text, reward=s.reward, step_rewards=s.step_rewards)
+            ScoredCandidate(
+                index=i,
+                text=text,
+                reward=candidate_reward(s, request.aggregation),
+                step_rewards=s.step_rewards,
+            )
             for i, (text, s) in enumerate(zip(texts, batch.scores, strict=True))
         ]
         for s in batch.scores:
             self.metrics.rewards.labels(reward_model).observe(s.reward)
-        best = rank_argmax([ScoredCandidate(c.index, c.text, c.reward) for c in scored])[0]
+        # Sets each item's answer and rank; `scored` itself stays in input order.
+        selection = await select_candidates(scored, request.selection)
         return ScoreResult(
             model=reward_model,
             scores=scored,
             prompt_tokens=batch.prompt_tokens,
             total_tokens=batch.total_tokens,
-            selected_index=best.index,
+            selected_index=selection.selected.index,
+            selected_answer=selection.selected_answer,
+            vote_share=selection.vote_share,
         )
 
     async def aclose(self) -> None:
         await self.generator.aclose()
         await self.scorer.aclose()
+
+
+def candidate_reward(score: CandidateScore, aggregation: Aggregation) -> float:
+    """A PRM candidate's reward is its aggregated step rewards; an outcome RM's is its score."""
+    if score.step_rewards:
+        return aggregate_steps(score.step_rewards, aggregation)
+    return score.reward
+
+
+async def select_candidates(candidates: Sequence[ScoredCandidate], selection: Selection) -> SelectionResult:
+    """Rank candidates; votes run off the event loop (math-verify's sympy can take milliseconds)."""
+    if selection == "argmax":
+        return select(candidates, selection)
+    return await asyncio.to_thread(select, candidates, selection)
 
 
 def validate_messages(messages: Sequence[Message]) -> None:
