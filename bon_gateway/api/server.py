@@ -193,8 +193,9 @@ async def run_gateway(config: GatewayConfig) -> None:
     from bon_gateway.scoring.pool import WorkerPool
 
     # httpx logs every upstream call at INFO: N lines per request would drown
-    # the gateway's one line per phase.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    # the gateway's one line per phase (debug logging keeps them).
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     metrics = Metrics()
     upstream = UpstreamClient(config.generator, metrics)
     pool = WorkerPool(config, metrics)
