@@ -15,27 +15,27 @@ def smollm2_tokenizer_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LlamaForSequenceClassification, hidden 64, 2 layers, SmolLM2 tokenizer."""
-    return checkpoints.build_sequence_classifier(tmp_path_factory.mktemp("tiny-llama-rm"), "llama", seed=1)
+def tiny_llama_rm() -> Path:
+    """LlamaForSequenceClassification, hidden 64, 2 layers, SmolLM2 tokenizer (read-only dir)."""
+    return checkpoints.tiny_llama_rm()
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return checkpoints.build_sequence_classifier(tmp_path_factory.mktemp("tiny-qwen2-rm"), "qwen2", seed=2)
+def tiny_qwen2_rm() -> Path:
+    """Qwen2ForSequenceClassification, one label."""
+    return checkpoints.tiny_qwen2_rm()
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen3_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return checkpoints.build_sequence_classifier(
-        tmp_path_factory.mktemp("tiny-qwen3-rm"), "qwen3", seed=3, head_dim=16
-    )
+def tiny_qwen3_rm() -> Path:
+    """Qwen3ForSequenceClassification, one label."""
+    return checkpoints.tiny_qwen3_rm()
 
 
 @pytest.fixture(scope="session")
-def tiny_judge_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_judge_lm() -> Path:
     """LlamaForCausalLM to be used with kind = "judge"."""
-    return checkpoints.build_causal_lm(tmp_path_factory.mktemp("tiny-judge"), "llama", seed=4)
+    return checkpoints.tiny_judge_lm()
 
 
 @pytest.fixture(scope="session")

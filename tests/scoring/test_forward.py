@@ -1,0 +1,89 @@
+"""In-process exactness of backbone -> positions -> head, with and without prompt reuse.
+
+These load the adapters in the test process (no worker) so every batching and
+padding case is cheap to check against the one-sequence reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bon_gateway.config import RewardModelConfig
+from bon_gateway.scoring.worker.forward import Forward, Group, batch_cost, common_prefix
+from bon_gateway.scoring.worker.loading import load_adapter
+from bon_gateway.scoring.worker.runtime import ModelRuntime
+from bon_gateway.types import Message
+from tests.fixtures import checkpoints
+from tests.scoring.helpers import mixed_candidates
+
+TOL = 1e-4
+
+PROMPTS = [
+    (Message("user", "What is 17 * 23?"),),
+    (Message("system", "You grade answers. " * 20), Message("user", "Name a prime above 100.")),
+    (Message("user", "Say hi."),),
+]
+ANSWERS = [
+    mixed_candidates(),
+    ["101", "103 is prime because it has no divisor below its square root. " * 4, "", "97"],
+    ["hi"],  # a group of one: nothing to reuse
+]
+
+
+def _dicts(messages: tuple[Message, ...]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "judge"])
+def runtime_and_ref(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    builders = {"llama": checkpoints.tiny_llama_rm, "qwen2": checkpoints.tiny_qwen2_rm,
+                "qwen3": checkpoints.tiny_qwen3_rm, "judge": checkpoints.tiny_judge_lm}
+    path = builders[request.param]()
+    kind = "judge" if request.param == "judge" else "auto"
+    entry = RewardModelConfig(name=request.param, path=str(path), kind=kind)
+    ref = checkpoints.reference_judge_reward if kind == "judge" else checkpoints.reference_outcome_reward
+    return ModelRuntime(entry, load_adapter(entry)), path, ref
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_batch_of_groups_equals_reference(runtime_and_ref, reuse: bool) -> None:  # type: ignore[no-untyped-def]
+    runtime, path, ref = runtime_and_ref
+    runtime.prefix_reuse = reuse
+    groups = [runtime.prepare(msgs, answers, ())[0] for msgs, answers in zip(PROMPTS, ANSWERS, strict=True)]
+    if reuse:
+        assert [g.prefix > 0 for g in groups] == [True, True, False]
+        assert groups[0].prefix != groups[1].prefix  # left padding of the prefixes is exercised
+    logits, figures = Forward(runtime.adapter, runtime.forward.device).run(groups)
+    assert figures.real_tokens == sum(g.real_tokens for g in groups)
+    assert (figures.reused_tokens > 0) == reuse
+    for msgs, answers, per in zip(PROMPTS, ANSWERS, logits, strict=True):
+        for answer, lg in zip(answers, per, strict=True):
+            got, _ = runtime.adapter.reward(lg, "none")
+            assert got == pytest.approx(ref(path, _dicts(msgs), answer), abs=TOL)
+
+
+def test_common_prefix_leaves_own_tokens() -> None:
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common_prefix([[1, 2, 3]]) == 0
+    assert common_prefix([[7, 2], [1, 2]]) == 0
+
+
+def test_batch_cost_counts_padding() -> None:
+    full = Group(seqs=[[1] * 10, [1] * 4], positions=[[9], [3]])
+    reuse = Group(seqs=[[1] * 10, [1] * 6], positions=[[9], [5]], prefix=5)
+    assert batch_cost([full]) == 20
+    assert batch_cost([reuse]) == 5 + 2 * 5
+    assert batch_cost([full, reuse]) == 20 + 15
+
+
+def test_pad_equals_eos_pools_before_trailing_im_end(tiny_llama_rm: Path) -> None:
+    entry = RewardModelConfig(name="m", path=str(tiny_llama_rm))
+    adapter = ModelRuntime(entry, load_adapter(entry)).adapter
+    pad = adapter.config.pad_token_id
+    # SmolLM2: pad == eos == <|im_end|>; a sequence ending in it is read one token earlier,
+    # exactly as LlamaForSequenceClassification does.
+    assert adapter.positions([5, 6, pad]) == [1]
+    assert adapter.positions([5, 6, 7]) == [2]

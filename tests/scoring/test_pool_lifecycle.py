@@ -1,0 +1,120 @@
+"""Worker pool start-up failures, bad input, shutdown, and the front staying torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bon_gateway.errors import InvalidRequest, WorkerError
+from bon_gateway.metrics import Metrics
+from bon_gateway.scoring.pool import WorkerPool
+from tests.fixtures import checkpoints
+from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def _truncated_reference(path: Path, answer: str, limit: int) -> float:
+    """The reference on the left-truncated sequence: first token (BOS) kept, oldest prompt tokens cut."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    text = tok.apply_chat_template([*MESSAGE_DICTS, {"role": "assistant", "content": answer}], tokenize=False)
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) > limit
+    ids = ids[:1] + ids[1 + len(ids) - limit:]
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids])).logits[0][0])
+
+
+def test_importing_the_pool_does_not_import_torch() -> None:
+    code = "import sys, bon_gateway.scoring.pool; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.asyncio
+async def test_unsupported_architecture_fails_at_start_with_the_list(tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints.tiny_llama_rm(), bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["FancyForSequenceClassification"]
+    (bad / "config.json").write_text(json.dumps(config))
+    before = _children()
+    pool = WorkerPool(gateway_config({"name": "bad", "path": str(bad)}), Metrics())
+    with pytest.raises(WorkerError) as info:
+        await pool.start()
+    message = info.value.message
+    assert "FancyForSequenceClassification" in message
+    for arch in ("LlamaForSequenceClassification", "Qwen2ForSequenceClassification",
+                 "Qwen3ForSequenceClassification"):
+        assert arch in message
+    assert not pool.ready()
+    assert _children() - before == set()
+
+
+@pytest.mark.asyncio
+async def test_overlong_input_truncation_and_clean_shutdown(tiny_llama_rm: Path) -> None:
+    config = gateway_config(
+        {"name": "strict", "path": str(tiny_llama_rm), "max_length": 96},
+        {"name": "lenient", "path": str(tiny_llama_rm), "max_length": 96, "truncate_prompt": True},
+    )
+    metrics = Metrics()
+    before = _children()
+    pool = WorkerPool(config, metrics)
+    await pool.start()
+    try:
+        pids = pool.worker_pids()
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert metrics.workers_up.labels("strict")._value.get() == 1
+        long_answer = "word " * 120
+        with pytest.raises(InvalidRequest) as info:
+            await pool.score("strict", MESSAGES, ["short", long_answer])
+        assert "candidates[1]" in info.value.message and "max_length of 96" in info.value.message
+        # The worker keeps serving after bad input.
+        ok = await pool.score("strict", MESSAGES, ["short"])
+        want = checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, "short")
+        assert ok.scores[0].reward == pytest.approx(want, abs=1e-4)
+        # Left-truncating the prompt: the answer is kept whole, the prompt loses its oldest tokens.
+        mid_answer = "word " * 70
+        got = await pool.score("lenient", MESSAGES, [mid_answer, "short"])
+        assert got.scores[0].tokens == 96
+        assert got.scores[0].reward == pytest.approx(_truncated_reference(tiny_llama_rm, mid_answer, 96),
+                                                     abs=1e-4)
+        assert got.scores[1].reward == pytest.approx(want, abs=1e-4)  # short: nothing cut
+        # The answer alone too long: still an error, never cut.
+        with pytest.raises(InvalidRequest):
+            await pool.score("lenient", MESSAGES, ["word " * 200])
+        with pytest.raises(InvalidRequest):
+            await pool.score("nope", MESSAGES, ["x"])
+    finally:
+        await pool.aclose()
+    assert not any(_alive(p) for p in pids)
+    assert _children() - before == set()
+    assert metrics.workers_up.labels("strict")._value.get() == 0
