@@ -218,6 +218,14 @@ def _reward_fields(candidate: ScoredCandidate) -> dict[str, Any]:
     return fields
 
 
+def _add_vote(body: dict[str, Any], answer: str | None, share: float | None) -> None:
+    """Voting selections report the winning final answer and its share of the vote."""
+    if answer is not None:
+        body["selected_answer"] = answer
+    if share is not None:
+        body["vote_share"] = share
+
+
 def _candidates(result: BonResult) -> list[dict[str, Any]]:
     return [
         {
@@ -227,6 +235,7 @@ def _candidates(result: BonResult) -> list[dict[str, Any]]:
             "rank": c.rank,
             "finish_reason": c.finish_reason,
             **({"step_rewards": list(c.step_rewards)} if c.step_rewards else {}),
+            **({"answer": c.answer} if c.answer is not None else {}),
         }
         for c in result.ranked
     ]
@@ -243,8 +252,7 @@ def _envelope(result: BonResult, request: BonRequest, obj: str, prefix: str) -> 
         "reward_model": result.reward_model,
         "candidates_dropped": len(result.dropped),
     }
-    if result.selected_answer is not None:
-        body["selected_answer"] = result.selected_answer
+    _add_vote(body, result.selected_answer, result.vote_share)
     if request.return_candidates:
         body["candidates"] = _candidates(result)
     return body
@@ -281,12 +289,14 @@ def rewards_body(result: ScoreResult) -> dict[str, Any]:
     body: dict[str, Any] = {
         "object": "list",
         "model": result.model,
-        "data": [{"index": s.index, **_reward_fields(s)} for s in result.scores],
+        "data": [
+            {"index": s.index, **_reward_fields(s), **({"answer": s.answer} if s.answer is not None else {})}
+            for s in result.scores
+        ],
         "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.total_tokens},
         "selected_index": result.selected_index,
     }
-    if result.selected_answer is not None:
-        body["selected_answer"] = result.selected_answer
+    _add_vote(body, result.selected_answer, result.vote_share)
     return body
 
 

