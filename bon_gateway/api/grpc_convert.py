@@ -56,6 +56,14 @@ def _messages(messages: Iterable[pb.ChatMessage]) -> tuple[Message, ...]:
 
 def _sampling(request: pb.GenerateRequest) -> SamplingParams:
     s = request.sampling
+    # Same bounds as the HTTP schema: out-of-range values would fail every
+    # upstream call and surface as UNAVAILABLE instead of the client's mistake.
+    if s.HasField("temperature") and not s.temperature >= 0:
+        raise InvalidRequest("sampling.temperature must be >= 0", param="sampling.temperature")
+    if s.HasField("top_p") and not 0 < s.top_p <= 1:
+        raise InvalidRequest("sampling.top_p must be in (0, 1]", param="sampling.top_p")
+    if s.HasField("max_tokens") and s.max_tokens < 1:
+        raise InvalidRequest("sampling.max_tokens must be >= 1", param="sampling.max_tokens")
     return SamplingParams(
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,

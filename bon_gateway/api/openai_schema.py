@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from bon_gateway.errors import InvalidRequest
 from bon_gateway.types import (
@@ -97,9 +97,11 @@ class _GenerateFields(_Request):
     return_candidates: StrictBool = False
     min_candidates: StrictInt | None = None
 
-    temperature: float | None = None
-    top_p: float | None = None
-    max_tokens: StrictInt | None = None
+    # Out-of-range sampling values would make every upstream call fail and
+    # come back as a 503; they are the client's mistake, so a 400 here.
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     stream: StrictBool = False
@@ -148,7 +150,7 @@ class ChatCompletionRequest(_GenerateFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessageIn]
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     def to_bon_request(self, default_best_of: int) -> BonRequest:
         messages = tuple(m.to_message() for m in self.messages)

@@ -112,6 +112,12 @@ BAD_REQUESTS: list[tuple[str, pb.GenerateRequest, str]] = [
     ("unknown-selection", _generate_request(selection="best"), "selection"),
     ("unknown-aggregation", _generate_request(aggregation="max"), "aggregation"),
     ("messages-and-prompt", _generate_request(prompt="also"), "prompt"),
+    (
+        "negative-temperature",
+        _generate_request(sampling=pb.SamplingParams(temperature=-0.5)),
+        "sampling.temperature",
+    ),
+    ("zero-max-tokens", _generate_request(sampling=pb.SamplingParams(max_tokens=0)), "sampling.max_tokens"),
 ]
 
 
