@@ -27,6 +27,8 @@ __all__ = ["answers_equivalent", "extract_answer", "normalize_answer"]
 MAX_SYMPY_CHARS = 100
 
 _BOX_COMMAND = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BRACE = re.compile(r"(?<!\\)[{}]")
+_BARE_BOX_ARGUMENT = re.compile(r"[^\s$\\][^\s$]*")  # "\\boxed 5", not "\\boxed \\boxed"
 _HASH_ANSWER = re.compile(r"^[ \t]*####[ \t]*(.*?)[ \t]*$", re.MULTILINE)
 _ANSWER_IS = re.compile(
     r"\bthe\s+(?:final\s+)?answer\s+is\s*:?\s*(.+?)\s*(?:[.!?](?=\s|$)|\n|$)", re.IGNORECASE
@@ -34,8 +36,11 @@ _ANSWER_IS = re.compile(
 # Line-anchored: "Publisher A: 5000 cents" in the middle of a line is not an answer.
 _A_COLON = re.compile(r"^[ \t]*A:[ \t]*(.*?)[ \t]*$", re.MULTILINE)
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations: <<2*9=18>>
-# A minus sign counts only where it cannot be subtraction ("5-3" ends in 3, not -3).
-_NUMBER = re.compile(r"(?:(?<![\w)\]}])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?%?")
+# A run of digits and commas, matched whole (possessive, and never starting
+# inside a run) so that long "1,111,111,..." text stays linear; _last_number
+# decides whether the commas separate thousands or a list. A minus sign counts
+# only where it cannot be subtraction ("5-3" ends in 3, not -3).
+_NUMBER = re.compile(r"((?<![\w)\]}])-)?(?<![\d.])(?<!\d,)(\d(?:,?\d)*+)(\.\d+)?(%?)")
 _THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
 _TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 # "18 dollars", "\frac{1}{2} cups": the unit words go, a scale word stays
@@ -169,34 +174,37 @@ def _parse(answer: str) -> tuple[object, ...] | None:
 
 def _last_boxed(text: str) -> str | None:
     """Content of the last complete \\boxed{...} / \\fbox{...}, nested braces included."""
-    for match in reversed(list(_BOX_COMMAND.finditer(text))):
-        pos = match.end()
+    commands = list(_BOX_COMMAND.finditer(text))
+    if not commands:
+        return None
+    # One pass for all braces: scanning from each command instead is quadratic
+    # on text full of unclosed boxes.
+    closing = _matching_braces(text)
+    for command in reversed(commands):
+        pos = command.end()
         while pos < len(text) and text[pos] in " \t":
             pos += 1
         if pos < len(text) and text[pos] == "{":
-            content = _balanced(text, pos)
-            if content is not None:
-                return content
-        else:  # "\boxed 5"
-            token = re.match(r"[^\s$]+", text[pos:])
+            close = closing.get(pos)
+            if close is not None:  # else truncated: a box never closed is no answer
+                return text[pos + 1 : close]
+        else:  # "\\boxed 5"
+            token = _BARE_BOX_ARGUMENT.match(text, pos)
             if token:
                 return token.group(0)
     return None
 
 
-def _balanced(text: str, open_at: int) -> str | None:
-    depth = 0
-    for i in range(open_at, len(text)):
-        char = text[i]
-        if char in "{}" and i > 0 and text[i - 1] == "\\":
-            continue  # \{ and \} are literal braces
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1 : i]
-    return None  # unbalanced: a truncated box is no answer
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each "{" that closes -> position of its "}"; \\{ and \\} are literal."""
+    closing: dict[int, int] = {}
+    open_at: list[int] = []
+    for match in _BRACE.finditer(text):
+        if match.group(0) == "{":
+            open_at.append(match.start())
+        elif open_at:
+            closing[open_at.pop()] = match.start()
+    return closing
 
 
 def _last_hash(text: str) -> str | None:
@@ -215,5 +223,10 @@ def _last_a_colon(text: str) -> str | None:
 
 
 def _last_number(text: str) -> str | None:
-    matches = _NUMBER.findall(_CALCULATOR.sub(" ", text))
-    return matches[-1] if matches else None
+    numbers = list(_NUMBER.finditer(_CALCULATOR.sub(" ", text)))
+    if not numbers:
+        return None
+    sign, digits, decimals, percent = numbers[-1].groups(default="")
+    if "," in digits and not _THOUSANDS.fullmatch(digits):
+        sign, digits = "", digits.rsplit(",", 1)[1]  # "1,2,3": a list, its last item
+    return f"{sign}{digits}{decimals}{percent}"

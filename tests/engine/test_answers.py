@@ -65,6 +65,9 @@ needs_gsm8k = pytest.mark.skipif(
         ("she pays $1,200.50 in total", "1200.50"),
         ("it is 50%", "50%"),
         ("values 1, 2, 3", "3"),
+        ("the pair (1,2)", "2"),  # commas that are not thousands separate a list
+        ("it is -1,000.", "-1000"),
+        ("the answer,5", "5"),
         ("0.5 or .5", "0.5"),
         ("9 * 2 = $<<9*2=18>>18 and <<796224", "796224"),  # GSM8K calculator notes
         # no answer at all
@@ -140,6 +143,22 @@ def test_huge_expressions_are_compared_as_strings_not_evaluated() -> None:
     assert not answers_equivalent("99999!", "1")
     assert answers_equivalent("10^{10^{10}}", "10^{10^{10}}")
     assert time.perf_counter() - started < 5.0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\\boxed{" * 20_000,  # unclosed boxes: one pass over the braces, not one per box
+        "\\boxed " * 20_000,
+        "1" + ",111" * 25_000 + "1",  # a comma run that is not a thousands number
+        "The answer is " + "5 apples " * 20_000,
+        "-1" * 50_000,
+    ],
+)
+def test_extraction_stays_linear_on_adversarial_text(text: str) -> None:
+    started = time.perf_counter()
+    extract_answer(text)
+    assert time.perf_counter() - started < 2.0
 
 
 def test_math_verify_defaults_fail_off_the_main_thread_but_ours_work() -> None:
