@@ -20,7 +20,7 @@ import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 
-__all__ = ["answers_equivalent", "extract_answer", "normalize_answer"]
+__all__ = ["answers_equivalent", "extract_answer", "normalize_answer", "warm_up"]
 
 # Longer answers are compared as strings: sympy time grows with length, and an
 # extracted final answer worth comparing symbolically is short.
@@ -101,6 +101,11 @@ def _normalize_once(answer: str) -> str:
     s = s.rstrip(".").strip()
     s = _strip_units(s)
     return _THOUSANDS.sub(lambda m: m.group(0).replace(",", ""), s)
+
+
+def warm_up() -> bool:
+    """Import math-verify/sympy and compare once (~0.6 s), so the first vote is not slow."""
+    return answers_equivalent("0.5", "\\frac{1}{2}")
 
 
 def _strip_units(s: str) -> str:

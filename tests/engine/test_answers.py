@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bon_gateway.engine.answers import answers_equivalent, extract_answer, normalize_answer
+from bon_gateway.engine.answers import answers_equivalent, extract_answer, normalize_answer, warm_up
 
 GSM8K_DIR = Path(os.environ.get("BON_GSM8K_DIR") or Path(__file__).resolve().parents[3] / "shared/data/gsm8k")
 GSM8K_MODELS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_verification")
@@ -186,6 +186,10 @@ def test_math_verify_defaults_fail_off_the_main_thread_but_ours_work() -> None:
 async def test_equivalence_from_an_event_loop_and_its_executor() -> None:
     assert answers_equivalent("0.125", r"\frac{1}{8}")
     assert await asyncio.to_thread(answers_equivalent, "0.375", r"\frac{3}{8}")
+
+
+def test_warm_up_compares_with_math_verify() -> None:
+    assert warm_up() is True
 
 
 def test_normalize_answer() -> None:
