@@ -128,13 +128,11 @@ async def _guarded(request: Request, timeout_s: float, work: Callable[[], Awaita
     raise ClientGone
 
 
-def _sse(chunks: list[dict[str, Any]]) -> Callable[[], AsyncIterator[bytes]]:
-    async def events() -> AsyncIterator[bytes]:
-        for chunk in chunks:
-            yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-        yield b"data: [DONE]\n\n"
-
-    return events
+async def _sse(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """OpenAI server-sent events: one `data:` line per chunk, then `[DONE]`."""
+    for chunk in chunks:
+        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
 
 
 def build_app(engine: Engine, metrics: Metrics) -> FastAPI:
@@ -144,34 +142,30 @@ def build_app(engine: Engine, metrics: Metrics) -> FastAPI:
     install_error_handlers(app, [ChatCompletionRequest, CompletionRequest, RewardsRequest])
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
-    async def best_of_n(request: Request, bon: BonRequest) -> BonResult:
-        return await _guarded(request, server.request_timeout_s, lambda: engine.run(bon))
+    async def best_of_n(
+        request: Request,
+        body: ChatCompletionRequest | CompletionRequest,
+        to_body: Callable[[BonResult, BonRequest], dict[str, Any]],
+        to_chunks: Callable[..., list[dict[str, Any]]],
+    ) -> Response:
+        bon = body.to_bon_request(server.default_best_of)
+        try:
+            result = await _guarded(request, server.request_timeout_s, lambda: engine.run(bon))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = to_chunks(result, bon, include_usage=include_usage)
+            return StreamingResponse(_sse(chunks), media_type="text/event-stream")
+        return JSONResponse(to_body(result, bon))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        bon = body.to_bon_request(server.default_best_of)
-        try:
-            result = await best_of_n(request, bon)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = chat_completion_chunks(result, bon, include_usage=include_usage)
-            return StreamingResponse(_sse(chunks)(), media_type="text/event-stream")
-        return JSONResponse(chat_completion_body(result, bon))
+        return await best_of_n(request, body, chat_completion_body, chat_completion_chunks)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        bon = body.to_bon_request(server.default_best_of)
-        try:
-            result = await best_of_n(request, bon)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = completion_chunks(result, bon, include_usage=include_usage)
-            return StreamingResponse(_sse(chunks)(), media_type="text/event-stream")
-        return JSONResponse(completion_body(result, bon))
+        return await best_of_n(request, body, completion_body, completion_chunks)
 
     @app.post("/v1/rewards", response_model=None)
     async def rewards(body: RewardsRequest, request: Request) -> Response:

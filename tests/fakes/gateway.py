@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
 from bon_gateway.api.server import serve_gateway
@@ -18,12 +18,24 @@ from bon_gateway.metrics import Metrics
 __all__ = ["ServedGateway", "gateway_config"]
 
 
-def gateway_config(generator_url: str, **server: object) -> GatewayConfig:
-    """A config for tests: loopback, free ports, the given generator URL."""
+def gateway_config(
+    generator_url: str,
+    *,
+    reward_models: Sequence[Mapping[str, object]] = (),
+    generator_model: str = "fake-generator",
+    generator_timeout_s: float = 10.0,
+    **server: object,
+) -> GatewayConfig:
+    """A config for tests: loopback, free ports, the given generator URL.
+
+    `server` keys override [server] (e.g. max_best_of=16, request_timeout_s=0.3);
+    `reward_models` are [[reward_models]] entries (for a real WorkerPool).
+    """
     return GatewayConfig.model_validate(
         {
             "server": {"host": "127.0.0.1", "http_port": 0, "grpc_port": 0, "log_level": "WARNING", **server},
-            "generator": {"url": generator_url, "model": "fake-generator", "timeout_s": 10.0},
+            "generator": {"url": generator_url, "model": generator_model, "timeout_s": generator_timeout_s},
+            "reward_models": [dict(m) for m in reward_models],
         }
     )
 
