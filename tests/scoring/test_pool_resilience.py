@@ -1,0 +1,114 @@
+"""A killed worker is restarted and its in-flight groups retried; remote workers over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bon_gateway.metrics import Metrics
+from bon_gateway.scoring.pool import WorkerPool
+from tests.fixtures import checkpoints
+from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
+
+TOL = 1e-4
+
+
+@pytest.mark.asyncio
+async def test_killed_worker_restarted_and_inflight_requests_answered(
+    tiny_llama_rm: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bon_gateway.scoring")
+    metrics = Metrics()
+    pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 2}), metrics)
+    await pool.start()
+    try:
+        candidates = mixed_candidates()
+        want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+        before = set(pool.worker_pids())
+        assert len(before) == 2
+        tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
+                 for i in range(12)]
+        # Kill a worker while it holds in-flight requests.
+        victim = None
+        deadline = time.monotonic() + 10
+        while victim is None and time.monotonic() < deadline:
+            busy = [w for w in pool._workers["rm"] if w.inflight > 0 and w.proc is not None]
+            if busy:
+                victim = busy[0]
+            else:
+                await asyncio.sleep(0.001)
+        assert victim is not None and victim.proc is not None
+        os.kill(victim.proc.pid, signal.SIGKILL)
+        results = await asyncio.gather(*tasks)
+        for result in results:
+            assert [s.reward for s in result.scores] == pytest.approx(want, abs=TOL)
+        assert "phase=score-retry" in caplog.text
+        # The worker comes back.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if pool.ready() and len(pool.worker_pids()) == 2 and all(w.up for w in pool._workers["rm"]):
+                break
+            await asyncio.sleep(0.2)
+        after = set(pool.worker_pids())
+        assert len(after) == 2 and after != before
+        assert metrics.worker_restarts.labels("rm")._value.get() == 1
+        assert metrics.workers_up.labels("rm")._value.get() == 2
+        again = await pool.score("rm", MESSAGES, candidates)
+        assert [s.reward for s in again.scores] == pytest.approx(want, abs=TOL)
+    finally:
+        await pool.aclose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def remote_worker(tiny_qwen2_rm: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`bon-gateway worker --listen 127.0.0.1:PORT`, stopped with SIGTERM (must exit 0)."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bon_gateway", "worker", "--listen", f"127.0.0.1:{port}",
+         "--reward-model", f"remote={tiny_qwen2_rm}", "--max-wait-ms", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"phase=serving" in err and b"phase=stopped" in err
+
+
+@pytest.mark.asyncio
+async def test_remote_worker_over_tcp(
+    tiny_qwen2_rm: Path, remote_worker: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    address, proc = remote_worker
+    entry = {"name": "remote", "path": str(tiny_qwen2_rm), "addresses": [address]}
+    pool = WorkerPool(gateway_config(entry), Metrics(), start_timeout_s=120)
+    await pool.start()
+    try:
+        assert pool.worker_pids() == []  # nothing spawned
+        assert [m.architecture for m in pool.models()] == ["Qwen2ForSequenceClassification"]
+        candidates = mixed_candidates()[:4]
+        got = await pool.score("remote", MESSAGES, candidates)
+        for answer, score in zip(candidates, got.scores, strict=True):
+            want = checkpoints.reference_outcome_reward(tiny_qwen2_rm, MESSAGE_DICTS, answer)
+            assert score.reward == pytest.approx(want, abs=TOL)
+    finally:
+        await pool.aclose()
+    assert proc.poll() is None  # the pool does not stop workers it did not start
