@@ -214,7 +214,10 @@ async def run_gateway(config: GatewayConfig) -> None:
     try:
         done, _ = await asyncio.wait({serving, starting}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
-            starting.result()  # a pool that cannot start stops the gateway
+            if (error := starting.exception()) is not None:
+                # A pool that cannot start stops the gateway: nothing could be scored.
+                log.error("phase=workers_failed error=%s", getattr(error, "message", error))
+                raise error
             log.info("phase=workers_started ready=%s", pool.ready())
         await serving
     finally:

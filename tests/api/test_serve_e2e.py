@@ -175,3 +175,33 @@ def test_sigterm_exits_zero(served: Served) -> None:
     text = served.log.read_text(errors="replace")
     for phase in ("phase=workers_starting", "phase=http_listening", "phase=stopped", "phase=closed"):
         assert phase in text, phase
+
+
+def test_a_pool_that_cannot_start_stops_the_gateway(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bon_gateway",
+            "serve",
+            "--reward-model",
+            f"broken={missing}",
+            "--generator-url",
+            f"http://127.0.0.1:{unused_port()}/v1",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode != 0
+    assert "phase=workers_failed" in result.stderr
+    assert "phase=closed" in result.stderr  # both fronts were shut down on the way out
