@@ -1,4 +1,4 @@
-"""`bon-gateway` command line: serve, worker, demo."""
+"""`bon-gateway` command line: serve, worker, demo, batch."""
 
 from __future__ import annotations
 
@@ -86,10 +86,17 @@ def main(argv: list[str] | None = None) -> None:
     demo = subparsers.add_parser("demo", help="llama.cpp + gateway + one Best-of-4 request, then stop")
     demo.add_argument("--best-of", type=int, default=4)
     demo.add_argument("--prompt", default=None)
+    from bon_gateway.batch.command import add_batch_parser  # argparse only; the runner loads lazily
+
+    add_batch_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             code = _serve(args)
+        elif args.command == "batch":
+            from bon_gateway.batch.command import run_batch_command
+
+            code = run_batch_command(args)
         else:
             from bon_gateway.demo import run_demo
 
