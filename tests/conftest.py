@@ -48,3 +48,21 @@ def reference_outcome_reward():  # type: ignore[no-untyped-def]
 def reference_judge_reward():  # type: ignore[no-untyped-def]
     """reference_judge_reward(path, messages, answer, judge=None) -> float."""
     return checkpoints.reference_judge_reward
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_classifier() -> Path:
+    """Qwen2ForSequenceClassification with 2 labels."""
+    return checkpoints.tiny_qwen2_classifier()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma2_rm() -> Path:
+    """Gemma2ForSequenceClassification (eager attention), sliding window 64."""
+    return checkpoints.tiny_gemma2_rm()
+
+
+@pytest.fixture(scope="session")
+def tiny_jamba_rm() -> Path:
+    """JambaForSequenceClassification (Mamba + attention + MoE)."""
+    return checkpoints.tiny_jamba_rm()

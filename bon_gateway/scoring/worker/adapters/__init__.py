@@ -6,6 +6,7 @@ from bon_gateway.scoring.worker.adapters.base import Adapter
 from bon_gateway.scoring.worker.adapters.judge import JudgeAdapter
 from bon_gateway.scoring.worker.adapters.sequence_classification import (
     Gemma2SequenceClassificationAdapter,
+    JambaSequenceClassificationAdapter,
     SequenceClassificationAdapter,
 )
 
@@ -15,6 +16,7 @@ __all__ = ["ADAPTERS", "Adapter", "JudgeAdapter", "UnsupportedArchitecture", "ad
 ADAPTERS: tuple[type[Adapter], ...] = (
     SequenceClassificationAdapter,
     Gemma2SequenceClassificationAdapter,
+    JambaSequenceClassificationAdapter,
 )
 
 

@@ -26,3 +26,12 @@ class Gemma2SequenceClassificationAdapter(Adapter):
 
     architectures: ClassVar[tuple[str, ...]] = ("Gemma2ForSequenceClassification",)
     attn_implementation: ClassVar[str] = "eager"
+
+
+class JambaSequenceClassificationAdapter(Adapter):
+    """Jamba mixes Mamba layers into the stack: their recurrent state cannot continue from
+    a left-padded, repeated prefix, so prompts are recomputed (right padding is exact:
+    the scan is causal and pads come after the pooled token)."""
+
+    architectures: ClassVar[tuple[str, ...]] = ("JambaForSequenceClassification",)
+    supports_prefix_reuse: ClassVar[bool] = False
