@@ -68,7 +68,13 @@ class GatewayHttpClient:
         )
 
     async def start(self) -> None:
-        """Nothing to start: the first request shows whether the gateway is there."""
+        """Fail fast when the gateway is unreachable or refuses the key, before any row is tried."""
+        try:
+            response = await self._client.get("/models")
+        except httpx.HTTPError as err:
+            raise RequestFailed(f"gateway unreachable: {type(err).__name__}: {err}") from None
+        if response.status_code in (401, 403):
+            raise RequestFailed(f"the gateway refused the API key (HTTP {response.status_code})")
 
     async def complete(self, payload: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -122,6 +128,8 @@ class EngineClient:
         from bon_gateway.metrics import Metrics
         from bon_gateway.scoring.pool import WorkerPool
 
+        if self._scorer is None and not self.config.reward_models:
+            raise RequestFailed("the config lists no [[reward_models]]")
         metrics = Metrics()
         scorer = self._scorer
         if scorer is None:
