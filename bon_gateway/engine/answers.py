@@ -10,8 +10,11 @@ math-verify guards its sympy work with `signal.alarm`, which raises
 ValueError outside the main thread (the gateway calls this from event-loop and
 worker threads) and would fight over SIGALRM inside a server anyway. So its
 timeouts are off here (`parsing_timeout=None`, `timeout_seconds=None`) and
-the guard is ours: only short answers without exponent towers or huge
-factorials reach sympy; everything else is compared as a string.
+the guard is ours: only short answers without exponent towers, exponents of
+three digits or more, or huge factorials reach sympy; everything else is
+compared as a string. That bounds the known blow-ups (measured here: at most
+~2 s, e.g. (x+1)^{99} or \\binom{99999}{50000}) but is no hard deadline; the
+engine runs votes on a worker thread so the event loop never waits on sympy.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ _PLAIN_DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")
 _UNSAFE_FOR_SYMPY = re.compile(
     r"\^\s*\{[^{}]*\^"  # 2^{2^{2}}
     r"|\^\s*\{?\s*[\d.]+\s*\}?\s*\^"  # 2^2^2, 2^{2}^{2}
-    r"|\^\s*\{?\s*\(?\s*\d{4,}"  # 10^{1000}
+    r"|\^\s*\{?\s*\(?\s*\d{3,}"  # (x+1)^{999}, 10^{1000}
     r"|\*\*"
     r"|\d{4,}\s*!"
     r"|\\(?:uparrow|underbrace|overbrace)"
