@@ -274,8 +274,10 @@ async def run_batch(
         try:
             pending: set[asyncio.Task[Any]] = set(lanes)
             while pending and not stop.is_set():
-                _, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(stopper)
+                if any(t is not stopper and not t.cancelled() and t.exception() for t in done):
+                    break  # a lane crashed: stop the others
         finally:
             stats.interrupted = stop.is_set() and stats.done + stats.failed < stats.todo
             stopper.cancel()
@@ -283,8 +285,10 @@ async def run_batch(
                 task.cancel()
             results = await asyncio.gather(*lanes, stopper, return_exceptions=True)
             bar.close()
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                    log.error("batch lane crashed: %r", result)
             stats.seconds = time.perf_counter() - started
+        crashes = [r for r in results if isinstance(r, Exception)]
+        if crashes:
+            # Not a row failure (those are caught per row) but the job's own I/O,
+            # e.g. a full disk: stop rather than report a run that silently did less.
+            raise crashes[0]
     return stats
