@@ -251,7 +251,7 @@ def test_client_hang_up_cancels_the_request(gateway: ServedGateway, upstream: Fa
         # The gateway notices the hang-up and drops the work long before the
         # upstream would have answered.
         while gone._value.get() == before:
-            assert time.monotonic() - started < 2.0, "the gateway kept working for a client that left"
+            assert time.monotonic() - started < 2.5, "the gateway kept working for a client that left"
             time.sleep(0.02)
     finally:
         upstream.delay_s = 0.0
