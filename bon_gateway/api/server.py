@@ -97,7 +97,10 @@ def build_grpc_server(engine: Engine, metrics: Metrics, port: int, host: str = "
         server,
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen for gRPC on {address}: {err}") from None
     return GrpcFront(server=server, port=bound, engine=engine, health=health_servicer)
 
 
@@ -151,9 +154,10 @@ async def serve_gateway(
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
     )
     http = _UvicornServer(uv_config)
+    # gRPC binds first: it raises on a taken port, while uvicorn's bind exits the process.
+    grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host)
     sock = uv_config.bind_socket()
     http_port = sock.getsockname()[1]
-    grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host)
     undo_signals = _install_signal_handlers(stop)
     http_task: asyncio.Task[None] | None = None
     try:
