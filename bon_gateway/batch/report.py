@@ -31,24 +31,14 @@ def render_figure(figures: BatchFigures, title: str = "bon-gateway batch") -> by
 
     ax = axes[0]
     if figures.all_rewards:
-        bins = 40
+        import numpy as np
+
+        # Shared bin edges: the three series must be comparable bar for bar.
+        bins = np.histogram_bin_edges(figures.all_rewards, bins=30)
         ax.hist(figures.all_rewards, bins=bins, alpha=0.45, label="all candidates", density=True)
-        ax.hist(
-            figures.first_rewards,
-            bins=bins,
-            histtype="step",
-            linewidth=1.6,
-            label="first candidate",
-            density=True,
-        )
-        ax.hist(
-            figures.selected_rewards,
-            bins=bins,
-            histtype="step",
-            linewidth=1.6,
-            label="selected",
-            density=True,
-        )
+        series = ((figures.first_rewards, "first candidate"), (figures.selected_rewards, "selected"))
+        for values, label in series:
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.6, label=label, density=True)
         ax.legend(fontsize=8)
     ax.set_title("reward distribution")
     ax.set_xlabel("reward")
