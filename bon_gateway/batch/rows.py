@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +46,6 @@ class BatchItem:
     reference: str | None = None
     # The row's id exactly as the input gave it (int or str), echoed in the output.
     raw_id: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def gsm8k_reference(answer: str) -> str | None:
