@@ -23,6 +23,52 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AuthConfig(_Strict):
+    """API keys and per-key rate limits ([server.auth]). The keys themselves never live here."""
+
+    # Comma-separated keys in this environment variable...
+    api_keys_env: str = "BON_API_KEYS"
+    # ...and/or one key per line in this file (blank lines and `#` comments skipped).
+    api_keys_file: str | None = None
+    # Token bucket per key: sustained requests per second (0 = no limit) and burst.
+    rate_limit_per_s: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)  # 0: max(1, rate_limit_per_s)
+    # Prometheus needs a key for /metrics unless this is false; /health is always open.
+    metrics_require_key: bool = True
+    # /ready needs a key unless this is false (an httpGet probe cannot send one).
+    ready_requires_key: bool = True
+
+
+class TlsConfig(_Strict):
+    """HTTPS and gRPC TLS ([server.tls]); both fronts use the same PEM pair."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: give both cert_file and key_file, or neither")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class LimitsConfig(_Strict):
+    """Input and load bounds ([server.limits]); beyond them: 400/413, or 429 when overloaded."""
+
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)  # HTTP body and gRPC message: 413 / INVALID_ARGUMENT
+    max_messages: int = Field(default=256, ge=1)
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)  # all messages (or the prompt) together
+    max_tokens: int = Field(default=32768, ge=1)  # cap on a request's max_tokens
+    max_candidates: int = Field(default=256, ge=1)  # /v1/rewards and Score: answers per request
+    max_in_flight: int = Field(default=256, ge=1)  # requests being served, both fronts together
+    max_queued_groups: int = Field(default=512, ge=1)  # scoring groups outstanding per reward model
+    retry_after_s: float = Field(default=1.0, gt=0)  # what a shed request is told
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
@@ -31,6 +77,9 @@ class ServerConfig(_Strict):
     default_best_of: int = Field(4, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     log_level: str = "INFO"
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 class GeneratorConfig(_Strict):

@@ -22,6 +22,12 @@ class InvalidRequest(BonError):
     code = "invalid_request_error"
 
 
+class RequestTooLarge(InvalidRequest):
+    """A body or message over a configured size: 413 / INVALID_ARGUMENT."""
+
+    code = "request_too_large"
+
+
 class Unauthenticated(BonError):
     code = "unauthenticated"
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 import grpc
 
 from bon_gateway.api import grpc_convert as convert
+from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import (
     BonError,
@@ -31,7 +32,7 @@ from bon_gateway.types import CandidateScore, Generation
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 
-__all__ = ["BestOfNService", "grpc_status"]
+__all__ = ["BestOfNService", "grpc_status", "status_of"]
 
 log = logging.getLogger("bon_gateway.api")
 
@@ -64,6 +65,12 @@ def _details(error: BonError) -> tuple[str, tuple[tuple[str, str], ...]]:
     if isinstance(error, Overloaded):
         metadata.append(("retry-after", str(max(1, math.ceil(error.retry_after_s)))))
     return message, tuple(metadata)
+
+
+def status_of(error: BonError) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """(code, details, trailing metadata) of a gateway error, for aborts outside a servicer."""
+    details, metadata = _details(error)
+    return grpc_status(error), details, metadata
 
 
 class BestOfNService(pb_grpc.BestOfNServicer):
@@ -126,6 +133,7 @@ class BestOfNService(pb_grpc.BestOfNServicer):
     ) -> pb.GenerateResponse:
         async with self._rpc("grpc_generate", context):
             bon = convert.bon_request_from_proto(request, self.engine.config.server.default_best_of)
+            check_bon_request(bon, self.engine.config.server.limits)
             result = await self._bounded(context, self.engine.run(bon))
             return convert.generate_response(result, bon)
         raise AssertionError("unreachable: _rpc aborts on error")
@@ -135,6 +143,7 @@ class BestOfNService(pb_grpc.BestOfNServicer):
     ) -> AsyncIterator[pb.GenerateEvent]:
         async with self._rpc("grpc_generate_stream", context):
             bon = convert.bon_request_from_proto(request, self.engine.config.server.default_best_of)
+            check_bon_request(bon, self.engine.config.server.limits)
             # The engine reports progress through callbacks; a queue turns them
             # into stream messages without blocking the engine on a slow reader.
             events: asyncio.Queue[pb.GenerateEvent | None] = asyncio.Queue()
@@ -160,6 +169,7 @@ class BestOfNService(pb_grpc.BestOfNServicer):
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async with self._rpc("grpc_score", context):
             score_request = convert.score_request_from_proto(request)
+            check_score_request(score_request, self.engine.config.server.limits)
             result = await self._bounded(context, self.engine.score(score_request))
             return convert.score_response(result)
         raise AssertionError("unreachable: _rpc aborts on error")

@@ -19,7 +19,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bon_gateway import __version__
+from bon_gateway.api.guard import Guard, GuardMiddleware
 from bon_gateway.api.http_errors import install_error_handlers
+from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -135,11 +137,18 @@ async def _sse(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
     yield b"data: [DONE]\n\n"
 
 
-def build_app(engine: Engine, metrics: Metrics) -> FastAPI:
-    """The HTTP app serving `engine`; metrics recorded into `metrics`."""
+def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> FastAPI:
+    """The HTTP app serving `engine`; metrics recorded into `metrics`.
+
+    `guard` (keys, rate and in-flight bounds, body size) is shared with the gRPC
+    front when both are served; None builds one from the config and environment.
+    """
     server = engine.config.server
+    guard = guard if guard is not None else Guard.from_config(server)
     app = FastAPI(title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None)
     install_error_handlers(app, [ChatCompletionRequest, CompletionRequest, RewardsRequest])
+    # Inside the metrics middleware: refused and shed requests are counted too.
+    app.add_middleware(GuardMiddleware, guard=guard)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
 
     async def best_of_n(
@@ -149,6 +158,7 @@ def build_app(engine: Engine, metrics: Metrics) -> FastAPI:
         to_chunks: Callable[..., list[dict[str, Any]]],
     ) -> Response:
         bon = body.to_bon_request(server.default_best_of)
+        check_bon_request(bon, server.limits)
         try:
             result = await _guarded(request, server.request_timeout_s, lambda: engine.run(bon))
         except ClientGone:
@@ -170,6 +180,7 @@ def build_app(engine: Engine, metrics: Metrics) -> FastAPI:
     @app.post("/v1/rewards", response_model=None)
     async def rewards(body: RewardsRequest, request: Request) -> Response:
         score_request = body.to_score_request()
+        check_score_request(score_request, server.limits)
         try:
             result = await _guarded(request, server.request_timeout_s, lambda: engine.score(score_request))
         except ClientGone:

@@ -25,6 +25,7 @@ from bon_gateway.errors import (
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
+    RequestTooLarge,
     Unauthenticated,
     Unavailable,
 )
@@ -45,6 +46,8 @@ log = logging.getLogger("bon_gateway.api")
 
 def http_status(error: BonError) -> int:
     """HTTP status of a gateway error (subclasses first: UpstreamError is an Unavailable)."""
+    if isinstance(error, RequestTooLarge):
+        return 413
     if isinstance(error, InvalidRequest):
         return 400
     if isinstance(error, Unauthenticated):
@@ -72,6 +75,8 @@ def error_response(error: BonError) -> JSONResponse:
     headers: dict[str, str] = {}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
         error_body(error.message, error.code, error.param, error.code), status_code=status, headers=headers
     )

@@ -21,9 +21,11 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bon_gateway.api.grpc_guard import GuardInterceptor
 from bon_gateway.api.grpc_service import BestOfNService
+from bon_gateway.api.guard import Guard
 from bon_gateway.api.http_app import build_app
-from bon_gateway.config import GatewayConfig
+from bon_gateway.config import ConfigError, GatewayConfig, TlsConfig
 from bon_gateway.engine.engine import Engine
 from bon_gateway.metrics import Metrics
 from bon_gateway.v1 import best_of_n_pb2 as pb
@@ -82,12 +84,33 @@ class GrpcFront:
         await self.server.stop(grace_s)
 
 
-def build_grpc_server(engine: Engine, metrics: Metrics, port: int, host: str = "127.0.0.1") -> GrpcFront:
+def _server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    assert tls.cert_file is not None and tls.key_file is not None
+    try:
+        with open(tls.key_file, "rb") as key, open(tls.cert_file, "rb") as cert:
+            pair = (key.read(), cert.read())
+    except OSError as err:
+        raise ConfigError(f"server.tls: cannot read {err.filename}: {err.strerror}") from None
+    return grpc.ssl_server_credentials([pair])
+
+
+def build_grpc_server(
+    engine: Engine, metrics: Metrics, port: int, host: str = "127.0.0.1", guard: Guard | None = None
+) -> GrpcFront:
     """A BestOfN grpc.aio server bound to host:port (0 = a free port); call `start()`.
 
     Health reports NOT_SERVING until `engine.ready()`; reflection lists BestOfN and Health.
+    `guard` (shared with HTTP when given) checks keys, rates and the in-flight bound;
+    TLS is on when `server.tls` names a cert and key.
     """
-    server = grpc.aio.server()
+    server_config = engine.config.server
+    guard = guard if guard is not None else Guard.from_config(server_config)
+    max_message = server_config.limits.max_body_bytes
+    server = grpc.aio.server(
+        interceptors=[GuardInterceptor(guard, metrics)],
+        # Bigger messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before decoding.
+        options=[("grpc.max_receive_message_length", max_message)],
+    )
     # The generated registration helper carries no annotations.
     pb_grpc.add_BestOfNServicer_to_server(BestOfNService(engine, metrics), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
@@ -98,7 +121,10 @@ def build_grpc_server(engine: Engine, metrics: Metrics, port: int, host: str = "
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if server_config.tls.enabled:
+            bound = server.add_secure_port(address, _server_credentials(server_config.tls))
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as err:
         raise OSError(f"cannot listen for gRPC on {address}: {err}") from None
     return GrpcFront(server=server, port=bound, engine=engine, health=health_servicer)
@@ -144,32 +170,37 @@ async def serve_gateway(
     """
     stop = stop or asyncio.Event()
     host = config.server.host
+    tls = config.server.tls
+    # One guard for both fronts: the in-flight bound and the key buckets are shared.
+    guard = Guard.from_config(config.server)
     uv_config = uvicorn.Config(
-        build_app(engine, metrics),
+        build_app(engine, metrics, guard),
         host=host,
         port=config.server.http_port,
         log_level=config.server.log_level.lower(),
         access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
         lifespan="off",
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        ssl_certfile=tls.cert_file,
+        ssl_keyfile=tls.key_file,
     )
     http = _UvicornServer(uv_config)
     # gRPC binds first: it raises on a taken port, while uvicorn's bind exits the process.
-    grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host)
+    grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host, guard)
     sock = uv_config.bind_socket()
     http_port = sock.getsockname()[1]
     undo_signals = _install_signal_handlers(stop)
     http_task: asyncio.Task[None] | None = None
     try:
         await grpc_front.start()
-        log.info("phase=grpc_listening address=%s:%d", host, grpc_front.port)
+        log.info("phase=grpc_listening address=%s:%d tls=%s", host, grpc_front.port, tls.enabled)
         http_task = asyncio.create_task(http.serve(sockets=[sock]), name="uvicorn")
         while not http.started:
             if http_task.done():
                 await http_task  # startup failed: surface its error
                 raise RuntimeError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
-        log.info("phase=http_listening address=%s:%d", host, http_port)
+        log.info("phase=http_listening address=%s:%d tls=%s", host, http_port, tls.enabled)
         if on_started is not None:
             on_started(http_port, grpc_front.port)
         stopping = asyncio.create_task(stop.wait())

@@ -29,7 +29,7 @@ import grpc
 
 import bon_gateway
 from bon_gateway.config import GatewayConfig, RewardModelConfig
-from bon_gateway.errors import InvalidRequest, WorkerError
+from bon_gateway.errors import InvalidRequest, Overloaded, WorkerError
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import CandidateScore, Message, ModelInfo, ScoreBatchResult
 from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2, reward_worker_pb2_grpc
@@ -171,6 +171,12 @@ class WorkerPool:
         self._closing = False
         self._up_changed = asyncio.Event()
         self._supervisors: list[asyncio.Task[None]] = []
+        # Groups outstanding per model (waiting for a worker or being scored):
+        # bounded so overload is shed with 429 instead of piling up in memory.
+        self._queue_capacity = config.server.limits.max_queued_groups
+        self._outstanding: dict[str, int] = {}
+        for name in self._entries:
+            metrics.score_queue_capacity.labels(name).set(self._queue_capacity)
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -326,6 +332,32 @@ class WorkerPool:
     ) -> ScoreBatchResult:
         if model not in self._workers:
             raise InvalidRequest(f"unknown reward model {model!r}", param="reward_model")
+        outstanding = self._outstanding.get(model, 0)
+        if outstanding >= self._queue_capacity:
+            raise Overloaded(
+                f"scoring queue of {model!r} is full ({self._queue_capacity} groups, "
+                "server.limits.max_queued_groups)",
+                retry_after_s=self.config.server.limits.retry_after_s,
+            )
+        self._set_outstanding(model, outstanding + 1)
+        try:
+            return await self._score_group(model, messages, candidates, steps, activation, request_id)
+        finally:
+            self._set_outstanding(model, self._outstanding[model] - 1)
+
+    def _set_outstanding(self, model: str, count: int) -> None:
+        self._outstanding[model] = count
+        self.metrics.score_queue_depth.labels(model).set(count)
+
+    async def _score_group(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        candidates: Sequence[str],
+        steps: Sequence[Sequence[str]],
+        activation: str | None,
+        request_id: str,
+    ) -> ScoreBatchResult:
         request = reward_worker_pb2.WorkerScoreRequest(
             request_id=request_id,
             model=model,
