@@ -84,9 +84,29 @@ class ServerConfig(_Strict):
 
 class GeneratorConfig(_Strict):
     url: str = "http://127.0.0.1:8000/v1"
+    # Replicas of the same model: when set, `url` is ignored and calls are balanced
+    # over these (least outstanding requests, ejection after repeated failures).
+    urls: tuple[str, ...] = ()
     model: str = "default"
     timeout_s: float = Field(300.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(256, ge=1)
+    # parallel: N calls with n=1 and distinct seeds (works everywhere);
+    # n: one call with n=N, topped up with parallel calls when fewer choices come back;
+    # auto: probe each upstream once with n=N and remember whether it honours n.
+    mode: Literal["parallel", "n", "auto"] = "parallel"
+    # Retries per call on connect errors, timeouts, 429 and 5xx, within the request deadline.
+    retries: int = Field(2, ge=0)
+    backoff_base_s: float = Field(0.05, ge=0)
+    backoff_max_s: float = Field(2.0, ge=0)
+    # An upstream failing this many calls in a row is skipped for eject_cooldown_s.
+    eject_after_failures: int = Field(3, ge=1)
+    eject_cooldown_s: float = Field(10.0, ge=0)
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Every upstream base URL (`urls`, or the single `url`)."""
+        return self.urls or (self.url,)
 
 
 class JudgeConfig(_Strict):

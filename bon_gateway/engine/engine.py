@@ -11,12 +11,13 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Protocol
 
 from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.selection import SelectionResult, select
 from bon_gateway.engine.steps import aggregate_steps
-from bon_gateway.errors import InvalidRequest, Unavailable
+from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import (
     Aggregation,
@@ -39,6 +40,12 @@ log = logging.getLogger("bon_gateway.engine")
 
 OnGenerated = Callable[[Generation], Awaitable[None]]
 OnScored = Callable[[int, CandidateScore], Awaitable[None]]
+
+# The absolute deadline (time.monotonic()) of the request being run, set by
+# Engine.run: the generator bounds its retries and backoff waits by it. A
+# context variable so that generators written against the plain protocol
+# (tests' fakes) need not take it.
+request_deadline: ContextVar[float | None] = ContextVar("bon_request_deadline", default=None)
 
 
 class GenerationOutcome(Protocol):
@@ -129,8 +136,28 @@ class Engine:
         *,
         on_generated: OnGenerated | None = None,
         on_scored: OnScored | None = None,
+        timeout_s: float | None = None,
     ) -> BonResult:
-        """Generate best_of candidates, score them as one group, rank them."""
+        """Generate best_of candidates, score them as one group, rank them.
+
+        With `timeout_s`, the whole request (upstream calls, retries, scoring) is
+        bounded: when it passes, every call in flight is cancelled and
+        DeadlineExceeded raised.
+        """
+        if timeout_s is None:
+            return await self._run(request, on_generated, on_scored)
+        token = request_deadline.set(time.monotonic() + timeout_s)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._run(request, on_generated, on_scored)
+        except TimeoutError:
+            raise DeadlineExceeded(f"request took longer than {timeout_s:g}s") from None
+        finally:
+            request_deadline.reset(token)
+
+    async def _run(
+        self, request: BonRequest, on_generated: OnGenerated | None, on_scored: OnScored | None
+    ) -> BonResult:
         self.validate(request)
         reward_model = self.resolve_reward_model(request.reward_model)
         request_id = request.request_id or new_request_id()

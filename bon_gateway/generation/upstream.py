@@ -1,27 +1,35 @@
 """Fan-out to an OpenAI-compatible generator (vLLM, SGLang, llama.cpp, TGI).
 
-N candidates are N parallel calls, each with its own seed: several servers
-(llama.cpp server, `transformers serve`) silently ignore `n` and return one
-choice, so `n` is never relied on here.
+Modes (GeneratorConfig.mode):
+- parallel: N calls with n=1 and seeds base+i. Works with every server;
+  llama.cpp server and `transformers serve` silently ignore `n`.
+- n: one call with n=N (vLLM/SGLang share the prompt's KV cache across the
+  N samples); when fewer choices come back, the rest are topped up with
+  parallel calls.
+- auto: the first request to each upstream is an n=N call; whether N choices
+  came back is remembered per base URL, and later requests use n or parallel.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
-import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from bon_gateway.config import GeneratorConfig
-from bon_gateway.engine.engine import OnGenerated
+from bon_gateway.engine.engine import OnGenerated, request_deadline
+from bon_gateway.errors import InvalidRequest
+from bon_gateway.generation.balancer import Endpoint
+from bon_gateway.generation.caller import CandidateFailed, UpstreamCaller, UpstreamRejected
+from bon_gateway.generation.payload import BadResponse, build_payload, parse_choices
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import BonRequest, Generation
 
-log = logging.getLogger("bon_gateway.generation")
+__all__ = ["CandidateFailed", "FanOutResult", "UpstreamClient"]
 
 
 @dataclass(slots=True)
@@ -30,57 +38,8 @@ class FanOutResult:
     dropped: list[str] = field(default_factory=list)  # "reason: detail", one per failed candidate
 
 
-class CandidateFailed(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-
-
-def build_payload(request: BonRequest, model: str, seed: int) -> tuple[str, dict[str, Any]]:
-    """The upstream path and JSON body for one candidate."""
-    s = request.sampling
-    body: dict[str, Any] = dict(s.extra)
-    body["model"] = model
-    body["seed"] = seed
-    body["n"] = 1
-    body["stream"] = False
-    if s.temperature is not None:
-        body["temperature"] = s.temperature
-    if s.top_p is not None:
-        body["top_p"] = s.top_p
-    if s.max_tokens is not None:
-        body["max_tokens"] = s.max_tokens
-    if s.stop:
-        body["stop"] = list(s.stop)
-    if request.prompt is not None:
-        body["prompt"] = request.prompt
-        return "/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-    return "/chat/completions", body
-
-
-def parse_choice(index: int, data: Any) -> Generation:
-    """One Generation from an OpenAI chat or completions response body."""
-    try:
-        choice = data["choices"][0]
-        if "message" in choice:
-            text = choice["message"].get("content") or ""
-        else:
-            text = choice["text"]
-        usage = data.get("usage") or {}
-        return Generation(
-            index=index,
-            text=str(text),
-            finish_reason=str(choice.get("finish_reason") or "stop"),
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-        )
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
-        raise CandidateFailed("bad_response", f"unexpected upstream body ({err!r})") from None
-
-
 class UpstreamClient:
-    """N parallel calls to one upstream base URL (e.g. http://host:8000/v1)."""
+    """N candidates from one or more replicas of the generator (GeneratorConfig.base_urls)."""
 
     def __init__(
         self,
@@ -88,65 +47,137 @@ class UpstreamClient:
         metrics: Metrics,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
-        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=64)
-        self._client = httpx.AsyncClient(
-            base_url=config.url.rstrip("/"),
-            timeout=httpx.Timeout(config.timeout_s, connect=10.0),
-            limits=limits,
-            transport=transport,
-        )
+        self._rng = rng or random.Random()
+        self.caller = UpstreamCaller(config, metrics, transport=transport, rng=self._rng)
 
     @property
     def default_model(self) -> str:
         return self.config.model
 
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.caller.balancer.endpoints
+
     async def generate(self, request: BonRequest, on_generated: OnGenerated | None = None) -> FanOutResult:
-        model = request.model or self.config.model
-        base_seed = request.sampling.seed
-        if base_seed is None:
-            base_seed = random.randrange(2**31)
-        result = FanOutResult()
-
-        async def one(index: int) -> None:
-            try:
-                generation = await self._call(request, model, index, base_seed + index)
-            except CandidateFailed as err:
-                result.dropped.append(str(err))
-                return
-            result.generations.append(generation)
-            if on_generated is not None:
-                await on_generated(generation)
-
-        async with asyncio.TaskGroup() as group:
-            for i in range(request.best_of):
-                group.create_task(one(i))
-        result.generations.sort(key=lambda g: g.index)
-        return result
-
-    async def _call(self, request: BonRequest, model: str, index: int, seed: int) -> Generation:
-        path, body = build_payload(request, model, seed)
-        started = time.perf_counter()
-        try:
-            response = await self._client.post(path, json=body)
-        except httpx.TimeoutException as err:
-            self.metrics.upstream_requests.labels("timeout").inc()
-            raise CandidateFailed("timeout", type(err).__name__) from None
-        except httpx.HTTPError as err:
-            self.metrics.upstream_requests.labels("connect_error").inc()
-            raise CandidateFailed("connect_error", f"{type(err).__name__}: {err}") from None
-        finally:
-            self.metrics.upstream_duration.observe(time.perf_counter() - started)
-        self.metrics.upstream_requests.labels(str(response.status_code)).inc()
-        if response.status_code != 200:
-            raise CandidateFailed("upstream_error", f"HTTP {response.status_code}: {response.text[:200]}")
-        try:
-            data = response.json()
-        except ValueError:
-            raise CandidateFailed("bad_response", "upstream body is not JSON") from None
-        return parse_choice(index, data)
+        """best_of candidates; failures become `dropped` entries, a client-fault 4xx an InvalidRequest."""
+        seed = request.sampling.seed
+        fan = _FanOut(
+            self,
+            request,
+            request.model or self.config.model,
+            # Without a client seed, a random base still gives distinct seeds per candidate.
+            self._rng.randrange(2**31) if seed is None else seed,
+            request_deadline.get(),
+            on_generated,
+        )
+        return await fan.run()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self.caller.aclose()
+
+
+class _FanOut:
+    """One request's calls; cancelling `run` cancels every call in flight."""
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        request: BonRequest,
+        model: str,
+        base_seed: int,
+        deadline: float | None,
+        on_generated: OnGenerated | None,
+    ) -> None:
+        self.client = client
+        self.request = request
+        self.model = model
+        self.base_seed = base_seed
+        self.deadline = deadline
+        self.on_generated = on_generated
+        self.result = FanOutResult()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks.add(asyncio.create_task(work))
+
+    async def run(self) -> FanOutResult:
+        best_of = self.request.best_of
+        mode = self.client.config.mode
+        if best_of == 1 or mode == "parallel":
+            self._spawn_singles(0, best_of)
+        else:
+            endpoint = self.client.caller.balancer.pick()
+            if mode == "auto" and endpoint.honours_n is False:
+                self._spawn_singles(0, best_of)
+            else:
+                self._spawn(self._batch(endpoint, best_of))
+        try:
+            while self._tasks:
+                done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._tasks.discard(task)
+                    task.result()  # a client-fault rejection ends the whole request
+        except UpstreamRejected as err:
+            raise InvalidRequest(f"the generator rejected the request: {err.message}") from None
+        finally:
+            # Cancelled (deadline, hang-up) or failed: close every call still open,
+            # which closes their connections so the upstream stops generating.
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.result.generations.sort(key=lambda g: g.index)
+        return self.result
+
+    def _spawn_singles(self, first: int, end: int) -> None:
+        for index in range(first, end):
+            self._spawn(self._single(index))
+
+    async def _deliver(self, generations: list[Generation]) -> None:
+        self.result.generations.extend(generations)
+        if self.on_generated is not None:
+            for generation in generations:
+                await self.on_generated(generation)
+
+    def _drop(self, count: int, err: Exception) -> None:
+        self.result.dropped.extend([str(err)] * count)
+
+    async def _single(self, index: int) -> None:
+        path, body = build_payload(self.request, self.model, self.base_seed + index, 1)
+        try:
+            data, _ = await self.client.caller.call(path, body, self.deadline)
+            generations = parse_choices(data, index, 1)
+        except CandidateFailed as err:
+            self._drop(1, err)
+            return
+        except BadResponse as err:
+            self._drop(1, CandidateFailed("bad_response", str(err)))
+            return
+        await self._deliver(generations)
+
+    async def _batch(self, endpoint: Endpoint, count: int) -> None:
+        """One call with n=count; what it does not return is topped up with parallel calls."""
+        path, body = build_payload(self.request, self.model, self.base_seed, count)
+        try:
+            data, answered = await self.client.caller.call(path, body, self.deadline, endpoint)
+            generations = parse_choices(data, 0, count)
+        except UpstreamRejected:
+            # Some servers refuse n>1 outright (a 400/422 about `n`). Parallel
+            # calls tell that apart from a bad prompt: those are rejected too.
+            endpoint.honours_n = False
+            self._spawn_singles(0, count)
+            return
+        except (CandidateFailed, BadResponse) as err:
+            failed = err if isinstance(err, CandidateFailed) else CandidateFailed("bad_response", str(err))
+            self._drop(count, failed)
+            return
+        if answered.honours_n is None and count > 1:
+            # Probed once per upstream; a server that returns one choice for n>1
+            # (llama.cpp, transformers serve) gets parallel calls from now on.
+            answered.honours_n = len(generations) >= count
+        self._spawn_singles(len(generations), count)
+        await self._deliver(generations)

@@ -1,0 +1,102 @@
+"""Choosing among the replicas of one generator: least outstanding requests,
+ejection with cooldown after repeated failures, and what each upstream is
+known to support (`n`).
+
+Pure state, no I/O: the caller reports each call's start, end and outcome.
+The clock is injectable so tests need no sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from bon_gateway.metrics import upstream_label
+
+__all__ = ["Balancer", "Endpoint"]
+
+log = logging.getLogger("bon_gateway.generation")
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One upstream base URL and what the balancer knows about it."""
+
+    url: str
+    label: str  # bounded metrics label (host:port)
+    outstanding: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+    # Whether a call with n=N returned N choices; None until probed (mode "auto").
+    honours_n: bool | None = None
+
+
+class Balancer:
+    """Least-outstanding-requests choice over the endpoints that are not ejected."""
+
+    def __init__(
+        self,
+        urls: Collection[str],
+        *,
+        eject_after_failures: int = 3,
+        eject_cooldown_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not urls:
+            raise ValueError("at least one upstream URL is needed")
+        self.endpoints = [Endpoint(url.rstrip("/"), upstream_label(url, i)) for i, url in enumerate(urls)]
+        self.eject_after_failures = eject_after_failures
+        self.eject_cooldown_s = eject_cooldown_s
+        self._clock = clock
+        self._turn = 0  # rotates the tie-break so equal endpoints share the load
+
+    def available(self, endpoint: Endpoint, now: float | None = None) -> bool:
+        return endpoint.ejected_until <= (self._clock() if now is None else now)
+
+    def pick(self, avoid: Collection[Endpoint] = ()) -> Endpoint:
+        """The endpoint for the next call.
+
+        Prefers endpoints not ejected and not in `avoid` (those that just failed
+        this call); falls back to ejected ones rather than failing outright, the
+        one whose cooldown ends first: a fully ejected pool still probes.
+        """
+        now = self._clock()
+        self._turn += 1
+        count = len(self.endpoints)
+        rotated = [self.endpoints[(self._turn + i) % count] for i in range(count)]
+        for candidates in (
+            [e for e in rotated if self.available(e, now) and e not in avoid],
+            [e for e in rotated if self.available(e, now)],
+        ):
+            if candidates:
+                return min(candidates, key=lambda e: e.outstanding)
+        return min(rotated, key=lambda e: (e.ejected_until, e.outstanding))
+
+    def started(self, endpoint: Endpoint) -> None:
+        endpoint.outstanding += 1
+
+    def finished(self, endpoint: Endpoint, ok: bool | None) -> None:
+        """Record a call's end: `ok` False for failures that say the upstream is unwell,
+        None when the call was cancelled (which says nothing about the upstream)."""
+        endpoint.outstanding -= 1
+        if ok is None:
+            return
+        if ok:
+            if endpoint.consecutive_failures >= self.eject_after_failures:
+                log.info("phase=upstream_recovered upstream=%s", endpoint.label)
+            endpoint.consecutive_failures = 0
+            endpoint.ejected_until = 0.0
+            return
+        endpoint.consecutive_failures += 1
+        if endpoint.consecutive_failures >= self.eject_after_failures:
+            now = self._clock()
+            if endpoint.ejected_until <= now:
+                log.warning(
+                    "phase=upstream_ejected upstream=%s failures=%d cooldown_s=%g",
+                    endpoint.label,
+                    endpoint.consecutive_failures,
+                    self.eject_cooldown_s,
+                )
+            endpoint.ejected_until = now + self.eject_cooldown_s

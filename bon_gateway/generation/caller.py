@@ -1,0 +1,205 @@
+"""One logical upstream call: pick a replica, send, retry on transient
+failures within the request deadline, record metrics for every attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from typing import Any
+
+import httpx
+
+from bon_gateway.config import GeneratorConfig
+from bon_gateway.generation.balancer import Balancer, Endpoint
+from bon_gateway.generation.payload import error_message
+from bon_gateway.generation.retry import RetryPolicy, client_fault, parse_retry_after, retryable_status
+from bon_gateway.metrics import Metrics
+
+__all__ = ["CandidateFailed", "UpstreamCaller", "UpstreamRejected"]
+
+log = logging.getLogger("bon_gateway.generation")
+
+
+class CandidateFailed(Exception):
+    """A call failed for good; `reason` is a bounded word (a metrics label suffix)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class UpstreamRejected(Exception):
+    """The upstream refused the request itself (4xx such as context length): the client's fault."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class _Attempt(Exception):
+    """One failed attempt; `retry` says whether another attempt may succeed."""
+
+    def __init__(
+        self,
+        reason: str,
+        kind: str,
+        detail: str,
+        *,
+        retry: bool,
+        healthy: bool,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.reason = reason  # drop reason, if it is the last attempt
+        self.kind = kind  # bon_upstream_errors_total{kind}
+        self.detail = detail
+        self.retry = retry
+        self.healthy = healthy  # False: counts towards ejecting the endpoint
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamCaller:
+    """Sends calls to the generator's replicas through one pooled httpx client."""
+
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        metrics: Metrics,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.balancer = Balancer(
+            config.base_urls,
+            eject_after_failures=config.eject_after_failures,
+            eject_cooldown_s=config.eject_cooldown_s,
+        )
+        self.policy = RetryPolicy(config.retries, config.backoff_base_s, config.backoff_max_s)
+        self._rng = rng or random.Random()
+        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=64)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            limits=limits,
+            transport=transport,
+        )
+
+    async def call(
+        self, path: str, body: dict[str, Any], deadline: float | None, endpoint: Endpoint | None = None
+    ) -> tuple[Any, Endpoint]:
+        """The decoded JSON reply and the endpoint that gave it.
+
+        Raises CandidateFailed when retries are spent or the deadline leaves no
+        time for another attempt, UpstreamRejected on a client-fault 4xx.
+        """
+        avoid: list[Endpoint] = []
+        attempt = 0
+        while True:
+            chosen = endpoint if endpoint is not None and attempt == 0 else self.balancer.pick(avoid)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise CandidateFailed("deadline", "the request deadline passed before the call")
+            try:
+                return await self._attempt(chosen, path, body, remaining), chosen
+            except _Attempt as failed:
+                attempt += 1
+                if not failed.retry or attempt > self.policy.retries:
+                    raise CandidateFailed(failed.reason, failed.detail) from None
+                wait = self.policy.delay(attempt, failed.retry_after_s, self._rng)
+                if deadline is not None and time.monotonic() + wait >= deadline:
+                    # Waiting would only end in the deadline: fail now, with the real cause.
+                    raise CandidateFailed(failed.reason, f"{failed.detail} (no time left to retry)") from None
+                log.debug(
+                    "upstream retry upstream=%s kind=%s attempt=%d wait_s=%.3f",
+                    chosen.label,
+                    failed.kind,
+                    attempt,
+                    wait,
+                )
+                avoid.append(chosen)
+                await asyncio.sleep(wait)
+
+    async def _attempt(
+        self, endpoint: Endpoint, path: str, body: dict[str, Any], remaining: float | None
+    ) -> Any:
+        cfg = self.config
+        timeout: httpx.Timeout | None = None
+        cut_by_deadline = remaining is not None and remaining < cfg.timeout_s
+        if remaining is not None and cut_by_deadline:
+            timeout = httpx.Timeout(remaining, connect=min(cfg.connect_timeout_s, remaining))
+        self.balancer.started(endpoint)
+        started = time.perf_counter()
+        healthy: bool | None = None  # None: cancelled, says nothing about the upstream
+        status = "cancelled"
+        try:
+            try:
+                if timeout is None:
+                    response = await self._client.post(endpoint.url + path, json=body)
+                else:
+                    response = await self._client.post(endpoint.url + path, json=body, timeout=timeout)
+            except httpx.TimeoutException as err:
+                status, healthy = "timeout", False
+                if cut_by_deadline:
+                    raise _Attempt(
+                        "deadline",
+                        "timeout",
+                        "the request deadline passed during the call",
+                        retry=False,
+                        healthy=False,
+                    ) from None
+                raise _Attempt("timeout", "timeout", type(err).__name__, retry=True, healthy=False) from None
+            except httpx.HTTPError as err:
+                status, healthy = "connect_error", False
+                raise _Attempt(
+                    "connect_error", "connect_error", type(err).__name__, retry=True, healthy=False
+                ) from None
+            status = str(response.status_code)
+            healthy = self._check_status(response)
+            try:
+                data = json.loads(response.content)
+            except ValueError:
+                healthy = False
+                raise _Attempt(
+                    "bad_response", "bad_response", "upstream body is not JSON", retry=True, healthy=False
+                ) from None
+            return data
+        except _Attempt as failed:
+            healthy = failed.healthy
+            self.metrics.upstream_errors.labels(endpoint.label, failed.kind).inc()
+            raise
+        except UpstreamRejected:
+            healthy = True  # it answered, and correctly: the request was wrong
+            self.metrics.upstream_errors.labels(endpoint.label, "http_4xx").inc()
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            self.metrics.upstream_duration.observe(elapsed)
+            self.metrics.upstream_call_duration.labels(endpoint.label).observe(elapsed)
+            self.metrics.upstream_requests.labels(status).inc()
+            self.balancer.finished(endpoint, healthy)
+
+    @staticmethod
+    def _check_status(response: httpx.Response) -> bool:
+        """True for a 200; raises for anything else (healthy = the upstream itself is fine)."""
+        code = response.status_code
+        if code == 200:
+            return True
+        if client_fault(code):
+            raise UpstreamRejected(code, error_message(response.content))
+        kind = "http_5xx" if code >= 500 else "http_4xx"
+        detail = f"HTTP {code}: {error_message(response.content)[:200]}"
+        if retryable_status(code):
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            reason = "rate_limited" if code == 429 else "upstream_error"
+            # A 429 is load, not sickness: retry elsewhere, but do not eject for it.
+            raise _Attempt(reason, kind, detail, retry=True, healthy=code == 429, retry_after_s=retry_after)
+        # 401/403/404...: the gateway's configuration (key, model, path) is wrong.
+        raise _Attempt("upstream_error", kind, detail, retry=False, healthy=False)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,102 @@
+"""OpenAI request bodies for the upstream and Generations out of its replies.
+
+Pure functions, no I/O: what one upstream call sends and how its JSON reply
+becomes candidates.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from bon_gateway.types import BonRequest, Generation
+
+__all__ = ["BadResponse", "build_payload", "error_message", "parse_choices"]
+
+# Upstream error text returned to clients is cut here: a 400 body can echo the
+# whole prompt back, and the client already has that.
+MAX_ERROR_MESSAGE = 500
+
+
+class BadResponse(Exception):
+    """The upstream answered 200 with a body that is not an OpenAI completion."""
+
+
+def build_payload(request: BonRequest, model: str, seed: int, n: int = 1) -> tuple[str, dict[str, Any]]:
+    """The upstream path (relative to the base URL) and JSON body of one call asking for `n` choices."""
+    s = request.sampling
+    body: dict[str, Any] = dict(s.extra)
+    body["model"] = model
+    body["seed"] = seed
+    body["n"] = n
+    body["stream"] = False
+    if s.temperature is not None:
+        body["temperature"] = s.temperature
+    if s.top_p is not None:
+        body["top_p"] = s.top_p
+    if s.max_tokens is not None:
+        body["max_tokens"] = s.max_tokens
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if request.prompt is not None:
+        body["prompt"] = request.prompt
+        return "/completions", body
+    body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    return "/chat/completions", body
+
+
+def parse_choices(data: Any, first_index: int, limit: int) -> list[Generation]:
+    """Up to `limit` Generations from an OpenAI chat or completions body, indexed from `first_index`.
+
+    The call's usage covers all its choices; it is booked on the first one so
+    that the engine's sums stay exact (per-choice counts are not reported).
+    """
+    try:
+        choices = data["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise BadResponse("no choices in the upstream body")
+        usage = data.get("usage") or {}
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        # Choices may come back in any order; their own index says which is which.
+        ordered = sorted(choices, key=lambda c: int(c.get("index") or 0))[:limit]
+        generations = []
+        for offset, choice in enumerate(ordered):
+            if "message" in choice:
+                text = choice["message"].get("content") or ""
+            else:
+                text = choice["text"]
+            generations.append(
+                Generation(
+                    index=first_index + offset,
+                    text=str(text),
+                    finish_reason=str(choice.get("finish_reason") or "stop"),
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens if offset == 0 else 0,
+                )
+            )
+        return generations
+    except BadResponse:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise BadResponse(f"unexpected upstream body ({type(err).__name__})") from None
+
+
+def error_message(body: bytes) -> str:
+    """The human message of an upstream error body (OpenAI, vLLM, llama.cpp and TGI shapes)."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:MAX_ERROR_MESSAGE] or "no message"
+    message: Any = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+        elif isinstance(error, str):  # TGI: {"error": "...", "error_type": ...}
+            message = error
+        message = message or data.get("message") or data.get("detail")
+    if not isinstance(message, str):
+        message = text.strip()
+    return message[:MAX_ERROR_MESSAGE] or "no message"
