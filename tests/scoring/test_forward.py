@@ -87,3 +87,33 @@ def test_pad_equals_eos_pools_before_trailing_im_end(tiny_llama_rm: Path) -> Non
     # exactly as LlamaForSequenceClassification does.
     assert adapter.positions([5, 6, pad]) == [1]
     assert adapter.positions([5, 6, 7]) == [2]
+
+
+def test_group_above_budget_split_in_length_order() -> None:
+    from bon_gateway.scoring.worker.runtime import split_group
+
+    seqs = [[1] * n for n in (50, 10, 40, 12)]
+    group = Group(seqs=seqs, positions=[[len(s) - 1] for s in seqs], prefix=5)
+    parts = split_group(group, 60)
+    assert [indices for _, indices in parts] == [[1, 3], [2], [0]]
+    assert all(batch_cost([g]) <= 60 for g, _ in parts)
+    assert [g.prefix for g, _ in parts] == [5, 0, 0]  # a part of one row has nothing to share
+    assert split_group(group, 10_000)[0][1] == [0, 1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_runtime_splits_group_above_budget_exactly(tiny_llama_rm: Path) -> None:
+    entry = RewardModelConfig(name="m", path=str(tiny_llama_rm), max_batch_tokens=300)
+    runtime = ModelRuntime(entry, load_adapter(entry))
+    runtime.batcher.start()
+    try:
+        messages, answers = PROMPTS[0], ANSWERS[0]
+        group, prompt_tokens = runtime.prepare(messages, answers, ())
+        assert batch_cost([group]) > 300
+        scored = await runtime.score(group, prompt_tokens, "none")
+    finally:
+        await runtime.batcher.aclose()
+    assert scored.tokens == [len(s) for s in group.seqs]
+    for answer, (reward, _) in zip(answers, scored.rewards, strict=True):
+        want = checkpoints.reference_outcome_reward(tiny_llama_rm, _dicts(messages), answer)
+        assert reward == pytest.approx(want, abs=TOL)

@@ -79,7 +79,16 @@ async def test_concurrent_requests_batched_still_exact(
     path = Path(pool.config.reward_model("llama").path)
     candidates = mixed_candidates()
     groups = [candidates[i:] + candidates[:i] for i in range(4)]
+    registry = pool.metrics.registry
+    small_before = registry.get_sample_value("bon_score_batch_size_bucket", {"model": "llama", "le": "8.0"})
+    count_before = registry.get_sample_value("bon_score_batch_size_count", {"model": "llama"})
     results = await asyncio.gather(*(pool.score("llama", MESSAGES, g) for g in groups))
+    small = registry.get_sample_value("bon_score_batch_size_bucket", {"model": "llama", "le": "8.0"})
+    count = registry.get_sample_value("bon_score_batch_size_count", {"model": "llama"})
+    # Every batch observed once; at least one held several requests' groups (> 8 rows).
+    assert 1 <= count - count_before < 4
+    assert count - count_before > small - small_before
+    assert registry.get_sample_value("bon_reused_prompt_tokens_total", {"model": "llama"}) > 0
     for group, result in zip(groups, results, strict=True):
         for answer, got in zip(group, result.scores, strict=True):
             want = reference_outcome_reward(path, MESSAGE_DICTS, answer)  # type: ignore[operator]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import torch
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters import Adapter
 from bon_gateway.scoring.worker.batching import Batcher
-from bon_gateway.scoring.worker.forward import BatchFigures, Forward, Group, common_prefix
+from bon_gateway.scoring.worker.forward import BatchFigures, Forward, Group, batch_cost, common_prefix
 from bon_gateway.types import Message
 
 log = logging.getLogger("bon_gateway.worker")
@@ -78,9 +79,51 @@ class ModelRuntime:
             for i, (g, per) in enumerate(zip(groups, logits, strict=True))
         ]
 
-    async def score(
-        self, group: Group, prompt_tokens: int, activation: str
-    ) -> Scored:
-        outcome, queued = await self.batcher.submit(group)
-        rewards = [self.adapter.reward(lg, activation) for lg in outcome.logits]
+    async def score(self, group: Group, prompt_tokens: int, activation: str) -> Scored:
+        parts = split_group(group, self.entry.max_batch_tokens)
+        if len(parts) == 1:
+            outcome, queued = await self.batcher.submit(group)
+            logits = outcome.logits
+        else:
+            # A group above the token budget runs as several batches (bounded memory); each
+            # part recomputes the shared prompt, which only such huge groups pay for.
+            done = await asyncio.gather(*(self.batcher.submit(part) for part, _ in parts))
+            by_index: dict[int, torch.Tensor] = {}
+            for (_, indices), (part_outcome, _) in zip(parts, done, strict=True):
+                by_index.update(zip(indices, part_outcome.logits, strict=True))
+            logits = [by_index[i] for i in range(len(group.seqs))]
+            queued = max(q for _, q in done)
+            figures = [o.figures for o, _ in done]
+            outcome = GroupOutcome(
+                logits,
+                next((f for f in figures if f is not None), None),
+                sum(o.reused_tokens for o, _ in done),
+                sum(o.compute_seconds for o, _ in done),
+            )
+        rewards = [self.adapter.reward(lg, activation) for lg in logits]
         return Scored(rewards, [len(s) for s in group.seqs], prompt_tokens, outcome, queued)
+
+
+def split_group(group: Group, max_batch_tokens: int) -> list[tuple[Group, list[int]]]:
+    """Parts of a group that each fit the token budget (one row at least), with their indices.
+
+    Candidates are taken in length order so each part pads little.
+    """
+    if batch_cost([group]) <= max_batch_tokens or len(group.seqs) == 1:
+        return [(group, list(range(len(group.seqs))))]
+    order = sorted(range(len(group.seqs)), key=lambda i: len(group.seqs[i]))
+    parts: list[tuple[Group, list[int]]] = []
+    current: list[int] = []
+
+    def make(indices: list[int]) -> Group:
+        seqs = [group.seqs[i] for i in indices]
+        prefix = min(group.prefix, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+        return Group(seqs=seqs, positions=[group.positions[i] for i in indices], prefix=max(prefix, 0))
+
+    for i in order:
+        if current and batch_cost([make([*current, i])]) > max_batch_tokens:
+            parts.append((make(current), current))
+            current = []
+        current.append(i)
+    parts.append((make(current), current))
+    return parts
