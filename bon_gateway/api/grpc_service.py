@@ -134,7 +134,7 @@ class BestOfNService(pb_grpc.BestOfNServicer):
         async with self._rpc("grpc_generate", context):
             bon = convert.bon_request_from_proto(request, self.engine.config.server.default_best_of)
             check_bon_request(bon, self.engine.config.server.limits)
-            result = await self._bounded(context, self.engine.run(bon))
+            result = await self._bounded(context, self.engine.run(bon, timeout_s=self._timeout(context)))
             return convert.generate_response(result, bon)
         raise AssertionError("unreachable: _rpc aborts on error")
 
@@ -155,7 +155,12 @@ class BestOfNService(pb_grpc.BestOfNServicer):
                 events.put_nowait(convert.scored_event(index, score))
 
             run = asyncio.ensure_future(
-                self._bounded(context, self.engine.run(bon, on_generated=on_generated, on_scored=on_scored))
+                self._bounded(
+                    context,
+                    self.engine.run(
+                        bon, on_generated=on_generated, on_scored=on_scored, timeout_s=self._timeout(context)
+                    ),
+                )
             )
             run.add_done_callback(lambda _: events.put_nowait(None))
             try:

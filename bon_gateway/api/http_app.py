@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bon_gateway import __version__
 from bon_gateway.api.guard import Guard, GuardMiddleware
-from bon_gateway.api.http_errors import install_error_handlers
+from bon_gateway.api.http_errors import error_body, install_error_handlers
 from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.api.openai_schema import (
     ChatCompletionRequest,
@@ -34,7 +34,7 @@ from bon_gateway.api.openai_schema import (
     rewards_body,
 )
 from bon_gateway.engine.engine import Engine
-from bon_gateway.errors import DeadlineExceeded
+from bon_gateway.errors import BonError, DeadlineExceeded
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import BonRequest, BonResult
 
@@ -55,6 +55,10 @@ API_LABELS = {
     "/v1/rewards": "rewards",
     "/v1/models": "models",
 }
+
+# A streamed request sends an SSE comment this often while it generates and
+# scores, so that idle-connection timeouts (proxies, clients) do not fire.
+SSE_KEEPALIVE_S = 5.0
 
 # nginx's "client closed request": the client left before the answer was ready.
 CLIENT_CLOSED = 499
@@ -130,11 +134,52 @@ async def _guarded(request: Request, timeout_s: float, work: Callable[[], Awaita
     raise ClientGone
 
 
-async def _sse(chunks: list[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """OpenAI server-sent events: one `data:` line per chunk, then `[DONE]`."""
-    for chunk in chunks:
-        yield b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
-    yield b"data: [DONE]\n\n"
+def _sse_data(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse_best_of_n(
+    engine: Engine,
+    bon: BonRequest,
+    timeout_s: float,
+    to_chunks: Callable[[BonResult], list[dict[str, Any]]],
+) -> AsyncIterator[bytes]:
+    """OpenAI server-sent events for a streamed request: comments while the
+    candidates are generated and scored, then the chosen answer as `data:`
+    chunks and `[DONE]`.
+
+    The best answer is only known once every candidate is scored, so nothing
+    real can be streamed before that; the comments (which SSE clients, the
+    openai SDK included, skip) show the client and any proxy that the request
+    is alive. An error after the headers went out is sent as an OpenAI error
+    event, which the SDK raises as an APIError. The client hanging up cancels
+    this generator (Starlette listens for the disconnect), and so the engine.
+    """
+    yield b": generating\n\n"
+    task = asyncio.ensure_future(engine.run(bon, timeout_s=timeout_s))
+    try:
+        while not (await asyncio.wait({task}, timeout=SSE_KEEPALIVE_S))[0]:
+            yield b": keep-alive\n\n"
+        try:
+            result = task.result()
+        except BonError as err:
+            yield _sse_data(error_body(err.message, err.code, err.param, err.code))
+            return
+        except Exception:
+            log.exception("unhandled error in a streamed request")
+            yield _sse_data(error_body("internal server error", "internal_error"))
+            return
+        for chunk in to_chunks(result):
+            yield _sse_data(chunk)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not task.done():
+            task.cancel()
+            # Let the engine unwind (close upstream calls) before the response ends.
+            # asyncio.wait, not gather: Starlette's cancel scope cancels this
+            # generator again at every await, and gather would pass each of those
+            # on to the engine, interrupting httpx while it closes its connections.
+            await asyncio.wait({task})
 
 
 def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> FastAPI:
@@ -159,14 +204,21 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
     ) -> Response:
         bon = body.to_bon_request(server.default_best_of)
         check_bon_request(bon, server.limits)
+        timeout_s = server.request_timeout_s
+        if body.stream:
+            # Bad input is still a plain 400: checked before the 200 and the stream start.
+            engine.validate(bon)
+            engine.resolve_reward_model(bon.reward_model)
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                _sse_best_of_n(engine, bon, timeout_s, lambda r: to_chunks(r, bon, include_usage=usage)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         try:
-            result = await _guarded(request, server.request_timeout_s, lambda: engine.run(bon))
+            result = await _guarded(request, timeout_s, lambda: engine.run(bon, timeout_s=timeout_s))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = to_chunks(result, bon, include_usage=include_usage)
-            return StreamingResponse(_sse(chunks), media_type="text/event-stream")
         return JSONResponse(to_body(result, bon))
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -253,6 +253,8 @@ def _envelope(result: BonResult, request: BonRequest, obj: str, prefix: str) -> 
         "usage": _usage(result),
         "reward_model": result.reward_model,
         "candidates_dropped": len(result.dropped),
+        # One "reason: detail" per dropped candidate (what the gRPC reply calls drop_reasons).
+        "drop_reasons": list(result.dropped),
     }
     _add_vote(body, result.selected_answer, result.vote_share)
     if request.return_candidates:
@@ -342,6 +344,7 @@ def _summary_chunk(
     base["choices"] = []
     base["reward_model"] = result.reward_model
     base["candidates_dropped"] = len(result.dropped)
+    base["drop_reasons"] = list(result.dropped)
     if include_usage:
         base["usage"] = _usage(result)
     if request.return_candidates:

@@ -146,7 +146,10 @@ class Engine:
         """
         if timeout_s is None:
             return await self._run(request, on_generated, on_scored)
-        token = request_deadline.set(time.monotonic() + timeout_s)
+        # Generation stops a little before the hard deadline (10 %, at most 1 s):
+        # slow or retried candidates are cut while there is still time to score
+        # and rank those that arrived, so min_candidates can save the request.
+        token = request_deadline.set(time.monotonic() + timeout_s - min(1.0, 0.1 * timeout_s))
         try:
             async with asyncio.timeout(timeout_s):
                 return await self._run(request, on_generated, on_scored)
@@ -173,10 +176,13 @@ class Engine:
         needed = request.min_candidates or request.best_of
         if len(generations) < needed:
             reasons = "; ".join(sorted(set(outcome.dropped))) or "no candidates"
-            raise Unavailable(
+            message = (
                 f"only {len(generations)} of {request.best_of} candidates were generated "
                 f"(min_candidates {needed}): {reasons}"
             )
+            if any(reason.startswith("deadline") for reason in outcome.dropped):
+                raise DeadlineExceeded(message)
+            raise Unavailable(message)
         log.info("phase=generate id=%s candidates=%d seconds=%.3f", request_id, len(generations),
                  generated - started)
 

@@ -129,7 +129,9 @@ class _FanOut:
             for task in self._tasks:
                 task.cancel()
             if self._tasks:
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                # wait, not gather: a second cancellation of this task must not
+                # reach the calls again while httpx closes their connections.
+                await asyncio.wait(self._tasks)
         self.result.generations.sort(key=lambda g: g.index)
         return self.result
 
