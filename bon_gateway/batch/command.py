@@ -91,6 +91,10 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     run = p.add_argument_group("run")
     run.add_argument("--concurrency", type=int, default=4, help="rows in flight at once (default 4)")
     run.add_argument("--retries", type=int, default=2, help="retries of a row on 429/5xx/timeouts")
+    run.add_argument(
+        "--max-consecutive-failures", type=int, default=20,
+        help="stop when this many rows fail in a row: the gateway is probably down (0 = never)",
+    )  # fmt: skip
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--no-fsync", action="store_true", help="do not fsync each output line (faster, less safe)"
@@ -154,6 +158,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         concurrency=args.concurrency,
         retries=args.retries,
+        max_consecutive_failures=args.max_consecutive_failures,
         progress=not args.no_progress,
         fsync=not args.no_fsync,
     )
@@ -252,6 +257,7 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
         "invalid": stats.invalid,
         "retries": stats.retried,
         "interrupted": stats.interrupted,
+        "gave_up": stats.gave_up,
         "seconds": round(stats.seconds, 3),
         "rows_per_second": round(stats.rows_per_second, 4),
         "completion_tokens_per_second": round(stats.completion_tokens / stats.seconds, 2)
@@ -268,6 +274,7 @@ def _summary_lines(stats: Any, figures: Any, errors: Path) -> list[str]:
     tok_rate = stats.completion_tokens / stats.seconds if stats.seconds else 0.0
     lines = [
         "batch summary" + (" (interrupted: run the same command to resume)" if stats.interrupted else ""),
+        *([f"  stopped early        {stats.gave_up}"] if stats.gave_up else []),
         f"  input rows           {stats.input_rows}",
         f"  skipped (done)       {stats.skipped}",
         f"  done this run        {stats.done}",

@@ -55,6 +55,9 @@ class BatchOptions:
     backoff_s: float = 1.0
     progress: bool = True
     fsync: bool = True
+    # This many rows failing one after another means the gateway or its upstream
+    # is down: stop instead of marking every remaining row failed (0 = never).
+    max_consecutive_failures: int = 20
 
 
 @dataclass(slots=True)
@@ -69,6 +72,7 @@ class RunStats:
     invalid: int = 0  # rows rejected before any request (bad JSON, no messages, duplicate id)
     retried: int = 0
     interrupted: bool = False
+    gave_up: str | None = None  # why the run stopped early on its own (consecutive failures)
     repaired_bytes: int = 0
     seconds: float = 0.0
     candidates: int = 0
@@ -207,6 +211,21 @@ async def run_batch(
             return stats
         bar = _progress(len(todo), options.progress)
         queue = iter(todo)
+        halt = asyncio.Event()  # set by the consecutive-failure breaker
+        streak = [0]
+
+        def failed(item: BatchItem, failure: BaseException, attempts: int, row_started: float) -> None:
+            err.write(
+                error_record(
+                    item.raw_id, failure, attempts=attempts, seconds=time.perf_counter() - row_started
+                )
+            )
+            stats.failed += 1
+            streak[0] += 1
+            limit = options.max_consecutive_failures
+            if limit and streak[0] >= limit and not halt.is_set():
+                stats.gave_up = f"{streak[0]} rows failed in a row, the last with: {str(failure)[:300]}"
+                halt.set()
 
         async def one(item: BatchItem) -> None:
             payload = build_payload(item, options)
@@ -229,23 +248,14 @@ async def run_batch(
                         stats.retried += 1
                         await asyncio.sleep(min(MAX_BACKOFF_S, options.backoff_s * 2 ** (attempts - 1)))
                         continue
-                    err.write(
-                        error_record(
-                            item.raw_id, failure, attempts=attempts, seconds=time.perf_counter() - row_started
-                        )
-                    )
-                    stats.failed += 1
+                    failed(item, failure, attempts, row_started)
                     return
                 except Exception as failure:  # one bad row (or reply) must not end the job
                     log.warning("row %s failed: %s", item.id, type(failure).__name__)
-                    err.write(
-                        error_record(
-                            item.raw_id, failure, attempts=attempts, seconds=time.perf_counter() - row_started
-                        )
-                    )
-                    stats.failed += 1
+                    failed(item, failure, attempts, row_started)
                     return
                 out.write(record)
+                streak[0] = 0
                 stats.done += 1
                 stats.candidates += len(record["candidates"])
                 stats.completion_tokens += int(record["usage"].get("completion_tokens") or 0)
@@ -257,7 +267,7 @@ async def run_batch(
 
         async def lane() -> None:
             for item in queue:  # shared iterator: each lane takes the next row
-                if stop.is_set():
+                if stop.is_set() or halt.is_set():
                     return
                 await one(item)
                 bar.update(1)
@@ -271,19 +281,20 @@ async def run_batch(
             for i in range(max(1, min(options.concurrency, len(todo))))
         ]
         stopper = asyncio.create_task(stop.wait(), name="batch-stop")
+        halter = asyncio.create_task(halt.wait(), name="batch-halt")
+        watchers = {stopper, halter}
         try:
             pending: set[asyncio.Task[Any]] = set(lanes)
-            while pending and not stop.is_set():
-                done, pending = await asyncio.wait(pending | {stopper}, return_when=asyncio.FIRST_COMPLETED)
-                pending.discard(stopper)
-                if any(t is not stopper and not t.cancelled() and t.exception() for t in done):
+            while pending and not stop.is_set() and not halt.is_set():
+                done, pending = await asyncio.wait(pending | watchers, return_when=asyncio.FIRST_COMPLETED)
+                pending -= watchers
+                if any(t not in watchers and not t.cancelled() and t.exception() for t in done):
                     break  # a lane crashed: stop the others
         finally:
             stats.interrupted = stop.is_set() and stats.done + stats.failed < stats.todo
-            stopper.cancel()
-            for task in lanes:
+            for task in (*lanes, *watchers):
                 task.cancel()
-            results = await asyncio.gather(*lanes, stopper, return_exceptions=True)
+            results = await asyncio.gather(*lanes, *watchers, return_exceptions=True)
             bar.close()
             stats.seconds = time.perf_counter() - started
         crashes = [r for r in results if isinstance(r, Exception)]

@@ -159,3 +159,22 @@ async def test_failed_rows_go_to_the_errors_file_and_are_retried(gsm8k_slice: Pa
             await client.aclose()
     assert (stats.done, stats.failed, stats.invalid) == (ROWS, 0, 2)
     assert {f["id"] for f in read_rows(errors)[5:]} == {f"line-{ROWS + 1}", "no-prompt"}
+
+
+async def test_a_run_gives_up_when_rows_keep_failing(gsm8k_slice: Path, tmp_path: Path) -> None:
+    """The upstream going down must not mark every remaining row failed."""
+    output, errors = tmp_path / "results.jsonl", tmp_path / "errors.jsonl"
+    options = BatchOptions(
+        best_of=4, seed=0, concurrency=1, progress=False, fsync=False, retries=0, max_consecutive_failures=5
+    )
+    with FakeUpstream(TEXTS) as upstream:
+        upstream.fail_status = 503
+        client = EngineClient(gateway_config(upstream.url, max_best_of=16), scorer=prm_scorer())
+        await client.start()
+        try:
+            stats = await run_batch(read_items(gsm8k_slice), client, output, errors, options)
+        finally:
+            await client.aclose()
+    assert stats.failed == 5 and stats.done == 0 and not stats.interrupted
+    assert stats.gave_up is not None and "5 rows failed in a row" in stats.gave_up
+    assert len(read_rows(errors)) == 5
