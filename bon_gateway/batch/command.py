@@ -123,6 +123,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        # engine/answers.py turns math-verify's signal-based timeouts off on purpose
+        # (threads); its warning about that would interleave with the progress bar.
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
     if not args.input.is_file():
         print(f"bon-gateway batch: no input file {args.input}", file=sys.stderr)
         return EXIT_BAD_ARGS
