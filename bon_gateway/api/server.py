@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,13 @@ async def serve_gateway(
     # gRPC binds first: it raises on a taken port, while uvicorn's bind exits the process.
     grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host, guard)
     sock = uv_config.bind_socket()
+    # uvicorn's socket is made with proto 0, so asyncio does not set TCP_NODELAY on
+    # the connections it accepts (it checks proto == IPPROTO_TCP). Without it, a
+    # keep-alive client waits ~40 ms per response (Nagle vs delayed ACK: uvicorn
+    # writes headers and body separately). Linux copies the option from the
+    # listening socket to the accepted ones.
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     http_port = sock.getsockname()[1]
     undo_signals = _install_signal_handlers(stop)
     http_task: asyncio.Task[None] | None = None

@@ -10,10 +10,9 @@ import random
 import time
 from typing import Any
 
-import httpx
-
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.balancer import Balancer, Endpoint
+from bon_gateway.generation.http1 import Http1Pool, HttpResponse, ProtocolError
 from bon_gateway.generation.payload import error_message
 from bon_gateway.generation.retry import RetryPolicy, client_fault, parse_retry_after, retryable_status
 from bon_gateway.metrics import Metrics
@@ -63,14 +62,13 @@ class _Attempt(Exception):
 
 
 class UpstreamCaller:
-    """Sends calls to the generator's replicas through one pooled httpx client."""
+    """Sends calls to the generator's replicas through one keep-alive connection pool."""
 
     def __init__(
         self,
         config: GeneratorConfig,
         metrics: Metrics,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
@@ -82,11 +80,8 @@ class UpstreamCaller:
         )
         self.policy = RetryPolicy(config.retries, config.backoff_base_s, config.backoff_max_s)
         self._rng = rng or random.Random()
-        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=64)
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            limits=limits,
-            transport=transport,
+        self._pool = Http1Pool(
+            max_connections=config.max_connections, connect_timeout_s=config.connect_timeout_s
         )
 
     async def call(
@@ -97,6 +92,7 @@ class UpstreamCaller:
         Raises CandidateFailed when retries are spent or the deadline leaves no
         time for another attempt, UpstreamRejected on a client-fault 4xx.
         """
+        payload = json.dumps(body, separators=(",", ":")).encode()
         avoid: list[Endpoint] = []
         attempt = 0
         while True:
@@ -105,7 +101,7 @@ class UpstreamCaller:
             if remaining is not None and remaining <= 0:
                 raise CandidateFailed("deadline", "the request deadline passed before the call")
             try:
-                return await self._attempt(chosen, path, body, remaining), chosen
+                return await self._attempt(chosen, path, payload, remaining), chosen
             except _Attempt as failed:
                 attempt += 1
                 if not failed.retry or attempt > self.policy.retries:
@@ -124,25 +120,19 @@ class UpstreamCaller:
                 avoid.append(chosen)
                 await asyncio.sleep(wait)
 
-    async def _attempt(
-        self, endpoint: Endpoint, path: str, body: dict[str, Any], remaining: float | None
-    ) -> Any:
+    async def _attempt(self, endpoint: Endpoint, path: str, payload: bytes, remaining: float | None) -> Any:
         cfg = self.config
-        timeout: httpx.Timeout | None = None
         cut_by_deadline = remaining is not None and remaining < cfg.timeout_s
-        if remaining is not None and cut_by_deadline:
-            timeout = httpx.Timeout(remaining, connect=min(cfg.connect_timeout_s, remaining))
+        limit = cfg.timeout_s if remaining is None else min(cfg.timeout_s, remaining)
         self.balancer.started(endpoint)
         started = time.perf_counter()
         healthy: bool | None = None  # None: cancelled, says nothing about the upstream
         status = "cancelled"
         try:
             try:
-                if timeout is None:
-                    response = await self._client.post(endpoint.url + path, json=body)
-                else:
-                    response = await self._client.post(endpoint.url + path, json=body, timeout=timeout)
-            except httpx.TimeoutException as err:
+                async with asyncio.timeout(limit):
+                    response = await self._pool.post(endpoint.url + path, payload)
+            except TimeoutError as err:
                 status, healthy = "timeout", False
                 if cut_by_deadline:
                     raise _Attempt(
@@ -153,12 +143,15 @@ class UpstreamCaller:
                         healthy=False,
                     ) from None
                 raise _Attempt("timeout", "timeout", type(err).__name__, retry=True, healthy=False) from None
-            except httpx.HTTPError as err:
+            except ProtocolError as err:
+                status, healthy = "bad_response", False
+                raise _Attempt("bad_response", "bad_response", str(err), retry=True, healthy=False) from None
+            except OSError as err:  # ConnectError included
                 status, healthy = "connect_error", False
                 raise _Attempt(
                     "connect_error", "connect_error", type(err).__name__, retry=True, healthy=False
                 ) from None
-            status = str(response.status_code)
+            status = str(response.status)
             healthy = self._check_status(response)
             try:
                 data = json.loads(response.content)
@@ -184,9 +177,9 @@ class UpstreamCaller:
             self.balancer.finished(endpoint, healthy)
 
     @staticmethod
-    def _check_status(response: httpx.Response) -> bool:
+    def _check_status(response: HttpResponse) -> bool:
         """True for a 200; raises for anything else (healthy = the upstream itself is fine)."""
-        code = response.status_code
+        code = response.status
         if code == 200:
             return True
         if client_fault(code):
@@ -202,4 +195,4 @@ class UpstreamCaller:
         raise _Attempt("upstream_error", kind, detail, retry=False, healthy=False)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()

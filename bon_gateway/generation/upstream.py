@@ -18,8 +18,6 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.engine.engine import OnGenerated, request_deadline
 from bon_gateway.errors import InvalidRequest
@@ -46,13 +44,12 @@ class UpstreamClient:
         config: GeneratorConfig,
         metrics: Metrics,
         *,
-        transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self._rng = rng or random.Random()
-        self.caller = UpstreamCaller(config, metrics, transport=transport, rng=self._rng)
+        self.caller = UpstreamCaller(config, metrics, rng=self._rng)
 
     @property
     def default_model(self) -> str:
