@@ -51,6 +51,14 @@ def _remove_stale_socket(path: str) -> None:
         os.unlink(path)
 
 
+def _field_of(details: str) -> str:
+    """The request field a worker's INVALID_ARGUMENT message starts with (its convention)."""
+    word = details.split(" ", 1)[0]
+    if word.startswith(("candidates", "steps", "messages")):
+        return word
+    return "activation" if word == "activation" else "candidates"
+
+
 class _Worker:
     """One RewardWorker: a spawned process on a Unix socket, or a remote address."""
 
@@ -105,7 +113,7 @@ class _Worker:
         self.channel = grpc.aio.insecure_channel(
             self.target, options=[("grpc.max_receive_message_length", 64 << 20),
                                   ("grpc.max_send_message_length", 64 << 20)])
-        self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)
+        self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc is not None and self.proc.returncode is not None:
@@ -288,7 +296,7 @@ class WorkerPool:
             if w.info is not None:
                 for m in w.info.models:
                     if m.name == name:
-                        return m.architecture
+                        return str(m.architecture)
         config = Path(self._entries[name].path) / "config.json"
         try:
             archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or [""]
@@ -377,7 +385,8 @@ class WorkerPool:
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest(err.details() or "invalid input", param="candidates") from None
+                    details = err.details() or "invalid input"
+                    raise InvalidRequest(details, param=_field_of(details)) from None
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
                     log.warning("phase=score-retry model=%s id=%s worker=%s code=%s", model, request_id,
                                 worker.target, code.name)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from bon_gateway.errors import InvalidRequest
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
@@ -93,3 +95,25 @@ async def test_concurrent_requests_batched_still_exact(
         for answer, got in zip(group, result.scores, strict=True):
             want = reference_outcome_reward(path, MESSAGE_DICTS, answer)  # type: ignore[operator]
             assert got.reward == pytest.approx(want, abs=TOL)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_cancelled_request_then_next_request_exact(
+    pool: WorkerPool, reference_outcome_reward: object
+) -> None:
+    task = asyncio.create_task(pool.score("qwen3", MESSAGES, mixed_candidates() * 4))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    path = Path(pool.config.reward_model("qwen3").path)
+    got = await pool.score("qwen3", MESSAGES, ["391"], activation="sigmoid")
+    raw = reference_outcome_reward(path, MESSAGE_DICTS, "391")  # type: ignore[operator]
+    assert got.scores[0].reward == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-5)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_bad_activation_is_invalid_request(pool: WorkerPool) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await pool.score("qwen2", MESSAGES, ["x"], activation="relu")
+    assert "activation" in info.value.message and info.value.param == "activation"

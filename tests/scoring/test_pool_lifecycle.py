@@ -97,6 +97,7 @@ async def test_overlong_input_truncation_and_clean_shutdown(tiny_llama_rm: Path)
         with pytest.raises(InvalidRequest) as info:
             await pool.score("strict", MESSAGES, ["short", long_answer])
         assert "candidates[1]" in info.value.message and "max_length of 96" in info.value.message
+        assert info.value.param == "candidates[1]"
         # The worker keeps serving after bad input.
         ok = await pool.score("strict", MESSAGES, ["short"])
         want = checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, "short")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -164,7 +165,7 @@ class Forward:
         pids, pmask = _pad_left(prefixes, self.pad_id)
         width = pids.shape[1]
         ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=backbone.config)
+        cache = DynamicCache(config=self.adapter.config)
         hp = backbone(
             input_ids=pids.to(dev), attention_mask=pmask.to(dev), position_ids=ppos.to(dev),
             past_key_values=cache, use_cache=True,
@@ -172,7 +173,12 @@ class Forward:
         # 2. Repeat each group's cache rows once per candidate.
         row_group = [gi for gi, g in enumerate(groups) for _ in g.seqs]
         index = torch.tensor(row_group, device=dev)
-        for layer in cache.layers:
+        layers: list[Any] = list(cache.layers)
+        for layer in layers:
+            # Only attention layers can be repeated; recurrent (Mamba, linear-attention) state
+            # cannot continue a left-padded prefix: such adapters set supports_prefix_reuse False.
+            if getattr(layer, "keys", None) is None:
+                raise RuntimeError(f"prompt reuse needs attention KV layers, got {type(layer).__name__}")
             layer.keys = layer.keys.index_select(0, index)
             layer.values = layer.values.index_select(0, index)
         # 3. The candidates' own tokens, right-padded; the mask covers prefix + suffix.

@@ -98,7 +98,9 @@ async def build_server(runtimes: dict[str, ModelRuntime], listen: str) -> grpc.a
     """A started server on `listen` (unix:PATH or HOST:PORT), health SERVING."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
                                       ("grpc.max_send_message_length", 64 << 20)])
-    pb_grpc.add_RewardWorkerServicer_to_server(RewardWorkerService(runtimes), server)
+    pb_grpc.add_RewardWorkerServicer_to_server(  # type: ignore[no-untyped-call]
+        RewardWorkerService(runtimes), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
