@@ -59,7 +59,7 @@ class TlsConfig(_Strict):
 class LimitsConfig(_Strict):
     """Input and load bounds ([server.limits]); beyond them: 400/413, or 429 when overloaded."""
 
-    max_body_bytes: int = Field(default=4 << 20, ge=1024)  # HTTP body and gRPC message: 413 / INVALID_ARGUMENT
+    max_body_bytes: int = Field(default=4 << 20, ge=1024)  # HTTP 413; gRPC RESOURCE_EXHAUSTED
     max_messages: int = Field(default=256, ge=1)
     max_prompt_chars: int = Field(default=1_000_000, ge=1)  # all messages (or the prompt) together
     max_tokens: int = Field(default=32768, ge=1)  # cap on a request's max_tokens
@@ -80,6 +80,11 @@ class ServerConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
     limits: LimitsConfig = LimitsConfig()
+    # Idle HTTP keep-alive connections are closed after this. Longer than the
+    # clients' own pool expiry (httpx: 5 s, load balancers: 60 s), so the client
+    # closes first: a server closing at the same moment as a request arrives on
+    # the connection resets it (seen in bench/soak.py with uvicorn's 5 s default).
+    http_keep_alive_s: int = Field(default=75, ge=1)
 
 
 class GeneratorConfig(_Strict):

@@ -182,6 +182,7 @@ async def serve_gateway(
         access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
         lifespan="off",
         timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        timeout_keep_alive=config.server.http_keep_alive_s,
         ssl_certfile=tls.cert_file,
         ssl_keyfile=tls.key_file,
     )
