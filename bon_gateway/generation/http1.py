@@ -149,6 +149,8 @@ class _Connection(asyncio.Protocol):
                 return self._parse()
             self._head = (status, headers)
         status, headers = self._head
+        if status in (204, 304):
+            return HttpResponse(status, headers, b"")  # never a body
         if "chunked" in headers.get("transfer-encoding", "").lower():
             body = _dechunk(buffer)
             if body is None:

@@ -159,3 +159,13 @@ async def test_an_idle_connection_closed_by_the_server_is_replaced(
     assert (await pool.post(url, b"{}")).content == b"x"
     await pool.aclose()
     assert raw.connections == 2
+
+
+async def test_no_content_has_no_body(serve: Callable[..., asyncio.Future[RawServer]]) -> None:
+    raw = await serve([b"HTTP/1.1 204 No Content\r\n\r\n"])
+    pool = Http1Pool()
+    for _ in range(2):
+        reply = await pool.post(f"http://127.0.0.1:{raw.port}/", b"{}")
+        assert (reply.status, reply.content) == (204, b"")
+    await pool.aclose()
+    assert raw.connections == 1
