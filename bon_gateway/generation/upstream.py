@@ -97,6 +97,9 @@ class _FanOut:
         self.on_generated = on_generated
         self.result = FanOutResult()
         self._tasks: set[asyncio.Task[None]] = set()
+        # An endpoint whose n>1 probe was refused with a 4xx: it is marked as not
+        # honouring n only once a plain call to it succeeds (else the prompt was bad).
+        self._refused_n: Endpoint | None = None
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         self._tasks.add(asyncio.create_task(work))
@@ -127,7 +130,7 @@ class _FanOut:
                 task.cancel()
             if self._tasks:
                 # wait, not gather: a second cancellation of this task must not
-                # reach the calls again while httpx closes their connections.
+                # reach the calls again while they close their connections.
                 await asyncio.wait(self._tasks)
         self.result.generations.sort(key=lambda g: g.index)
         return self.result
@@ -148,7 +151,7 @@ class _FanOut:
     async def _single(self, index: int) -> None:
         path, body = build_payload(self.request, self.model, self.base_seed + index, 1)
         try:
-            data, _ = await self.client.caller.call(path, body, self.deadline)
+            data, answered = await self.client.caller.call(path, body, self.deadline)
             generations = parse_choices(data, index, 1)
         except CandidateFailed as err:
             self._drop(1, err)
@@ -156,6 +159,8 @@ class _FanOut:
         except BadResponse as err:
             self._drop(1, CandidateFailed("bad_response", str(err)))
             return
+        if answered is self._refused_n and answered.honours_n is None:
+            answered.honours_n = False
         await self._deliver(generations)
 
     async def _batch(self, endpoint: Endpoint, count: int) -> None:
@@ -165,9 +170,11 @@ class _FanOut:
             data, answered = await self.client.caller.call(path, body, self.deadline, endpoint)
             generations = parse_choices(data, 0, count)
         except UpstreamRejected:
+            if endpoint.honours_n:
+                raise  # it takes n: the request itself is wrong
             # Some servers refuse n>1 outright (a 400/422 about `n`). Parallel
             # calls tell that apart from a bad prompt: those are rejected too.
-            endpoint.honours_n = False
+            self._refused_n = endpoint
             self._spawn_singles(0, count)
             return
         except (CandidateFailed, BadResponse) as err:

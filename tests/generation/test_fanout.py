@@ -337,3 +337,16 @@ async def test_a_hung_candidate_is_cut_at_the_deadline_and_the_rest_ranked(fault
     assert result.dropped == ["deadline: the request deadline passed during the call"]
     hung = [c for c in fault.calls if c.body["seed"] == 1]
     assert fault.wait_until(lambda: all(c.closed_by_client is not None for c in hung))
+
+
+async def test_a_bad_prompt_does_not_mark_an_upstream_as_ignoring_n(fault: FaultUpstream) -> None:
+    fault.rule = lambda body: Reply(400, {"error": {"message": "prompt too long"}})
+    up = client(fault.url, mode="auto")
+    with pytest.raises(InvalidRequest):
+        await up.generate(request())
+    assert up.endpoints[0].honours_n is None  # still unknown: probed again next time
+    fault.rule = None
+    fault.honours_n = True
+    await up.generate(request())
+    await up.aclose()
+    assert up.endpoints[0].honours_n is True
