@@ -387,6 +387,8 @@ class WorkerPool:
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     details = err.details() or "invalid input"
                     raise InvalidRequest(details, param=_field_of(details)) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise Overloaded(err.details() or f"reward model {model!r} is overloaded") from None
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
                     log.warning("phase=score-retry model=%s id=%s worker=%s code=%s", model, request_id,
                                 worker.target, code.name)

@@ -93,3 +93,19 @@ async def test_budget_splits_batches() -> None:
     await asyncio.gather(first, *rest)
     assert fake.batches == [1, 2, 1]
     await batcher.aclose()
+
+
+@pytest.mark.asyncio
+async def test_queued_tokens_counts_waiting_groups_only() -> None:
+    fake = FakeForward(0.3)
+    batcher: Batcher[int] = Batcher(fake, max_batch_tokens=1000, max_wait_ms=0)
+    batcher.start()
+    first = asyncio.create_task(batcher.submit(group(5)))
+    await asyncio.to_thread(fake.started.wait)
+    assert batcher.queued_tokens == 0  # running, not waiting
+    rest = [asyncio.create_task(batcher.submit(group(n, 2))) for n in (6, 7)]
+    await asyncio.sleep(0.01)
+    assert batcher.queued_tokens == 12 + 14
+    await asyncio.gather(first, *rest)
+    assert batcher.queued_tokens == 0
+    await batcher.aclose()

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from bon_gateway.errors import Overloaded
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
+from bon_gateway.types import ScoreBatchResult
 from tests.fixtures import checkpoints
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
 
@@ -81,7 +83,7 @@ def remote_worker(tiny_qwen2_rm: Path) -> Iterator[tuple[str, subprocess.Popen[b
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bon_gateway", "worker", "--listen", f"127.0.0.1:{port}",
-         "--reward-model", f"remote={tiny_qwen2_rm}", "--max-wait-ms", "1"],
+         "--reward-model", f"remote={tiny_qwen2_rm}", "--max-wait-ms", "1", "--max-queue-tokens", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
@@ -109,6 +111,15 @@ async def test_remote_worker_over_tcp(
         for answer, score in zip(candidates, got.scores, strict=True):
             want = checkpoints.reference_outcome_reward(tiny_qwen2_rm, MESSAGE_DICTS, answer)
             assert score.reward == pytest.approx(want, abs=TOL)
+        # A queue bound of one token: while one group runs and one waits, more are shed.
+        outcomes = await asyncio.gather(
+            *(pool.score("remote", MESSAGES, mixed_candidates()) for _ in range(6)), return_exceptions=True
+        )
+        shed = [o for o in outcomes if isinstance(o, Overloaded)]
+        assert shed and "overloaded" in shed[0].message
+        assert all(isinstance(o, (Overloaded, ScoreBatchResult)) for o in outcomes)
+        again = await pool.score("remote", MESSAGES, candidates)
+        assert [s.reward for s in again.scores] == [s.reward for s in got.scores]
     finally:
         await pool.aclose()
     assert proc.poll() is None  # the pool does not stop workers it did not start

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--truncate-prompt", action="store_true", default=None)
+    p.add_argument("--max-queue-tokens", type=int, help="shed load above this many queued tokens "
+                   "(default 64 x max_batch_tokens)")
     p.add_argument("--no-prefix-reuse", action="store_true", help="always recompute the shared prompt")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
@@ -91,7 +93,9 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
     runtimes = {}
     for entry in entries:
         adapter = await asyncio.to_thread(load_adapter, entry)
-        runtimes[entry.name] = ModelRuntime(entry, adapter, prefix_reuse=not args.no_prefix_reuse)
+        runtimes[entry.name] = ModelRuntime(
+            entry, adapter, prefix_reuse=not args.no_prefix_reuse, max_queue_tokens=args.max_queue_tokens
+        )
     for runtime in runtimes.values():
         runtime.batcher.start()
     server = await build_server(runtimes, args.listen)

@@ -82,6 +82,11 @@ class Batcher(Generic[R]):
             except asyncio.CancelledError:
                 pass
 
+    @property
+    def queued_tokens(self) -> int:
+        """Real tokens waiting for a batch (the worker sheds load above a bound)."""
+        return sum(item.group.real_tokens for item in self._queue if not item.future.done())
+
     def announce(self) -> None:
         """A request arrived and is being tokenized: worth waiting for briefly."""
         self._incoming += 1

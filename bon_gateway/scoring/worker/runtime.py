@@ -39,8 +39,18 @@ class Scored:
 
 
 class ModelRuntime:
-    def __init__(self, entry: RewardModelConfig, adapter: Adapter, *, prefix_reuse: bool = True) -> None:
+    def __init__(
+        self,
+        entry: RewardModelConfig,
+        adapter: Adapter,
+        *,
+        prefix_reuse: bool = True,
+        max_queue_tokens: int | None = None,
+    ) -> None:
         self.entry = entry
+        # Bounded queue: beyond this many waiting tokens new groups are refused (RESOURCE_EXHAUSTED)
+        # instead of piling up until memory or deadlines run out.
+        self.max_queue_tokens = max_queue_tokens or 64 * entry.max_batch_tokens
         self.adapter = adapter
         device = next(adapter.model.parameters()).device
         self.forward = Forward(adapter, device)
@@ -78,6 +88,10 @@ class ModelRuntime:
             GroupOutcome(per, figures if i == 0 else None, (len(g.seqs) - 1) * g.prefix, seconds)
             for i, (g, per) in enumerate(zip(groups, logits, strict=True))
         ]
+
+    def overloaded(self, group: Group) -> bool:
+        queued = self.batcher.queued_tokens
+        return queued > 0 and queued + group.real_tokens > self.max_queue_tokens
 
     async def score(self, group: Group, prompt_tokens: int, activation: str) -> Scored:
         parts = split_group(group, self.entry.max_batch_tokens)

@@ -57,6 +57,12 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         finally:
             runtime.batcher.withdraw()
+        if runtime.overloaded(group):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"reward model {runtime.entry.name!r} is overloaded: {runtime.batcher.queued_tokens} tokens "
+                f"queued (limit {runtime.max_queue_tokens})",
+            )
         scored = await runtime.score(group, prompt_tokens, activation)
         outcome = scored.outcome
         stats = pb.WorkerStats(
