@@ -194,7 +194,10 @@ class Soak:
             reply = await stub.Generate(request, metadata=(("authorization", f"Bearer {self.key}"),),
                                         timeout=self.args.deadline_s)
         except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # The client's own deadline passing is "no reply"; the gateway's
+            # DEADLINE_EXCEEDED (its request_timeout_s, shorter) is a reply.
+            from_gateway = "bon-error-code" in dict(err.trailing_metadata() or ())
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not from_gateway:
                 raise TimeoutError from None
             return f"grpc_{err.code().name}", None
         candidates = [(c.index, c.text, c.reward) for c in reply.candidates]
@@ -251,11 +254,28 @@ class Soak:
         tally.rss.append((tally.done, rss_mib(self.gateway.pid), sum(rss_mib(p) for p in pids)))
         if self.gateway.poll() is not None:
             self.gateway_crashed = True
-        if pids and tally.done < self.args.requests:
-            os.kill(self.rng.choice(pids), signal.SIGKILL)
-            tally.kills += 1
         print(f"  {tally.done:>6} done  ok={tally.ok} lost={tally.lost} kills={tally.kills} "
               f"gateway_rss={tally.rss[-1][1]:.0f}MiB", flush=True)
+
+    async def _killer(self, client: httpx.AsyncClient) -> None:
+        """SIGKILL one worker each time --kill-every more requests are done.
+
+        Only when every worker is up: killing one that is still restarting (a
+        restart takes ~20 s on two busy cores) would test start-up, not serving.
+        """
+        assert self.gateway is not None
+        next_kill = self.args.kill_every
+        while self.tally.done < self.args.requests:
+            await asyncio.sleep(0.2)
+            if self.tally.done < next_kill:
+                continue
+            with contextlib.suppress(httpx.HTTPError):
+                up = _metric_sum((await client.get("/metrics")).text, "bon_workers_up")
+                pids = worker_pids(self.gateway.pid)
+                if up >= self.args.workers and len(pids) >= self.args.workers:
+                    os.kill(self.rng.choice(pids), signal.SIGKILL)
+                    self.tally.kills += 1
+                    next_kill += self.args.kill_every
 
     async def run(self) -> dict[str, Any]:
         args = self.args
@@ -290,7 +310,11 @@ class Soak:
                       f"gateway pid {gw_pid} rss {rss_start:.0f} MiB", flush=True)
                 stub = pb_grpc.BestOfNStub(channel)
                 started = time.perf_counter()
+                killer = asyncio.create_task(self._killer(client))
                 await asyncio.gather(*(self._client_loop(client, stub) for _ in range(args.concurrency)))
+                killer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await killer
                 elapsed = time.perf_counter() - started
                 rss_end = rss_mib(gw_pid)
                 workers_end = sum(rss_mib(p) for p in worker_pids(gw_pid))
