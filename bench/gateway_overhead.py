@@ -6,7 +6,8 @@ with a no-op scorer. The same upstream calls (N=4 chat calls with n=1 and
 seeds s..s+3) are made once through the gateway and once by a direct fan-out
 client (4 parallel posts), in one run. Every client here (the load driver, the
 direct fan-out, the gateway's own upstream calls) uses the same HTTP client,
-bon_gateway.generation.http1, so the difference is what the gateway adds:
+bon_gateway.generation.transport (one aiohttp session), so the difference is
+what the gateway adds:
 
 (a) one client in a loop: added latency p50 / p99 (gateway - direct);
 (b) 64 concurrent clients: candidates/s through the gateway and direct;
@@ -41,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout: python bench/gateway_overhead.py
     sys.path.insert(0, str(ROOT))
 
-from bon_gateway.generation.http1 import Http1Pool  # noqa: E402
+from bon_gateway.generation.transport import UpstreamHttp  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N = 4
@@ -232,20 +233,19 @@ def _body(seed: int) -> dict[str, Any]:
     return {"model": "bench", "messages": MESSAGES, "seed": seed, "n": 1, "stream": False, "max_tokens": 16}
 
 
-async def _post(client: Http1Pool, url: str, body: dict[str, Any]) -> Any:
-    async with asyncio.timeout(30):
-        reply = await client.post(url, json.dumps(body, separators=(",", ":")).encode())
+async def _post(client: UpstreamHttp, url: str, body: dict[str, Any]) -> Any:
+    reply = await client.post(url, json.dumps(body, separators=(",", ":")).encode(), timeout_s=30)
     if reply.status != 200:
         raise RuntimeError(f"HTTP {reply.status} from {url}: {reply.content[:200]!r}")
     return json.loads(reply.content)
 
 
-async def direct_once(client: Http1Pool, upstream: str, seed: int) -> None:
+async def direct_once(client: UpstreamHttp, upstream: str, seed: int) -> None:
     """The baseline: the same N calls, made by the client itself."""
     await asyncio.gather(*(_post(client, f"{upstream}/chat/completions", _body(seed + i)) for i in range(N)))
 
 
-async def gateway_once(client: Http1Pool, gateway: str, seed: int) -> None:
+async def gateway_once(client: UpstreamHttp, gateway: str, seed: int) -> None:
     body = {"model": "bench", "messages": MESSAGES, "seed": seed, "best_of": N, "max_tokens": 16}
     reply = await _post(client, f"{gateway}/chat/completions", body)
     if reply["usage"]["candidates_generated"] != N:
@@ -253,8 +253,8 @@ async def gateway_once(client: Http1Pool, gateway: str, seed: int) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _client() -> AsyncIterator[Http1Pool]:
-    pool = Http1Pool(max_connections=1024, max_idle_per_origin=1024)
+async def _client() -> AsyncIterator[UpstreamHttp]:
+    pool = UpstreamHttp(max_connections=1024)
     try:
         yield pool
     finally:
@@ -297,7 +297,7 @@ async def throughput(target: str, url: str, clients: int, seconds: float) -> dic
     done = 0
     stop_at = time.perf_counter() + seconds
 
-    async def loop(worker: int, client: Http1Pool) -> None:
+    async def loop(worker: int, client: UpstreamHttp) -> None:
         nonlocal done
         seed = worker * 1_000_000
         while time.perf_counter() < stop_at:
@@ -324,7 +324,7 @@ async def slow_upstream(upstream: str, gateway: str, requests: int, concurrency:
     ratios: dict[str, list[float]] = {"direct": [], "gateway": []}
     counter = iter(range(requests))
 
-    async def loop(client: Http1Pool) -> None:
+    async def loop(client: UpstreamHttp) -> None:
         for i in counter:
             seed = 5000 + i * N
             slowest = max(slow_delay(seed + k) for k in range(N))

@@ -12,9 +12,9 @@ from typing import Any
 
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.balancer import Balancer, Endpoint
-from bon_gateway.generation.http1 import Http1Pool, HttpResponse, ProtocolError
 from bon_gateway.generation.payload import error_message
 from bon_gateway.generation.retry import RetryPolicy, client_fault, parse_retry_after, retryable_status
+from bon_gateway.generation.transport import HttpResponse, ProtocolError, UpstreamHttp
 from bon_gateway.metrics import Metrics
 
 __all__ = ["CandidateFailed", "UpstreamCaller", "UpstreamRejected"]
@@ -62,7 +62,7 @@ class _Attempt(Exception):
 
 
 class UpstreamCaller:
-    """Sends calls to the generator's replicas through one keep-alive connection pool."""
+    """Sends calls to the generator's replicas through one keep-alive aiohttp session."""
 
     def __init__(
         self,
@@ -80,7 +80,7 @@ class UpstreamCaller:
         )
         self.policy = RetryPolicy(config.retries, config.backoff_base_s, config.backoff_max_s)
         self._rng = rng or random.Random()
-        self._pool = Http1Pool(
+        self._http = UpstreamHttp(
             max_connections=config.max_connections, connect_timeout_s=config.connect_timeout_s
         )
 
@@ -130,8 +130,7 @@ class UpstreamCaller:
         status = "cancelled"
         try:
             try:
-                async with asyncio.timeout(limit):
-                    response = await self._pool.post(endpoint.url + path, payload)
+                response = await self._http.post(endpoint.url + path, payload, timeout_s=limit)
             except TimeoutError as err:
                 status, healthy = "timeout", False
                 if cut_by_deadline:
@@ -195,4 +194,4 @@ class UpstreamCaller:
         raise _Attempt("upstream_error", kind, detail, retry=False, healthy=False)
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        await self._http.aclose()

@@ -1,0 +1,127 @@
+"""The HTTP transport for upstream calls: one aiohttp.ClientSession per caller.
+
+The gateway only sends one kind of request (POST a JSON body, read the whole
+JSON reply), so this wraps aiohttp (C-accelerated HTTP parser, keep-alive
+pool) with exactly that, and turns aiohttp's exceptions into the three the
+caller's retry policy knows: TimeoutError, ConnectError and ProtocolError.
+
+Cost, measured on the 2-core bench machine: ~150 us of client CPU per call
+(httpx: 1.5-2 ms; the hand-written asyncio client this replaced: ~35 us),
+i.e. ~0.5 ms more gateway CPU per best_of=4 request than that client.
+
+Cancelling a call (deadline, client hang-up) closes its connection, so the
+upstream sees the close and can stop generating; a connection goes back to
+the pool only after a complete response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDictProxy
+
+__all__ = ["ConnectError", "HttpResponse", "ProtocolError", "UpstreamHttp"]
+
+# Idle keep-alive connections are dropped after this: shorter than the usual
+# upstream servers' own idle timeout (uvicorn under vLLM/SGLang, llama.cpp: 5 s),
+# so the gateway closes first instead of racing a server-side close with a request.
+KEEP_ALIVE_S = 4.0
+DNS_CACHE_S = 60
+
+_HEADERS = {"content-type": "application/json", "accept": "application/json"}
+# Identity bodies, as before: small JSON on a local network is cheaper sent than compressed.
+_SKIP_AUTO_HEADERS = ("accept-encoding", "user-agent")
+
+
+class ConnectError(OSError):
+    """No connection, or one closed/reset before a complete response."""
+
+
+class ProtocolError(Exception):
+    """The peer does not speak HTTP/1.1 as expected."""
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    status: int
+    headers: CIMultiDictProxy[str]  # case-insensitive names
+    content: bytes
+
+
+class UpstreamHttp:
+    """JSON POSTs over one keep-alive aiohttp session, at most `max_connections` open at once.
+
+    The session is made on the first call (it belongs to the running loop).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 256,
+        connect_timeout_s: float = 5.0,
+        keep_alive_s: float = KEEP_ALIVE_S,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._max_connections = max_connections
+        self._keep_alive_s = keep_alive_s
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections,
+            limit_per_host=0,
+            keepalive_timeout=self._keep_alive_s,
+            ttl_dns_cache=DNS_CACHE_S,
+            ssl=self._ssl,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers=_HEADERS,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        return self._session
+
+    async def post(self, url: str, body: bytes, *, timeout_s: float | None = None) -> HttpResponse:
+        """POST `body` (JSON) to `url` and read the whole reply within `timeout_s`.
+
+        Raises TimeoutError, ConnectError (refused, reset, closed early) or
+        ProtocolError (not HTTP); any status comes back as a response.
+        """
+        if self._closed:
+            raise ConnectError("the client is closed")
+        session = self._session or self._open()
+        try:
+            async with asyncio.timeout(timeout_s):
+                # Cancelled while sending or reading the head: aiohttp closes the connection.
+                response = await session.post(url, data=body)
+                try:
+                    content = await response.read()  # releases the connection to the pool
+                except BaseException:
+                    # Cancelled or failed mid-body: close it, never pool it, so the upstream sees it.
+                    response.close()
+                    raise
+        except TimeoutError:
+            raise  # asyncio.timeout's and aiohttp's own (connect) alike
+        except (aiohttp.ClientResponseError, HttpProcessingError) as err:
+            raise ProtocolError(f"{type(err).__name__}: {err}") from None
+        except aiohttp.ClientPayloadError as err:
+            # The body ended early (connection closed or reset) or was not valid framing.
+            raise ConnectError(f"{type(err).__name__}: {err}") from None
+        except (aiohttp.ClientError, OSError) as err:
+            raise ConnectError(f"{type(err).__name__}: {err}") from None
+        return HttpResponse(response.status, response.headers, content)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
