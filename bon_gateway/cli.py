@@ -44,7 +44,9 @@ def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> Gatewa
     )
     generator = config.generator.model_copy(
         update={
-            k: v for k, v in {"url": args.generator_url, "model": args.generator_model}.items() if v is not None
+            k: v
+            for k, v in {"url": args.generator_url, "model": args.generator_model}.items()
+            if v is not None
         }
     )
     models = list(config.reward_models)
@@ -66,7 +68,9 @@ def _serve(args: argparse.Namespace) -> int:
     from bon_gateway.api.server import run_gateway
 
     config = apply_serve_flags(load_config(args.config), args)
-    logging.basicConfig(level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     asyncio.run(run_gateway(config))
     return 0
 

@@ -233,6 +233,9 @@ class WorkerPool:
         # The child imports this very package, wherever it was imported from.
         root = str(Path(bon_gateway.__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # Weight-loading progress bars (GGUF de-quantizing, safetensors) would reach the
+        # gateway log as one long line per refresh; the worker logs its own load phases.
+        env.setdefault("TQDM_DISABLE", "1")
         if entry.device == "cuda" and entry.workers > 1 and "CUDA_VISIBLE_DEVICES" not in env:
             env["CUDA_VISIBLE_DEVICES"] = str(index)  # one worker per GPU
         return env
