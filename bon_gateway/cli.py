@@ -20,7 +20,10 @@ from bon_gateway.config import (
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("serve", help="run the gateway (HTTP + gRPC)")
     p.add_argument("--config", type=Path, help="TOML config file")
-    p.add_argument("--generator-url", help="upstream base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument(
+        "--generator-url", action="append", default=[], metavar="URL",
+        help="upstream base URL, e.g. http://127.0.0.1:8000/v1 (repeatable: replicas); replaces the file's",
+    )
     p.add_argument("--generator-model", help="upstream model name")
     p.add_argument(
         "--reward-model", action="append", default=[], metavar="NAME=PATH_OR_HF_ID",
@@ -42,13 +45,14 @@ def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> Gatewa
             if v is not None
         }
     )
-    generator = config.generator.model_copy(
-        update={
-            k: v
-            for k, v in {"url": args.generator_url, "model": args.generator_model}.items()
-            if v is not None
-        }
-    )
+    generator_update: dict[str, object] = {}
+    if args.generator_url:
+        # Flags replace the file's upstreams whole: `url` and the replica list `urls`.
+        generator_update["url"] = args.generator_url[0]
+        generator_update["urls"] = tuple(args.generator_url) if len(args.generator_url) > 1 else ()
+    if args.generator_model is not None:
+        generator_update["model"] = args.generator_model
+    generator = config.generator.model_copy(update=generator_update)
     models = list(config.reward_models)
     if args.reward_model:
         models = []

@@ -1,0 +1,54 @@
+"""`bon-gateway serve` flags override the config file."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bon_gateway.cli import _add_serve_parser, apply_serve_flags
+from bon_gateway.config import ConfigError, parse_config
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    _add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+FILE = {
+    "generator": {"url": "http://file:1/v1", "urls": ["http://a:1/v1", "http://b:1/v1"], "model": "m"},
+    "reward_models": [{"name": "rm", "path": "/models/rm", "device": "cuda", "workers": 2}],
+}
+
+
+def test_no_flags_keep_the_file() -> None:
+    config = apply_serve_flags(parse_config(FILE), _parse([]))
+    assert config.generator.base_urls == ("http://a:1/v1", "http://b:1/v1")
+    assert config.reward_models[0].workers == 2
+    assert config.server.http_port == 8080 and config.server.grpc_port == 50051
+
+
+def test_generator_urls_replace_the_file_list() -> None:
+    one = apply_serve_flags(parse_config(FILE), _parse(["--generator-url", "http://x:2/v1"]))
+    assert one.generator.base_urls == ("http://x:2/v1",)
+    two = apply_serve_flags(
+        parse_config(FILE), _parse(["--generator-url", "http://x:2/v1", "--generator-url", "http://y:2/v1"])
+    )
+    assert two.generator.base_urls == ("http://x:2/v1", "http://y:2/v1")
+    assert two.generator.model == "m"
+
+
+def test_reward_model_device_workers_and_ports() -> None:
+    args = _parse(["--reward-model", "sky=Skywork/Skywork-Reward-V2-Qwen3-0.6B", "--device", "cpu",
+                   "--workers", "3", "--http-port", "9000", "--grpc-port", "9001", "--host", "0.0.0.0"])
+    config = apply_serve_flags(parse_config(FILE), args)
+    [entry] = config.reward_models
+    assert (entry.name, entry.path, entry.device, entry.workers) == (
+        "sky", "Skywork/Skywork-Reward-V2-Qwen3-0.6B", "cpu", 3)
+    assert (config.server.host, config.server.http_port, config.server.grpc_port) == ("0.0.0.0", 9000, 9001)
+
+
+def test_bad_reward_model_flag_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="NAME=PATH_OR_HF_ID"):
+        apply_serve_flags(parse_config(FILE), _parse(["--reward-model", "no-equals-sign"]))
