@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,13 @@ def tiny_gemma2_rm() -> Path:
 def tiny_jamba_rm() -> Path:
     """JambaForSequenceClassification (Mamba + attention + MoE)."""
     return checkpoints.tiny_jamba_rm()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real llama.cpp server on the SmolLM2 GGUF, shared by the whole session; yields …/v1."""
+    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
+    from tests.fakes.llamacpp import llama_cpp_server
+
+    with llama_cpp_server(tmp_path_factory.mktemp("llama")) as url:
+        yield url

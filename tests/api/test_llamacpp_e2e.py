@@ -5,75 +5,20 @@ equal the reference forward pass."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.engine import RewardScorer
 from bon_gateway.metrics import Metrics
-from tests.fakes import ServedGateway, gateway_config, unused_port
+from tests.fakes import ServedGateway, gateway_config
 
 pytestmark = pytest.mark.slow
 
 TOL = 1e-4
 QUESTION = [{"role": "user", "content": "Name one fruit that is red."}]
-
-
-@pytest.fixture(scope="module")
-def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
-    from bon_gateway.smollm2 import smollm2_gguf_path
-
-    model = smollm2_gguf_path()
-    port = unused_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(model),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_threads",
-                "1",
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail("llama.cpp server exited:\n" + log.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("llama.cpp server never answered:\n" + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _pool(config: GatewayConfig, metrics: Metrics) -> RewardScorer:
@@ -83,10 +28,10 @@ def _pool(config: GatewayConfig, metrics: Metrics) -> RewardScorer:
 
 
 def test_best_of_n_on_llamacpp_with_reference_rewards(
-    llama_server: str, tiny_llama_rm: Path, reference_outcome_reward: object
+    llama_cpp_url: str, tiny_llama_rm: Path, reference_outcome_reward: object
 ) -> None:
     config = gateway_config(
-        llama_server,
+        llama_cpp_url,
         generator_model="smollm2",
         generator_timeout_s=120.0,
         reward_models=[{"name": "tiny", "path": str(tiny_llama_rm)}],

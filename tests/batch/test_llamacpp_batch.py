@@ -6,63 +6,23 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.batch.conftest import gsm8k_rows, read_rows, start_batch, wait_for_lines
-from tests.fakes import unused_port
 
 pytestmark = pytest.mark.slow
 
 ROWS = 6
 
 
-@pytest.fixture(scope="module")
-def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
-    from bon_gateway.smollm2 import smollm2_gguf_path
-
-    port = unused_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf_path()),
-            "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1"]  # fmt: skip
-    with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail("llama.cpp server exited:\n" + log.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("llama.cpp server never answered")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def test_real_batch_killed_and_resumed(llama_url: str, tiny_llama_rm: Path, tmp_path: Path) -> None:
+def test_real_batch_killed_and_resumed(llama_cpp_url: str, tiny_llama_rm: Path, tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(
-        f'[generator]\nurl = "{llama_url}"\nmodel = "smollm2"\ntimeout_s = 120\n\n'
+        f'[generator]\nurl = "{llama_cpp_url}"\nmodel = "smollm2"\ntimeout_s = 120\n\n'
         f'[[reward_models]]\nname = "tiny"\npath = "{tiny_llama_rm}"\ndevice = "cpu"\n'
     )
     data = tmp_path / "gsm8k.jsonl"

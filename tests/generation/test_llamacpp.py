@@ -5,70 +5,20 @@ One server for the module; small max_tokens keeps it quick on a CPU."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from bon_gateway.config import GatewayConfig
 from bon_gateway.generation.upstream import UpstreamClient
-from tests.fakes import FakeScorer, ServedGateway, unused_port
+from tests.fakes import FakeScorer, ServedGateway
 
 pytestmark = pytest.mark.slow
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def llama_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("llama_cpp.server", reason="llama-cpp-python[server] is not installed")
-    from bon_gateway.smollm2 import smollm2_gguf_path
-
-    port = unused_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(smollm2_gguf_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_threads",
-        "1",
-    ]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail("llama.cpp server exited:\n" + log.read_text(errors="replace")[-3000:])
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("llama.cpp server never answered")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _config(url: str, mode: str) -> GatewayConfig:
@@ -87,8 +37,8 @@ def _config(url: str, mode: str) -> GatewayConfig:
 
 
 @pytest.fixture(scope="module", params=["parallel", "n", "auto"])
-def gateway(request: pytest.FixtureRequest, llama_url: str) -> Iterator[ServedGateway]:
-    with ServedGateway(_config(llama_url, request.param), FakeScorer(default_reward=0.0)) as served:
+def gateway(request: pytest.FixtureRequest, llama_cpp_url: str) -> Iterator[ServedGateway]:
+    with ServedGateway(_config(llama_cpp_url, request.param), FakeScorer(default_reward=0.0)) as served:
         yield served
 
 
