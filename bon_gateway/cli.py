@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
@@ -70,11 +69,10 @@ def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> Gatewa
 
 def _serve(args: argparse.Namespace) -> int:
     from bon_gateway.api.server import run_gateway
+    from bon_gateway.logs import configure_logging
 
     config = apply_serve_flags(load_config(args.config), args)
-    logging.basicConfig(
-        level=config.server.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(config.server.log_level, config.server.log_format)
     asyncio.run(run_gateway(config))
     return 0
 

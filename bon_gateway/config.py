@@ -77,6 +77,9 @@ class ServerConfig(_Strict):
     default_best_of: int = Field(4, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     log_level: str = "INFO"
+    # text: "TIME LEVEL LOGGER MESSAGE"; json: one object per line (ts, level, logger,
+    # message and the key=value fields of the phase lines).
+    log_format: Literal["text", "json"] = "text"
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
     limits: LimitsConfig = LimitsConfig()

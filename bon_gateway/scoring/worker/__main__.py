@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bon_gateway.config import ConfigError, RewardModelConfig, load_config, parse_reward_model_flag
+from bon_gateway.logs import configure_logging
 
 log = logging.getLogger("bon_gateway.worker")
 
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one object per line (ts, level, logger, message, phase fields)")
     return p
 
 
@@ -122,10 +125,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format, sys.stderr)
     try:
         entries = model_entries(args)
         if args.threads:
