@@ -146,8 +146,11 @@ class RewardModelConfig(_Strict):
     kind: Literal["auto", "judge", "causal_prm"] = "auto"
     gguf_file: str | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    workers: int = Field(1, ge=1)
-    # Remote workers (bon-gateway worker --listen HOST:PORT); when set, none are spawned.
+    # Co-located worker processes the gateway spawns (one per GPU). With `addresses`
+    # the default is 0 (remote only); `workers = N` plus `addresses` spawns N and
+    # shares the load with the remote ones. 0 needs `addresses`.
+    workers: int = Field(1, ge=0)
+    # Remote workers (bon-gateway worker --listen HOST:PORT).
     addresses: tuple[str, ...] = ()
     max_batch_tokens: int = Field(16384, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
@@ -160,6 +163,14 @@ class RewardModelConfig(_Strict):
     trust_remote_code: bool = False
     judge: JudgeConfig = JudgeConfig()
     steps: StepConfig = StepConfig()
+
+    @model_validator(mode="after")
+    def _workers_or_addresses(self) -> RewardModelConfig:
+        if self.addresses and "workers" not in self.model_fields_set:
+            object.__setattr__(self, "workers", 0)  # remote only, unless workers is given
+        if self.workers == 0 and not self.addresses:
+            raise ValueError(f"reward model {self.name!r}: workers = 0 needs remote `addresses`")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -52,3 +52,16 @@ def test_reward_model_device_workers_and_ports() -> None:
 def test_bad_reward_model_flag_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="NAME=PATH_OR_HF_ID"):
         apply_serve_flags(parse_config(FILE), _parse(["--reward-model", "no-equals-sign"]))
+
+
+def test_workers_and_addresses() -> None:
+    from bon_gateway.config import RewardModelConfig
+
+    remote_only = RewardModelConfig(name="rm", path="p", addresses=("h:1",))
+    assert remote_only.workers == 0  # addresses alone: remote only, as before
+    both = RewardModelConfig(name="rm", path="p", addresses=("h:1",), workers=2)
+    assert (both.workers, both.addresses) == (2, ("h:1",))  # 2 spawned + the remote one
+    assert RewardModelConfig(name="rm", path="p").workers == 1
+    assert RewardModelConfig.model_validate_json(remote_only.model_dump_json()).workers == 0
+    with pytest.raises(ValueError, match="workers = 0 needs remote"):
+        RewardModelConfig(name="rm", path="p", workers=0)

@@ -3,8 +3,9 @@
 Co-located workers are spawned as `python -m bon_gateway.scoring.worker` on a
 Unix socket in a private temp dir and supervised (a dead one is restarted);
 remote ones (`addresses` in the model entry) are used over TCP with the same
-protocol. One request's candidates go to one worker as one group; the worker
-batches groups across requests.
+protocol. An entry with both spawns `workers` and shares the load with the
+remote ones (least outstanding groups first). One request's candidates go to
+one worker as one group; the worker batches groups across requests.
 
 This module runs in the front process: it must not import torch.
 """
@@ -73,6 +74,7 @@ class _Worker:
         self.stub: reward_worker_pb2_grpc.RewardWorkerStub | None = None
         self.up = False
         self.inflight = 0
+        self.served = 0  # groups this worker answered
         self.info: reward_worker_pb2.WorkerInfoResponse | None = None
         self.tail: deque[str] = deque(maxlen=40)
         self.tasks: list[asyncio.Task[None]] = []
@@ -190,17 +192,16 @@ class WorkerPool:
     async def start(self) -> None:
         """Spawn or connect every worker and wait until all have loaded their models."""
         self._dir = tempfile.mkdtemp(prefix="bon-workers-")
-        local_count = sum(m.workers for m in self.config.reward_models if not m.addresses)
+        local_count = sum(m.workers for m in self.config.reward_models)
         threads = max(1, (os.cpu_count() or 1) // max(1, local_count))
         for entry in self.config.reward_models:
+            # `workers` co-located processes and the remote `addresses`, one pool per model
             workers: list[_Worker] = []
-            if entry.addresses:
-                workers = [_Worker(entry, addr, None, None) for addr in entry.addresses]
-            else:
-                for i in range(entry.workers):
-                    sock = f"unix:{self._dir}/{len(self._workers)}-{i}.sock"
-                    argv = self._argv(entry, sock, threads)
-                    workers.append(_Worker(entry, sock, argv, self._env(entry, i)))
+            for i in range(entry.workers):
+                sock = f"unix:{self._dir}/{len(self._workers)}-{i}.sock"
+                argv = self._argv(entry, sock, threads)
+                workers.append(_Worker(entry, sock, argv, self._env(entry, i)))
+            workers += [_Worker(entry, addr, None, None) for addr in entry.addresses]
             self._workers[entry.name] = workers
         try:
             all_workers = [w for ws in self._workers.values() for w in ws]
@@ -315,6 +316,10 @@ class WorkerPool:
         return [w.proc.pid for ws in self._workers.values() for w in ws
                 if w.proc is not None and w.proc.returncode is None]
 
+    def served_by_worker(self, model: str) -> dict[str, int]:
+        """Groups answered per worker target (unix:... spawned, HOST:PORT remote)."""
+        return {w.target: w.served for w in self._workers.get(model, [])}
+
     async def _pick(self, model: str, exclude: set[int]) -> _Worker:
         """The least-loaded live worker, preferring ones not tried yet; waits for a restart."""
         deadline = time.monotonic() + self.start_timeout_s
@@ -404,6 +409,7 @@ class WorkerPool:
                 raise WorkerError(f"reward model {model!r} failed: {code.name}: {err.details()}") from None
             finally:
                 worker.inflight -= 1
+            worker.served += 1
             self._record(model, reply)
             return ScoreBatchResult(
                 model=model,

@@ -138,6 +138,7 @@ def test_in_cluster_config_points_at_the_headless_service() -> None:
     assert config.reward_models, "no reward model in the ConfigMap"
     for model in config.reward_models:
         assert model.addresses == (expected,)
+        assert model.workers == 0  # gateway pods spawn none: remote workers only
     assert config.server.host == "0.0.0.0"
 
 

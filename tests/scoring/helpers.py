@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from bon_gateway.config import GatewayConfig, RewardModelConfig
@@ -38,3 +43,30 @@ def gateway_config(*entries: dict[str, Any]) -> GatewayConfig:
 @contextmanager
 def no_torch_check() -> Iterator[None]:
     yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def remote_worker_process(
+    name: str, path: Path, *flags: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`bon-gateway worker --listen 127.0.0.1:PORT --reward-model NAME=PATH FLAGS...`:
+    yields (address, process); stopped with SIGTERM, which must exit 0 after serving."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bon_gateway", "worker", "--listen", f"127.0.0.1:{port}",
+         "--reward-model", f"{name}={path}", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        yield f"127.0.0.1:{port}", proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"phase=serving" in err and b"phase=stopped" in err

@@ -6,9 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,13 @@ from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
 from bon_gateway.types import ScoreBatchResult
 from tests.fixtures import checkpoints
-from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
+from tests.scoring.helpers import (
+    MESSAGE_DICTS,
+    MESSAGES,
+    gateway_config,
+    mixed_candidates,
+    remote_worker_process,
+)
 
 TOL = 1e-4
 
@@ -71,28 +75,11 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
         await pool.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def remote_worker(tiny_qwen2_rm: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`bon-gateway worker --listen 127.0.0.1:PORT`, stopped with SIGTERM (must exit 0)."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bon_gateway", "worker", "--listen", f"127.0.0.1:{port}",
-         "--reward-model", f"remote={tiny_qwen2_rm}", "--max-wait-ms", "1", "--max-queue-tokens", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        yield f"127.0.0.1:{port}", proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err.decode()[-2000:]
-    assert b"phase=serving" in err and b"phase=stopped" in err
+    with remote_worker_process("remote", tiny_qwen2_rm, "--max-wait-ms", "1", "--max-queue-tokens", "1") as w:
+        yield w
 
 
 @pytest.mark.asyncio
@@ -123,3 +110,31 @@ async def test_remote_worker_over_tcp(
     finally:
         await pool.aclose()
     assert proc.poll() is None  # the pool does not stop workers it did not start
+
+
+@pytest.mark.asyncio
+async def test_co_located_and_remote_worker_share_the_load(tiny_llama_rm: Path) -> None:
+    """`workers = 1` plus `addresses`: one spawned worker and one remote one, both serving."""
+    candidates = mixed_candidates()[:4]
+    want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+    remote = remote_worker_process("rm", tiny_llama_rm, "--threads", "1", "--max-wait-ms", "1")
+    with remote as (address, proc):
+        entry = {"name": "rm", "path": str(tiny_llama_rm), "workers": 1, "addresses": [address],
+                 "max_wait_ms": 1}
+        metrics = Metrics()
+        pool = WorkerPool(gateway_config(entry), metrics, start_timeout_s=120)
+        await pool.start()
+        try:
+            assert len(pool.worker_pids()) == 1 and proc.pid not in pool.worker_pids()
+            assert metrics.workers_up.labels("rm")._value.get() == 2
+            results = await asyncio.gather(
+                *(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}") for i in range(16))
+            )
+            for result in results:
+                assert [s.reward for s in result.scores] == pytest.approx(want, abs=TOL)
+            served = pool.served_by_worker("rm")
+            assert len(served) == 2 and address in served and sum(served.values()) == 16
+            assert all(count > 0 for count in served.values()), served
+        finally:
+            await pool.aclose()
+        assert proc.poll() is None  # the remote worker is not the pool's to stop
