@@ -1,8 +1,10 @@
-"""serve_gateway as a process: one line per phase, SIGTERM drains in-flight
-requests and exits 0."""
+"""serve_gateway and `bon-gateway serve` as processes: one line per phase, SIGTERM
+drains in-flight requests (one, then 16 under load), refuses new connections and
+exits 0."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,12 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.api.conftest import BEST, QUESTION, REWARDS, TEXTS
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, unused_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,3 +95,84 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(slow_upstream: FakeU
     assert "CLEAN EXIT" in stdout
     for phase in ("phase=grpc_listening", "phase=http_listening", "phase=shutdown", "phase=stopped"):
         assert phase in stderr, phase
+
+
+def test_serve_sigterm_under_load_answers_every_request(
+    tiny_llama_rm: Path, reference_outcome_reward: Any, tmp_path: Path
+) -> None:
+    """`bon-gateway serve` (real tiny reward worker) with 16 requests in flight on a slow
+    upstream: SIGTERM refuses new connections, answers all 16 with the right best
+    candidate and exits 0."""
+    expected = {t: reference_outcome_reward(tiny_llama_rm, QUESTION, t) for t in TEXTS}
+    best = max(TEXTS, key=lambda t: expected[t])
+    log = tmp_path / "gateway.log"
+    http_port = unused_port()
+    with FakeUpstream(TEXTS, delay_s=2.0) as upstream, log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bon_gateway", "serve", "--generator-url", upstream.url,
+             "--generator-model", "fake-generator", "--reward-model", f"tiny={tiny_llama_rm}",
+             "--device", "cpu", "--workers", "1", "--host", "127.0.0.1",
+             "--http-port", str(http_port), "--grpc-port", str(unused_port())],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=sink, stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{http_port}"
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and process.poll() is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.1)
+            else:
+                pytest.fail("gateway not ready:\n" + log.read_text(errors="replace")[-4000:])
+
+            replies: list[httpx.Response | BaseException] = []
+
+            def ask() -> None:
+                try:
+                    replies.append(httpx.post(f"{base}/v1/chat/completions",
+                                              json={"messages": QUESTION, "best_of": 4}, timeout=60))
+                except BaseException as err:  # recorded: a dropped request must fail the test
+                    replies.append(err)
+
+            threads = [threading.Thread(target=ask) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            # All 16 requests x 4 candidates are in the upstream's hands (2 s each).
+            deadline = time.monotonic() + 10
+            while len(upstream.requests) < 64 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(upstream.requests) == 64
+            process.send_signal(signal.SIGTERM)
+            # While draining: the listener is closed, new connections are refused.
+            deadline = time.monotonic() + 5
+            while b"phase=shutdown" not in log.read_bytes() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused = False
+            deadline = time.monotonic() + 1.0
+            while not refused and time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{base}/health", timeout=1)
+                    time.sleep(0.02)
+                except httpx.ConnectError:
+                    refused = True
+            assert refused, "a new connection was accepted after SIGTERM"
+            assert len(replies) < 16, "the requests finished before the drain was observed"
+            for thread in threads:
+                thread.join(60)
+            code = process.wait(60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    text = log.read_text(errors="replace")
+    assert len(replies) == 16
+    for reply in replies:
+        assert isinstance(reply, httpx.Response), f"{reply!r}\n{text[-3000:]}"
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == best
+    assert code == 0, text[-3000:]
+    for phase in ("phase=shutdown", "phase=stopped", "phase=closed"):
+        assert phase in text, phase
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/health", timeout=2)
