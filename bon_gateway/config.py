@@ -88,6 +88,9 @@ class ServerConfig(_Strict):
     # closes first: a server closing at the same moment as a request arrives on
     # the connection resets it (seen in bench/soak.py with uvicorn's 5 s default).
     http_keep_alive_s: int = Field(default=75, ge=1)
+    # SIGTERM: stop accepting, then give in-flight requests this long to finish.
+    # Keep it below the pod's terminationGracePeriodSeconds.
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
 
 
 class GeneratorConfig(_Strict):

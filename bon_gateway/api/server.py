@@ -181,7 +181,7 @@ async def serve_gateway(
         log_level=config.server.log_level.lower(),
         access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
         lifespan="off",
-        timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        timeout_graceful_shutdown=max(1, round(config.server.shutdown_grace_s)),
         timeout_keep_alive=config.server.http_keep_alive_s,
         ssl_certfile=tls.cert_file,
         ssl_keyfile=tls.key_file,
@@ -215,13 +215,13 @@ async def serve_gateway(
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        log.info("phase=shutdown grace_s=%g", SHUTDOWN_GRACE_S)
+        log.info("phase=shutdown grace_s=%g", config.server.shutdown_grace_s)
     finally:
         undo_signals()
         http.should_exit = True
         # Drain both fronts at once: each waits for its own in-flight requests.
         await asyncio.gather(
-            grpc_front.stop(SHUTDOWN_GRACE_S),
+            grpc_front.stop(config.server.shutdown_grace_s),
             http_task if http_task is not None else asyncio.sleep(0),
             return_exceptions=True,
         )

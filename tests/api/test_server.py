@@ -34,7 +34,8 @@ from tests.fakes import FakeScorer, gateway_config
 logging.basicConfig(level="INFO", stream=sys.stderr, format="%(name)s %(message)s")
 
 async def main():
-    config = gateway_config(sys.argv[1], log_level="INFO")
+    grace = {"shutdown_grace_s": float(sys.argv[2])} if len(sys.argv) > 2 else {}
+    config = gateway_config(sys.argv[1], log_level="INFO", **grace)
     metrics = Metrics()
     engine = Engine(config, UpstreamClient(config.generator, metrics), FakeScorer(REWARDS), metrics)
     def started(http_port, grpc_port):
@@ -95,6 +96,43 @@ def test_sigterm_finishes_in_flight_requests_and_exits_zero(slow_upstream: FakeU
     assert "CLEAN EXIT" in stdout
     for phase in ("phase=grpc_listening", "phase=http_listening", "phase=shutdown", "phase=stopped"):
         assert phase in stderr, phase
+
+
+def test_sigterm_grace_bounds_the_drain() -> None:
+    """A request still running when server.shutdown_grace_s runs out does not hold the exit."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = f"REWARDS = {REWARDS!r}\n{SCRIPT}"
+    with FakeUpstream(TEXTS, delay_s=60.0) as hung:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, hung.url, "1"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("PORTS "), line
+            base = f"http://127.0.0.1:{int(line.split()[1])}"
+            def post() -> None:
+                with contextlib.suppress(httpx.HTTPError):  # cut at the end of the grace
+                    httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION}, timeout=90)
+
+            request = threading.Thread(target=post, daemon=True)
+            request.start()
+            deadline = time.monotonic() + 10
+            while len(hung.requests) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+            drained_s = time.monotonic() - signalled
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, stderr
+    assert "phase=shutdown grace_s=1" in stderr
+    # 1 s of grace, then the in-flight request is cut; far from the upstream's 60 s.
+    assert drained_s < 10, drained_s
 
 
 def test_serve_sigterm_under_load_answers_every_request(
