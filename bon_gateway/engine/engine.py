@@ -59,6 +59,10 @@ class CandidateGenerator(Protocol):
     @property
     def default_model(self) -> str: ...
 
+    def usable(self) -> bool:
+        """False when no upstream can take a call now (all ejected after failures)."""
+        ...
+
     async def generate(
         self, request: BonRequest, on_generated: OnGenerated | None = None
     ) -> GenerationOutcome: ...
@@ -127,7 +131,8 @@ class Engine:
         return names[0]
 
     def ready(self) -> bool:
-        return self.scorer.ready()
+        """Workers loaded and at least one upstream usable (readiness and gRPC health)."""
+        return self.scorer.ready() and self.generator.usable()
 
     # -- best of n ------------------------------------------------------
     async def run(

@@ -55,6 +55,11 @@ class Balancer:
     def available(self, endpoint: Endpoint, now: float | None = None) -> bool:
         return endpoint.ejected_until <= (self._clock() if now is None else now)
 
+    def any_available(self) -> bool:
+        """False while every upstream is ejected: readiness reports NOT_SERVING then."""
+        now = self._clock()
+        return any(self.available(e, now) for e in self.endpoints)
+
     def pick(self, avoid: Collection[Endpoint] = ()) -> Endpoint:
         """The endpoint for the next call.
 

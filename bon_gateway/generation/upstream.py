@@ -55,6 +55,10 @@ class UpstreamClient:
     def default_model(self) -> str:
         return self.config.model
 
+    def usable(self) -> bool:
+        """At least one upstream is not ejected."""
+        return self.caller.balancer.any_available()
+
     @property
     def endpoints(self) -> list[Endpoint]:
         return self.caller.balancer.endpoints

@@ -37,6 +37,9 @@ class FixedGenerator:
     def default_model(self) -> str:
         return "fixed"
 
+    def usable(self) -> bool:
+        return True
+
     async def generate(self, request: BonRequest, on_generated: OnGenerated | None = None) -> Outcome:
         return Outcome([Generation(i, text) for i, text in enumerate(self.texts[: request.best_of])])
 

@@ -114,14 +114,17 @@ def test_ejection_cooldown_and_recovery() -> None:
         balancer.started(a)
         balancer.finished(a, False)
     assert not balancer.available(a)
+    assert balancer.any_available()
     assert all(balancer.pick() is b for _ in range(5))
     # Everything ejected: still pick the one whose cooldown ends first.
     for _ in range(2):
         balancer.started(b)
         balancer.finished(b, False)
     assert balancer.pick() is a
+    assert not balancer.any_available()  # the gateway reports not ready meanwhile
     clock.now += 5.1
     assert balancer.available(a) and balancer.available(b)
+    assert balancer.any_available()
     balancer.started(a)
     balancer.finished(a, True)
     assert a.consecutive_failures == 0
