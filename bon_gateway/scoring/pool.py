@@ -185,8 +185,9 @@ class WorkerPool:
         # bounded so overload is shed with 429 instead of piling up in memory.
         self._queue_capacity = config.server.limits.max_queued_groups
         self._outstanding: dict[str, int] = {}
-        for name in self._entries:
+        for name, entry in self._entries.items():
             metrics.score_queue_capacity.labels(name).set(self._queue_capacity)
+            metrics.workers_configured.labels(name).set(entry.workers + len(entry.addresses))
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -421,10 +422,6 @@ class WorkerPool:
         raise WorkerError(f"reward model {model!r}: no worker could score the request")
 
     def _record(self, model: str, reply: reward_worker_pb2.WorkerScoreResponse) -> None:
-        stats = reply.stats
-        if stats.batch_size > 0:  # batch figures ride on one group per batch
-            self.metrics.score_batch_size.labels(model).observe(stats.batch_size)
-            self.metrics.score_batch_tokens.labels(model).observe(stats.batch_tokens)
-        self.metrics.scored_tokens.labels(model).inc(reply.total_tokens)
-        if stats.reused_prompt_tokens:
-            self.metrics.reused_prompt_tokens.labels(model).inc(stats.reused_prompt_tokens)
+        # Batch figures ride on one group per batch (zero on the others), so they are
+        # counted once per forward batch; queue and compute times are per group.
+        self.metrics.observe_worker_stats(model, reply.stats, scored_tokens=reply.total_tokens)
