@@ -30,6 +30,20 @@ from bon_gateway.scoring.worker.formatting import Encoded, Tokenizing
 from bon_gateway.types import Message
 
 
+def lm_logits_for(model: Any, config: Any, hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """A causal LM's output logits restricted to `token_ids`, in fp32.
+
+    Only those rows of the output embedding are multiplied (not the whole
+    vocabulary); Gemma-style final logit soft-capping is applied as the model does.
+    """
+    rows = model.get_output_embeddings().weight[list(token_ids)].float()
+    logits = torch.nn.functional.linear(hidden, rows)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class Adapter:
     """Base class; the defaults fit a decoder-only outcome reward model."""
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from bon_gateway.config import RewardModelConfig
-from bon_gateway.scoring.worker.adapters.base import Adapter
+from bon_gateway.scoring.worker.adapters.base import Adapter, lm_logits_for
 from bon_gateway.scoring.worker.adapters.judge import last_user_message
 from bon_gateway.scoring.worker.adapters.markers import encode_pieces
 from bon_gateway.scoring.worker.adapters.qwen2_prm import candidate_steps
@@ -91,13 +91,7 @@ class CausalPRMAdapter(Adapter):
         return list(found)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.get_output_embeddings().weight
-        rows = weight[[self.good_id, self.bad_id]].float()
-        logits = torch.nn.functional.linear(hidden, rows)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return lm_logits_for(self.model, self.config, hidden, (self.good_id, self.bad_id))
 
     def reward(self, logits: torch.Tensor, activation: str) -> tuple[float, tuple[float, ...]]:
         # Probabilities by definition (softmax over good/bad); `activation` does not apply.

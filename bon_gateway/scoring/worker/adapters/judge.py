@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from bon_gateway.config import RewardModelConfig
-from bon_gateway.scoring.worker.adapters.base import Adapter
+from bon_gateway.scoring.worker.adapters.base import Adapter, lm_logits_for
 from bon_gateway.scoring.worker.formatting import Encoded
 from bon_gateway.types import Message
 
@@ -58,13 +58,7 @@ class JudgeAdapter(Adapter):
         return [len(ids) - 1]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.get_output_embeddings().weight
-        rows = weight[[self.yes_id, self.no_id]].float()
-        logits = torch.nn.functional.linear(hidden, rows)
-        cap = getattr(self.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return lm_logits_for(self.model, self.config, hidden, (self.yes_id, self.no_id))
 
     def reward(self, logits: torch.Tensor, activation: str) -> tuple[float, tuple[float, ...]]:
         row = logits[-1]
