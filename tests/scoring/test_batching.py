@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -40,72 +42,73 @@ class FakeForward:
         return [g.max_len for g in groups]
 
 
+@contextlib.asynccontextmanager
+async def running(fake: FakeForward, **policy: float) -> AsyncIterator[Batcher[int]]:
+    """A started Batcher over `fake`, closed even when an assertion fails."""
+    batcher: Batcher[int] = Batcher(fake, **policy)  # type: ignore[arg-type]
+    batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.aclose()
+
+
 @pytest.mark.asyncio
 async def test_lone_request_is_not_delayed() -> None:
     fake = FakeForward(0.0)
-    batcher: Batcher[int] = Batcher(fake, max_batch_tokens=1000, max_wait_ms=2000)
-    batcher.start()
-    started = time.perf_counter()
-    result, queued = await batcher.submit(group(7))
-    assert result == 7
-    assert time.perf_counter() - started < 0.5
-    assert queued < 0.5
-    await batcher.aclose()
+    async with running(fake, max_batch_tokens=1000, max_wait_ms=2000) as batcher:
+        started = time.perf_counter()
+        result, queued = await batcher.submit(group(7))
+        assert result == 7
+        assert time.perf_counter() - started < 0.5
+        assert queued < 0.5
 
 
 @pytest.mark.asyncio
 async def test_requests_arriving_while_busy_form_one_batch() -> None:
     fake = FakeForward(0.3)
-    batcher: Batcher[int] = Batcher(fake, max_batch_tokens=1000, max_wait_ms=0)
-    batcher.start()
-    first = asyncio.create_task(batcher.submit(group(5)))
-    await asyncio.to_thread(fake.started.wait)
-    rest = [asyncio.create_task(batcher.submit(group(n))) for n in (6, 7, 8)]
-    results = await asyncio.gather(first, *rest)
-    assert [r for r, _ in results] == [5, 6, 7, 8]
-    assert fake.batches == [1, 3]
-    await batcher.aclose()
+    async with running(fake, max_batch_tokens=1000, max_wait_ms=0) as batcher:
+        first = asyncio.create_task(batcher.submit(group(5)))
+        await asyncio.to_thread(fake.started.wait)
+        rest = [asyncio.create_task(batcher.submit(group(n))) for n in (6, 7, 8)]
+        results = await asyncio.gather(first, *rest)
+        assert [r for r, _ in results] == [5, 6, 7, 8]
+        assert fake.batches == [1, 3]
 
 
 @pytest.mark.asyncio
 async def test_waits_for_announced_requests_up_to_max_wait() -> None:
     fake = FakeForward(0.0)
-    batcher: Batcher[int] = Batcher(fake, max_batch_tokens=1000, max_wait_ms=1000)
-    batcher.start()
-    batcher.announce()  # a second request is being tokenized
-    first = asyncio.create_task(batcher.submit(group(5)))
-    await asyncio.sleep(0.1)
-    second = asyncio.create_task(batcher.submit(group(6)))
-    batcher.withdraw()
-    await asyncio.gather(first, second)
-    assert fake.batches == [2]
-    await batcher.aclose()
+    async with running(fake, max_batch_tokens=1000, max_wait_ms=1000) as batcher:
+        batcher.announce()  # a second request is being tokenized
+        first = asyncio.create_task(batcher.submit(group(5)))
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(batcher.submit(group(6)))
+        batcher.withdraw()
+        await asyncio.gather(first, second)
+        assert fake.batches == [2]
 
 
 @pytest.mark.asyncio
 async def test_budget_splits_batches() -> None:
     fake = FakeForward(0.2)
-    batcher: Batcher[int] = Batcher(fake, max_batch_tokens=20, max_wait_ms=0)
-    batcher.start()
-    first = asyncio.create_task(batcher.submit(group(10)))
-    await asyncio.to_thread(fake.started.wait)
-    rest = [asyncio.create_task(batcher.submit(group(10))) for _ in range(3)]
-    await asyncio.gather(first, *rest)
-    assert fake.batches == [1, 2, 1]
-    await batcher.aclose()
+    async with running(fake, max_batch_tokens=20, max_wait_ms=0) as batcher:
+        first = asyncio.create_task(batcher.submit(group(10)))
+        await asyncio.to_thread(fake.started.wait)
+        rest = [asyncio.create_task(batcher.submit(group(10))) for _ in range(3)]
+        await asyncio.gather(first, *rest)
+        assert fake.batches == [1, 2, 1]
 
 
 @pytest.mark.asyncio
 async def test_queued_tokens_counts_waiting_groups_only() -> None:
     fake = FakeForward(0.3)
-    batcher: Batcher[int] = Batcher(fake, max_batch_tokens=1000, max_wait_ms=0)
-    batcher.start()
-    first = asyncio.create_task(batcher.submit(group(5)))
-    await asyncio.to_thread(fake.started.wait)
-    assert batcher.queued_tokens == 0  # running, not waiting
-    rest = [asyncio.create_task(batcher.submit(group(n, 2))) for n in (6, 7)]
-    await asyncio.sleep(0.01)
-    assert batcher.queued_tokens == 12 + 14
-    await asyncio.gather(first, *rest)
-    assert batcher.queued_tokens == 0
-    await batcher.aclose()
+    async with running(fake, max_batch_tokens=1000, max_wait_ms=0) as batcher:
+        first = asyncio.create_task(batcher.submit(group(5)))
+        await asyncio.to_thread(fake.started.wait)
+        assert batcher.queued_tokens == 0  # running, not waiting
+        rest = [asyncio.create_task(batcher.submit(group(n, 2))) for n in (6, 7)]
+        await asyncio.sleep(0.01)
+        assert batcher.queued_tokens == 12 + 14
+        await asyncio.gather(first, *rest)
+        assert batcher.queued_tokens == 0
