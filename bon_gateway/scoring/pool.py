@@ -42,6 +42,15 @@ __all__ = ["WorkerPool"]
 #: what the worker prints before a fatal start-up error (see worker/__main__.py)
 _ERROR_PREFIX = "bon-gateway worker: error: "
 # gRPC codes that mean "this worker is gone", worth one retry elsewhere.
+_DYING_WAIT_S = 0.5  # how long a failed call waits to see whether its worker process died
+
+
+def _channel_closed() -> grpc.aio.AioRpcError:
+    """The error of a call cancelled because the pool closed a dead worker's channel."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details="worker channel closed")
+
+
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
               grpc.StatusCode.INTERNAL}
 
@@ -321,6 +330,24 @@ class WorkerPool:
         """Groups answered per worker target (unix:... spawned, HOST:PORT remote)."""
         return {w.target: w.served for w in self._workers.get(model, [])}
 
+    @staticmethod
+    async def _await_if_dying(worker: _Worker) -> None:
+        """After a failed call, let a spawned worker that is dying be seen as dead.
+
+        A killed process closes its socket before asyncio reaps it; until then the
+        worker still looks up and a retry could pick it again. A dead worker is
+        marked down at once, so the retry goes to another one or waits for the restart.
+        """
+        proc = worker.proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), _DYING_WAIT_S)
+            except TimeoutError:
+                return  # alive: the failure was something else
+        worker.up = False
+
     async def _pick(self, model: str, exclude: set[int]) -> _Worker:
         """The least-loaded live worker, preferring ones not tried yet; waits for a restart."""
         deadline = time.monotonic() + self.start_timeout_s
@@ -390,7 +417,15 @@ class WorkerPool:
             worker.inflight += 1
             try:
                 assert worker.stub is not None
-                reply = await worker.stub.Score(request, timeout=self.request_timeout_s)
+                try:
+                    reply = await worker.stub.Score(request, timeout=self.request_timeout_s)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # this request was cancelled (deadline, client gone)
+                    # The call was cancelled under us: the supervisor closed the channel of
+                    # a worker that died. That is a worker failure, not the caller's.
+                    raise _channel_closed() from None
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -401,9 +436,7 @@ class WorkerPool:
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
                     log.warning("phase=score-retry model=%s id=%s worker=%s code=%s", model, request_id,
                                 worker.target, code.name)
-                    if worker.proc is not None and worker.proc.returncode is None:
-                        # give the supervisor a moment to notice a dying process
-                        await asyncio.sleep(0.05)
+                    await self._await_if_dying(worker)
                     continue
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise WorkerError(f"reward model {model!r} timed out") from None

@@ -75,6 +75,60 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
         await pool.aclose()
 
 
+@pytest.mark.asyncio
+async def test_only_worker_killed_inflight_requests_wait_for_its_restart(tiny_llama_rm: Path) -> None:
+    # With one worker there is no other to retry on: the retry waits for the restart
+    # instead of failing with "no worker is up".
+    metrics = Metrics()
+    pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 1}), metrics)
+    await pool.start()
+    try:
+        candidates = mixed_candidates()
+        want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+        (worker,) = pool._workers["rm"]
+        tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
+                 for i in range(6)]
+        deadline = time.monotonic() + 10
+        while worker.inflight == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        assert worker.inflight > 0 and worker.proc is not None
+        killed = worker.proc.pid
+        os.kill(killed, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        for result in results:
+            assert [s.reward for s in result.scores] == pytest.approx(want, abs=TOL)
+        assert pool.worker_pids() != [killed] and len(pool.worker_pids()) == 1
+        assert metrics.worker_restarts.labels("rm")._value.get() == 1
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.asyncio
+async def test_channel_closed_under_inflight_call_is_retried_not_cancelled(tiny_llama_rm: Path) -> None:
+    # When a worker dies, its supervisor reconnects and closes the old channel; calls
+    # still on it end as "locally cancelled". That must be retried like any worker
+    # failure, never surface as a CancelledError of the caller's request.
+    pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 2}), Metrics())
+    await pool.start()
+    try:
+        candidates = mixed_candidates()
+        want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+        tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
+                 for i in range(6)]
+        busy = []
+        deadline = time.monotonic() + 10
+        while not busy and time.monotonic() < deadline:
+            busy = [w for w in pool._workers["rm"] if w.inflight > 0]
+            await asyncio.sleep(0.001)
+        assert busy
+        await busy[0].close_channel()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        for result in results:
+            assert [s.reward for s in result.scores] == pytest.approx(want, abs=TOL)
+    finally:
+        await pool.aclose()
+
+
 @pytest.fixture
 def remote_worker(tiny_qwen2_rm: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`bon-gateway worker --listen 127.0.0.1:PORT`, stopped with SIGTERM (must exit 0)."""
