@@ -179,8 +179,14 @@ class Forward:
             # cannot continue a left-padded prefix: such adapters set supports_prefix_reuse False.
             if getattr(layer, "keys", None) is None:
                 raise RuntimeError(f"prompt reuse needs attention KV layers, got {type(layer).__name__}")
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+            if len(groups) == 1:
+                # One prompt: a broadcast view, no copy (the next pass concatenates anyway).
+                rows = len(row_group)
+                layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+                layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+            else:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
         # 3. The candidates' own tokens, right-padded; the mask covers prefix + suffix.
         suffixes = [s[g.prefix:] for g in groups for s in g.seqs]
         sids, smask = _pad_right(suffixes, self.pad_id)
