@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bon_gateway.config import RewardModelConfig
-from bon_gateway.scoring.worker.forward import Forward, Group, batch_cost, common_prefix
+from bon_gateway.scoring.worker.forward import Forward, Group, batch_cost, common_prefix, split_rows
 from bon_gateway.scoring.worker.loading import load_adapter
 from bon_gateway.scoring.worker.runtime import ModelRuntime
 from bon_gateway.types import Message
@@ -47,21 +47,38 @@ def runtime_and_ref(request: pytest.FixtureRequest):  # type: ignore[no-untyped-
     return ModelRuntime(entry, load_adapter(entry)), path, ref
 
 
+# How rows are split into backbone calls: None = one padded batch (the CUDA way), 0 = only
+# equal lengths together (no padding, no mask), 128 = the CPU default (short rows pad together).
+@pytest.mark.parametrize("short_rows", [None, 0, 128])
 @pytest.mark.parametrize("reuse", [True, False])
-def test_batch_of_groups_equals_reference(runtime_and_ref, reuse: bool) -> None:  # type: ignore[no-untyped-def]
+def test_batch_of_groups_equals_reference(  # type: ignore[no-untyped-def]
+    runtime_and_ref, reuse: bool, short_rows: int | None
+) -> None:
     runtime, path, ref = runtime_and_ref
     runtime.prefix_reuse = reuse
     groups = [runtime.prepare(msgs, answers, ())[0] for msgs, answers in zip(PROMPTS, ANSWERS, strict=True)]
     if reuse:
         assert [g.prefix > 0 for g in groups] == [True, True, False]
         assert groups[0].prefix != groups[1].prefix  # left padding of the prefixes is exercised
-    logits, figures = Forward(runtime.adapter, runtime.forward.device).run(groups)
+    forward = Forward(runtime.adapter, runtime.forward.device)
+    forward.short_rows = short_rows
+    logits, figures = forward.run(groups)
     assert figures.real_tokens == sum(g.real_tokens for g in groups)
+    if short_rows == 0:
+        assert figures.padded_tokens == 0
     assert (figures.reused_tokens > 0) == reuse
     for msgs, answers, per in zip(PROMPTS, ANSWERS, logits, strict=True):
         for answer, lg in zip(answers, per, strict=True):
             got, _ = runtime.adapter.reward(lg, "none")
             assert got == pytest.approx(ref(path, _dicts(msgs), answer), abs=TOL)
+
+
+def test_split_rows_pads_only_short_rows() -> None:
+    lengths = [300, 40, 300, 500, 10, 128, 200]
+    # Longest first; equal long lengths share a call; rows of <= 128 tokens share one.
+    assert split_rows(lengths, 128) == [[3], [0, 2], [6], [5, 1, 4]]
+    assert split_rows(lengths, 0) == [[3], [0, 2], [6], [5], [1], [4]]
+    assert split_rows([], 128) == []
 
 
 def test_common_prefix_leaves_own_tokens() -> None:

@@ -12,10 +12,19 @@ sequence (fp32: within ~1e-6) because:
   first real token, suffixes continue after their own prefix;
 - hidden states are read at the positions the adapter names, and the head runs
   in fp32 on them.
+
+On CPU a batch is not one padded tensor: a big matmul gains nothing from more
+rows there, while padding costs its tokens and an explicit attention mask moves
+SDPA off its fused causal kernel (measured in bench/score_throughput.py: the
+padded batch ran slower than one sequence at a time). So rows of equal length
+run together without a mask, and only short rows, where the per-call overhead
+is what counts, are padded together (`split_rows`). On CUDA the batch stays
+one padded tensor: there more rows is what makes the matmuls fast.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +93,23 @@ def batch_cost(groups: Sequence[Group]) -> int:
     return cost
 
 
+# Rows at most this long are padded into one call on CPU; longer rows never pad.
+SHORT_ROW_TOKENS = 128
+
+
+def split_rows(lengths: Sequence[int], short: int = SHORT_ROW_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` in sub-batches: equal lengths together (no padding, no
+    mask), and rows up to `short` tokens together whatever their lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    for i in order:
+        if out and (lengths[out[-1][0]] == lengths[i] or lengths[out[-1][0]] <= short):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 def _pad_right(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -113,6 +139,8 @@ class Forward:
         pad = adapter.config.pad_token_id
         # Any id works for padding (masked out); the pad id keeps pooled positions meaningful.
         self.pad_id = int(pad) if pad is not None else 0
+        # Rows up to this many tokens pad together; None: one padded batch (see the module docstring).
+        self.short_rows: int | None = SHORT_ROW_TOKENS if device.type == "cpu" else None
 
     @torch.inference_mode()
     def run(self, groups: Sequence[Group]) -> tuple[list[list[torch.Tensor]], BatchFigures]:
@@ -125,7 +153,8 @@ class Forward:
             for i, logits in zip(full, self._run_full([groups[i] for i in full], figures), strict=True):
                 out[i] = logits
         if reuse:
-            for i, logits in zip(reuse, self._run_reuse([groups[i] for i in reuse], figures), strict=True):
+            run_reuse = self._run_reuse if self.short_rows is None else self._run_reuse_split
+            for i, logits in zip(reuse, run_reuse([groups[i] for i in reuse], figures), strict=True):
                 out[i] = logits
         return [out[i] for i in range(len(groups))], figures
 
@@ -143,16 +172,70 @@ class Forward:
 
     def _run_full(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
         seqs = [s for g in groups for s in g.seqs]
+        positions = [p for g in groups for p in g.positions]
+        picked: list[torch.Tensor | None] = [None] * len(seqs)
+        lengths = [len(s) for s in seqs]
+        plan = [list(range(len(seqs)))] if self.short_rows is None else split_rows(lengths, self.short_rows)
+        for part in plan:
+            hidden = self._backbone([seqs[i] for i in part], figures)
+            for row, i in enumerate(part):
+                picked[i] = hidden[row, torch.tensor(positions[i], device=self.device)]
+        return self._split(groups, torch.cat([p for p in picked if p is not None]))
+
+    def _backbone(self, seqs: Sequence[Sequence[int]], figures: BatchFigures, **kwargs: Any) -> torch.Tensor:
+        """Last hidden states of right-padded `seqs`; no mask at all when nothing is padded."""
         ids, mask = _pad_right(seqs, self.pad_id)
         figures.rows += ids.shape[0]
         figures.batch_tokens += ids.numel()
-        hidden = self.adapter.backbone(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+        padded = bool((mask == 0).any())
+        hidden: torch.Tensor = self.adapter.backbone(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device) if padded else None,
+            use_cache=False,
+            **kwargs,
         ).last_hidden_state
-        rows = [r for r, pos in enumerate(p for g in groups for p in g.positions) for _ in pos]
-        cols = [c for g in groups for pos in g.positions for c in pos]
-        gathered = hidden[torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)]
-        return self._split(groups, gathered)
+        return hidden
+
+    def _run_reuse_split(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
+        """CPU: per group, the prompt once (one row, no mask), then the candidates' own
+        tokens in `split_rows` sub-batches, each on a broadcast view of the prompt's cache."""
+        from transformers import DynamicCache
+
+        backbone = self.adapter.backbone
+        dev = self.device
+        out: list[list[torch.Tensor]] = []
+        for g in groups:
+            width = g.prefix
+            cache = DynamicCache(config=self.adapter.config)
+            hp = backbone(
+                input_ids=torch.tensor([g.seqs[0][:width]], device=dev),
+                position_ids=torch.arange(width, device=dev).unsqueeze(0),
+                past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            figures.rows += 1
+            figures.batch_tokens += width
+            figures.reused_tokens += (len(g.seqs) - 1) * width
+            suffixes = [s[width:] for s in g.seqs]
+            picked: list[torch.Tensor] = [hp.new_zeros((0, hp.shape[-1]))] * len(suffixes)
+            for part in split_rows([len(x) for x in suffixes], self.short_rows or 0):
+                sids, smask = _pad_right([suffixes[i] for i in part], self.pad_id)
+                rows = len(part)
+                mask = None
+                if bool((smask == 0).any()):
+                    mask = torch.cat([torch.ones((rows, width), dtype=torch.long), smask], dim=1).to(dev)
+                spos = width + torch.arange(sids.shape[1]).unsqueeze(0).expand(rows, -1)
+                hs = backbone(
+                    input_ids=sids.to(dev), attention_mask=mask, position_ids=spos.to(dev),
+                    past_key_values=_repeat_cache(cache, rows), use_cache=True,
+                ).last_hidden_state
+                figures.rows += rows
+                figures.batch_tokens += sids.numel()
+                for row, i in enumerate(part):
+                    vecs = [hs[row, p - width] if p >= width else hp[0, p] for p in g.positions[i]]
+                    if vecs:
+                        picked[i] = torch.stack(vecs)
+            out.extend(self._split([g], torch.cat(picked)))
+        return out
 
     def _run_reuse(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
         from transformers import DynamicCache
@@ -212,3 +295,18 @@ class Forward:
                         picked.append(hp[gi, width - g.prefix + p])
                 r += 1
         return self._split(groups, torch.stack(picked))
+
+
+def _repeat_cache(cache: Any, rows: int) -> Any:
+    """A copy of a one-row cache whose attention layers are `rows`-row broadcast views
+    (no copy: the next pass concatenates its own keys into new tensors)."""
+    clone = copy.copy(cache)
+    clone.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in clone.layers:
+        # Recurrent (Mamba, linear-attention) state has no keys: such adapters set
+        # supports_prefix_reuse False and never get here.
+        if getattr(layer, "keys", None) is None:
+            raise RuntimeError(f"prompt reuse needs attention KV layers, got {type(layer).__name__}")
+        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+    return clone
