@@ -55,6 +55,11 @@ _TRAILING_UNITS = re.compile(
 )
 _WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")  # a word, not a LaTeX command
 _PLAIN_DECIMAL = re.compile(r"-?\d+(?:\.\d+)?")
+# A stated value followed by a comma or a clause: "21, as each ...", "380 as a decimal ...".
+_LEADING_VALUE = re.compile(
+    r"^(-?\d+(?:\.\d+)?%?)\s*(?:,|\s(?:as|because|since|which|so|but|if|when|for|or)\b)"
+)
+_PROSE_WORDS = 4  # a phrase of this many words without a digit is prose, not an answer
 # Inputs that make sympy compute enormous integers (10^{10^{10}}, 99999!) and
 # would hang without a timeout.
 _UNSAFE_FOR_SYMPY = re.compile(
@@ -217,12 +222,38 @@ def _matching_braces(text: str) -> dict[int, int]:
 
 def _last_hash(text: str) -> str | None:
     matches = _HASH_ANSWER.findall(text)
-    return matches[-1] if matches else None
+    return _stated_value(matches[-1]) if matches else None
 
 
 def _last_answer_is(text: str) -> str | None:
     matches = _ANSWER_IS.findall(text)
-    return matches[-1] if matches else None
+    return _stated_value(matches[-1]) if matches else None
+
+
+def _stated_value(phrase: str) -> str | None:
+    """The value a model states after "The answer is" or "####", without the working
+    or the prose around it (seen in real model output):
+
+    - "270 / 60 = 4.5 inches", "9 + 7 = 15": the right-hand side of the last "=";
+    - "21, as each box cost $1 ...", "380 as a decimal is $38": the leading number;
+    - "actually quite simple when you ...": no digit in several words is no answer
+      (None: the next rule is tried).
+
+    "3 hours and 20 minutes" and "2x + 3" stay whole.
+    """
+    s = normalize_answer(phrase)
+    if "=" in s:
+        rhs = normalize_answer(s.rsplit("=", 1)[1])
+        if rhs and not _WORD.search(rhs):
+            return rhs
+    if not _WORD.search(s):
+        return s
+    lead = _LEADING_VALUE.match(s)
+    if lead:
+        return lead.group(1)
+    if not re.search(r"\d", s) and len(s.split()) >= _PROSE_WORDS:
+        return None
+    return s
 
 
 def _last_a_colon(text: str) -> str | None:

@@ -54,6 +54,15 @@ needs_gsm8k = pytest.mark.skipif(
         ("**The answer is \\(\\frac{3}{4}\\)**", r"\frac{3}{4}"),
         ("The answer is 3 hours and 20 minutes.", "3 hours and 20 minutes"),
         ("The answer is 2x + 3.", "2x + 3"),
+        # real model output: the value, not the working or the prose around it
+        ("The answer is: 270 / 60 = 4.5 inches", "4.5"),
+        ("So the answer is 9 + 7 = 15.", "15"),
+        ("The answer is given in the text, and it's 4 + 25% = 10 points", "10"),
+        ("The answer is 21, as each box cost $1 and x boxes", "21"),
+        ("#### 380 as a decimal is $38.", "380"),
+        ("The answer is x = 5.", "5"),
+        ("we get 12 apples. The answer is actually quite simple when you break it down", "12"),
+        ("The answer is three.", "three"),
         ("A: -3", "-3"),
         ("A: $1,234", "1234"),
         ("A: -1.8 billion", "-1.8 billion"),  # a scale word is part of the number
