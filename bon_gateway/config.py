@@ -149,6 +149,9 @@ class RewardModelConfig(_Strict):
     kind: Literal["auto", "judge", "causal_prm"] = "auto"
     gguf_file: str | None = None
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    # device = "cuda": GPUs each worker spans. 1: one worker per GPU; more: a model too
+    # big for one GPU, its layers spread over that many (transformers device_map).
+    gpus_per_worker: int = Field(1, ge=1)
     # Co-located worker processes the gateway spawns (one per GPU). With `addresses`
     # the default is 0 (remote only); `workers = N` plus `addresses` spawns N and
     # shares the load with the remote ones. 0 needs `addresses`.
@@ -173,6 +176,11 @@ class RewardModelConfig(_Strict):
             object.__setattr__(self, "workers", 0)  # remote only, unless workers is given
         if self.workers == 0 and not self.addresses:
             raise ValueError(f"reward model {self.name!r}: workers = 0 needs remote `addresses`")
+        if self.gpus_per_worker > 1 and self.device != "cuda":
+            raise ValueError(
+                f"reward model {self.name!r}: gpus_per_worker > 1 needs device = \"cuda\" "
+                f"(the worker's GPUs are picked by the pool), got {self.device!r}"
+            )
         return self
 
     @field_validator("name")

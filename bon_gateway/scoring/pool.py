@@ -69,6 +69,15 @@ def _field_of(details: str) -> str:
     return "activation" if word == "activation" else "candidates"
 
 
+def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
+    """CUDA_VISIBLE_DEVICES of spawned worker `index`: its own GPU, or its own run of
+    `gpus_per_worker` GPUs; None where the worker may see them all (CPU, one worker)."""
+    if entry.device != "cuda" or (entry.workers == 1 and entry.gpus_per_worker == 1):
+        return None
+    first = index * entry.gpus_per_worker
+    return ",".join(str(first + k) for k in range(entry.gpus_per_worker))
+
+
 class _Worker:
     """One RewardWorker: a spawned process on a Unix socket, or a remote address."""
 
@@ -247,8 +256,9 @@ class WorkerPool:
         # Weight-loading progress bars (GGUF de-quantizing, safetensors) would reach the
         # gateway log as one long line per refresh; the worker logs its own load phases.
         env.setdefault("TQDM_DISABLE", "1")
-        if entry.device == "cuda" and entry.workers > 1 and "CUDA_VISIBLE_DEVICES" not in env:
-            env["CUDA_VISIBLE_DEVICES"] = str(index)  # one worker per GPU
+        gpus = worker_gpus(entry, index)
+        if gpus is not None and "CUDA_VISIBLE_DEVICES" not in env:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
         return env
 
     async def _supervise(self, worker: _Worker) -> None:

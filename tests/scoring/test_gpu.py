@@ -35,3 +35,19 @@ def test_cuda_scores_match_the_fp32_reference(
     for answer, lg in zip(candidates, logits, strict=True):
         want = checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, answer)
         assert runtime.adapter.reward(lg, "none")[0] == pytest.approx(want, abs=tolerance, rel=tolerance)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_model_spread_over_two_gpus_scores_exactly(tiny_llama_rm: Path, reuse: bool) -> None:
+    entry = RewardModelConfig(
+        name="m", path=str(tiny_llama_rm), device="cuda", dtype="float32", gpus_per_worker=2
+    )
+    runtime = ModelRuntime(entry, load_adapter(entry), prefix_reuse=reuse)
+    assert {p.device.index for p in runtime.adapter.model.parameters()} == {0, 1}
+    candidates = mixed_candidates()
+    group, _ = runtime.prepare(MESSAGES, candidates, ())
+    (logits,), _ = runtime.forward.run([group])
+    for answer, lg in zip(candidates, logits, strict=True):
+        want = checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, answer)
+        assert runtime.adapter.reward(lg, "none")[0] == pytest.approx(want, abs=1e-4)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from bon_gateway.config import ConfigError, RewardModelConfig, parse_config
 from bon_gateway.errors import InvalidRequest, WorkerError
 from bon_gateway.metrics import Metrics
-from bon_gateway.scoring.pool import WorkerPool
+from bon_gateway.scoring.pool import WorkerPool, worker_gpus
 from tests.fixtures import checkpoints
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config
 
@@ -119,3 +120,27 @@ async def test_overlong_input_truncation_and_clean_shutdown(tiny_llama_rm: Path)
     assert not any(_alive(p) for p in pids)
     assert _children() - before == set()
     assert metrics.workers_up.labels("strict")._value.get() == 0
+
+
+@pytest.mark.parametrize(
+    ("device", "workers", "gpus_per_worker", "want"),
+    [
+        ("cpu", 2, 1, [None, None]),
+        ("cuda", 1, 1, [None]),  # one worker sees every GPU, as the operator set it
+        ("cuda", 2, 1, ["0", "1"]),  # one worker per GPU
+        ("cuda", 2, 2, ["0,1", "2,3"]),  # each worker spans its own two GPUs
+        ("cuda", 1, 4, ["0,1,2,3"]),
+    ],
+)
+def test_each_spawned_worker_gets_its_own_gpus(
+    device: str, workers: int, gpus_per_worker: int, want: list[str | None]
+) -> None:
+    entry = RewardModelConfig(
+        name="m", path="-", device=device, workers=workers, gpus_per_worker=gpus_per_worker
+    )
+    assert [worker_gpus(entry, i) for i in range(workers)] == want
+
+
+def test_gpus_per_worker_needs_cuda() -> None:
+    with pytest.raises(ConfigError, match=r"gpus_per_worker > 1 needs device = \"cuda\""):
+        parse_config({"reward_models": [{"name": "m", "path": "-", "device": "cpu", "gpus_per_worker": 2}]})

@@ -179,7 +179,7 @@ class Forward:
         for part in plan:
             hidden = self._backbone([seqs[i] for i in part], figures)
             for row, i in enumerate(part):
-                picked[i] = hidden[row, torch.tensor(positions[i], device=self.device)]
+                picked[i] = hidden[row, torch.tensor(positions[i], device=hidden.device)]
         return self._split(groups, torch.cat([p for p in picked if p is not None]))
 
     def _backbone(self, seqs: Sequence[Sequence[int]], figures: BatchFigures, **kwargs: Any) -> torch.Tensor:

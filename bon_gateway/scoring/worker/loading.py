@@ -46,6 +46,20 @@ def resolve_dtype(entry: RewardModelConfig, device: torch.device) -> torch.dtype
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def spread_over_gpus(model: Any) -> None:
+    """Place the model's layers over every visible GPU, balanced (accelerate's device
+    map, decoder layers kept whole); inputs go to the first GPU, hidden states
+    move from layer to layer, and the heads take them where their weights are."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    memory = get_balanced_memory(model, no_split_module_classes=no_split)
+    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
+    dispatch_model(model, device_map=device_map)
+    log.info("phase=spread devices=%s", sorted({str(d) for d in device_map.values()}))
+
+
 def load_adapter(entry: RewardModelConfig) -> Adapter:
     """Load one model entry; UnsupportedArchitecture lists what is supported."""
     from transformers import AutoTokenizer
@@ -62,7 +76,10 @@ def load_adapter(entry: RewardModelConfig) -> Adapter:
         common["gguf_file"] = entry.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(entry.path, **common)
     model = cls.load_model(entry, {**common, "dtype": dtype, "attn_implementation": cls.attn_implementation})
-    model.to(device)
+    if device.type == "cuda" and entry.gpus_per_worker > 1:
+        spread_over_gpus(model)
+    else:
+        model.to(device)
     model.eval()
     adapter = cls(model, tokenizer, entry, architecture=architecture)
     log.info("phase=loaded model=%s params=%d seconds=%.1f", entry.name,

@@ -37,7 +37,7 @@ def lm_logits_for(model: Any, config: Any, hidden: torch.Tensor, token_ids: Sequ
     vocabulary); Gemma-style final logit soft-capping is applied as the model does.
     """
     rows = model.get_output_embeddings().weight[list(token_ids)].float()
-    logits = torch.nn.functional.linear(hidden, rows)
+    logits = torch.nn.functional.linear(hidden.to(rows.device), rows)
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -103,7 +103,7 @@ class Adapter:
         score = self.model.score
         weight = score.weight.float()
         bias = score.bias.float() if getattr(score, "bias", None) is not None else None
-        return torch.nn.functional.linear(hidden, weight, bias)
+        return torch.nn.functional.linear(hidden.to(weight.device), weight, bias)
 
     def reward(self, logits: torch.Tensor, activation: str) -> tuple[float, tuple[float, ...]]:
         """Reward of one candidate from its gathered logits [k, num_labels]."""

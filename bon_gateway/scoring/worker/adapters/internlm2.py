@@ -184,4 +184,5 @@ class InternLM2RewardAdapter(Adapter):
         return [len(ids) - 1]  # the appended reward token
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(hidden, self.model.v_head.weight.float())
+        weight = self.model.v_head.weight.float()
+        return torch.nn.functional.linear(hidden.to(weight.device), weight)

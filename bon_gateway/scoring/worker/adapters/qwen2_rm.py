@@ -91,6 +91,7 @@ def load_qwen2_with_mlp_head(entry: RewardModelConfig, load_kwargs: dict[str, An
 
 def apply_mlp_head(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     first, last = head[0], head[2]  # type: ignore[index]
+    hidden = hidden.to(first.weight.device)
     x = torch.relu(torch.nn.functional.linear(hidden, first.weight.float(), _float(first.bias)))
     return torch.nn.functional.linear(x, last.weight.float(), _float(last.bias))
 
