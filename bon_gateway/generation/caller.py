@@ -61,6 +61,14 @@ class _Attempt(Exception):
         self.retry_after_s = retry_after_s
 
 
+def _deadline_failure(detail: str, cause: _Attempt | None) -> CandidateFailed:
+    """A candidate the deadline stopped: after failed attempts, their cause is the
+    reason (the deadline only ended the retrying), whatever the timing of the last try."""
+    if cause is None:
+        return CandidateFailed("deadline", detail)
+    return CandidateFailed(cause.reason, f"{cause.detail} (retrying until the deadline: {detail})")
+
+
 class UpstreamCaller:
     """Sends calls to the generator's replicas through one keep-alive aiohttp session."""
 
@@ -95,14 +103,18 @@ class UpstreamCaller:
         payload = json.dumps(body, separators=(",", ":")).encode()
         avoid: list[Endpoint] = []
         attempt = 0
+        cause: _Attempt | None = None  # the last real failure, when retrying
         while True:
             chosen = endpoint if endpoint is not None and attempt == 0 else self.balancer.pick(avoid)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise CandidateFailed("deadline", "the request deadline passed before the call")
+                raise _deadline_failure("the request deadline passed before the call", cause)
             try:
                 return await self._attempt(chosen, path, payload, remaining), chosen
             except _Attempt as failed:
+                if failed.reason == "deadline":
+                    raise _deadline_failure(failed.detail, cause) from None
+                cause = failed
                 attempt += 1
                 if not failed.retry or attempt > self.policy.retries:
                     raise CandidateFailed(failed.reason, failed.detail) from None

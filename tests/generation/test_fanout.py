@@ -228,6 +228,26 @@ async def test_backoff_retries_stop_at_the_deadline(fault: FaultUpstream) -> Non
     assert result.dropped[0].startswith("upstream_error:")
 
 
+async def test_a_retry_cut_by_the_deadline_reports_the_failure_it_retried(fault: FaultUpstream) -> None:
+    # Seed 0 fails with a 500, then its retry hangs until the deadline: the candidate
+    # was lost to the upstream error, whatever the timing of the last attempt.
+    tries = {"seed0": 0}
+
+    def rule(body: dict[str, Any]) -> Reply | Hang | None:
+        if body["seed"] != 0:
+            return None
+        tries["seed0"] += 1
+        return Reply(500) if tries["seed0"] == 1 else Hang()
+
+    fault.rule = rule
+    up = client(fault.url, retries=3, backoff_base_s=0.01, backoff_max_s=0.02)
+    result = await engine(up).run(request(min_candidates=3), timeout_s=0.5)
+    await up.aclose()
+    assert tries["seed0"] == 2 and len(result.ranked) == 3
+    assert result.dropped[0].startswith("upstream_error:")
+    assert "retrying until the deadline" in result.dropped[0]
+
+
 # -- client faults, deadlines and cancellation ----------------------------------------
 async def test_client_fault_4xx_is_an_invalid_request_and_cancels_the_rest(fault: FaultUpstream) -> None:
     message = "Requested tokens (4000) exceed context window of 2048"
