@@ -182,7 +182,7 @@ class Forward:
                 picked[i] = hidden[row, torch.tensor(positions[i], device=hidden.device)]
         return self._split(groups, torch.cat([p for p in picked if p is not None]))
 
-    def _backbone(self, seqs: Sequence[Sequence[int]], figures: BatchFigures, **kwargs: Any) -> torch.Tensor:
+    def _backbone(self, seqs: Sequence[Sequence[int]], figures: BatchFigures) -> torch.Tensor:
         """Last hidden states of right-padded `seqs`; no mask at all when nothing is padded."""
         ids, mask = _pad_right(seqs, self.pad_id)
         figures.rows += ids.shape[0]
@@ -192,7 +192,6 @@ class Forward:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device) if padded else None,
             use_cache=False,
-            **kwargs,
         ).last_hidden_state
         return hidden
 
