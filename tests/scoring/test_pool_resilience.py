@@ -29,6 +29,13 @@ from tests.scoring.helpers import (
 TOL = 1e-4
 
 
+def _candidates_and_reference(checkpoint: Path) -> tuple[list[str], list[float]]:
+    """Answers of mixed lengths and their one-sequence reference rewards."""
+    candidates = mixed_candidates()
+    want = [checkpoints.reference_outcome_reward(checkpoint, MESSAGE_DICTS, a) for a in candidates]
+    return candidates, want
+
+
 @pytest.mark.asyncio
 async def test_killed_worker_restarted_and_inflight_requests_answered(
     tiny_llama_rm: Path, caplog: pytest.LogCaptureFixture
@@ -38,8 +45,7 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 2}), metrics)
     await pool.start()
     try:
-        candidates = mixed_candidates()
-        want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+        candidates, want = _candidates_and_reference(tiny_llama_rm)
         before = set(pool.worker_pids())
         assert len(before) == 2
         tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
@@ -83,8 +89,7 @@ async def test_only_worker_killed_inflight_requests_wait_for_its_restart(tiny_ll
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 1}), metrics)
     await pool.start()
     try:
-        candidates = mixed_candidates()
-        want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+        candidates, want = _candidates_and_reference(tiny_llama_rm)
         (worker,) = pool._workers["rm"]
         tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
                  for i in range(6)]
@@ -111,8 +116,7 @@ async def test_channel_closed_under_inflight_call_is_retried_not_cancelled(tiny_
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 2}), Metrics())
     await pool.start()
     try:
-        candidates = mixed_candidates()
-        want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
+        candidates, want = _candidates_and_reference(tiny_llama_rm)
         tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
                  for i in range(6)]
         busy = []
