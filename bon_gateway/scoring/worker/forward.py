@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from bon_gateway.scoring.worker.adapters import Adapter
+from bon_gateway.scoring.worker.packed import PackedDecoder, PromptCache, packing_limit
 
 
 @dataclass(slots=True)
@@ -141,11 +142,17 @@ class Forward:
         self.pad_id = int(pad) if pad is not None else 0
         # Rows up to this many tokens pad together; None: one padded batch (see the module docstring).
         self.short_rows: int | None = SHORT_ROW_TOKENS if device.type == "cpu" else None
+        # CPU, Llama-family backbones: packed rows, no padding, shared prompt attention.
+        limit = packing_limit(adapter.backbone) if device.type == "cpu" else None
+        self.packed = PackedDecoder(adapter.backbone) if limit is not None else None
+        self.packing_limit = limit or 0
 
     @torch.inference_mode()
     def run(self, groups: Sequence[Group]) -> tuple[list[list[torch.Tensor]], BatchFigures]:
         """Per group, per candidate: fp32 logits [positions, labels]."""
         figures = BatchFigures(real_tokens=sum(g.real_tokens for g in groups))
+        if self.packed is not None and all(g.max_len <= self.packing_limit for g in groups):
+            return self._run_packed(self.packed, groups, figures), figures
         out: dict[int, list[torch.Tensor]] = {}
         full = [i for i, g in enumerate(groups) if g.prefix == 0]
         reuse = [i for i, g in enumerate(groups) if g.prefix > 0]
@@ -169,6 +176,37 @@ class Forward:
                 k += len(pos)
             result.append(per)
         return result
+
+    def _run_packed(
+        self, decoder: PackedDecoder, groups: Sequence[Group], figures: BatchFigures
+    ) -> list[list[torch.Tensor]]:
+        """All groups in one packed run (see packed.py): each shared prompt once, then
+        every candidate's own tokens end to end, with no padding."""
+        prompts: list[PromptCache] = []
+        rows: list[list[int]] = []
+        prompt_of: list[int] = []
+        for g in groups:
+            if g.prefix > 0:
+                prompts.append(decoder.prompt(g.seqs[0][: g.prefix]))
+                figures.rows += 1
+                figures.batch_tokens += g.prefix
+                figures.reused_tokens += (len(g.seqs) - 1) * g.prefix
+            for s in g.seqs:
+                rows.append(s[g.prefix :])
+                prompt_of.append(len(prompts) - 1 if g.prefix > 0 else -1)
+        hidden = decoder.run(rows, prompt_of, prompts)
+        figures.rows += len(rows)
+        figures.batch_tokens += sum(len(r) for r in rows)
+        picked: list[torch.Tensor] = []
+        k = 0
+        for g in groups:
+            before = prompts[prompt_of[k]].hidden if g.prefix > 0 else None
+            for pos in g.positions:
+                for p in pos:
+                    picked.append(hidden[k][p - g.prefix] if p >= g.prefix or before is None else before[p])
+                k += 1
+        width = hidden[0].shape[-1]
+        return self._split(groups, torch.stack(picked) if picked else hidden[0].new_zeros((0, width)))
 
     def _run_full(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
         seqs = [s for g in groups for s in g.seqs]

@@ -1,0 +1,184 @@
+"""Packed (varlen) runs of Llama-family decoders on CPU, prompt attention shared.
+
+transformers runs a batch as one padded [rows, width] tensor with a 4-D mask.
+On CPU that is the slow way: padding costs its tokens, and a mask takes SDPA
+off its fused causal kernel. Here the rows of a batch are packed end to end
+into one [tokens, hidden] stream instead, as flash-attn's varlen kernels do on
+GPUs:
+
+- every matmul (q, k, v, o, MLP) runs once over all tokens of all rows, with no
+  padding at all;
+- attention runs per row on its slice of the stream, causal, on torch's fused
+  CPU flash kernel (which takes grouped KV heads as they are);
+- rows that continue a shared prompt (a request's candidates) see the prompt's
+  keys and values through a second attention call per prompt, made once for
+  the queries of all its rows together, without copying the prompt's cache
+  per row; the two partial results are merged exactly through their
+  log-sum-exp ("cascade" attention).
+
+The layers themselves are transformers' own modules (norms, projections, rotary
+embedding, MLP), called in the order the model calls them, so a packed run
+gives the hidden states of one unpadded sequence (fp32: within ~1e-5).
+Backbones other than the plain Llama family (Gemma2's soft-capping, Jamba's
+Mamba layers, sliding windows shorter than the input) stay on transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: backbone classes whose decoder layers follow LlamaDecoderLayer's structure exactly
+PACKABLE_BACKBONES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
+
+
+def packing_limit(backbone: Any) -> int | None:
+    """How long a row may be in a packed run of `backbone` (None: not packable at all).
+
+    A sliding window only matters past its length, so rows up to it are exact here.
+    """
+    if type(backbone).__name__ not in PACKABLE_BACKBONES:
+        return None
+    for layer in getattr(backbone, "layers", ()):
+        attn = getattr(layer, "self_attn", None)
+        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            return None
+    window = getattr(backbone.config, "sliding_window", None)
+    return int(window) if window else 1 << 30
+
+
+@dataclass(slots=True)
+class PromptCache:
+    """A prompt run once: its last hidden states and, per layer, its keys and values
+    [1, kv_heads, prompt, head_dim] (after rotary)."""
+
+    hidden: torch.Tensor  # [prompt, hidden]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return int(self.hidden.shape[0])
+
+
+@dataclass(slots=True)
+class _Row:
+    start: int  # offset in the packed stream
+    length: int
+    prompt: int  # index into the run's prompts, -1: none
+
+
+class PackedDecoder:
+    """Runs packed rows through a Llama-family backbone (see the module docstring)."""
+
+    def __init__(self, backbone: Any) -> None:
+        self.backbone = backbone
+        # transformers' own rotary application for this family (same function for all four).
+        module = sys.modules[type(backbone.layers[0].self_attn).__module__]
+        self._apply_rotary = module.apply_rotary_pos_emb
+        self._flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    @torch.inference_mode()
+    def prompt(self, ids: Sequence[int]) -> PromptCache:
+        """Run one prompt alone, keeping its keys and values for the rows that continue it."""
+        cache = PromptCache(hidden=torch.empty(0), keys=[], values=[])
+        cache.hidden = self._run([list(ids)], [-1], [], keep=cache)
+        return cache
+
+    @torch.inference_mode()
+    def run(
+        self, rows: Sequence[Sequence[int]], prompt_of: Sequence[int], prompts: Sequence[PromptCache]
+    ) -> list[torch.Tensor]:
+        """Last hidden states of each row, [len(row), hidden].
+
+        Row i continues `prompts[prompt_of[i]]` (its positions start after that
+        prompt) or stands alone when prompt_of[i] is -1. Rows of one prompt should
+        be adjacent: their prompt attention is then one call over a contiguous slice.
+        """
+        hidden = self._run([list(r) for r in rows], list(prompt_of), list(prompts), keep=None)
+        out, k = [], 0
+        for r in rows:
+            out.append(hidden[k : k + len(r)])
+            k += len(r)
+        return out
+
+    def _run(
+        self, rows: list[list[int]], prompt_of: list[int], prompts: list[PromptCache],
+        keep: PromptCache | None,
+    ) -> torch.Tensor:
+        bb = self.backbone
+        device = bb.embed_tokens.weight.device
+        packed, start = [], 0
+        positions: list[torch.Tensor] = []
+        for ids, p in zip(rows, prompt_of, strict=True):
+            first = prompts[p].length if p >= 0 else 0
+            packed.append(_Row(start, len(ids), p))
+            positions.append(torch.arange(first, first + len(ids)))
+            start += len(ids)
+        flat = torch.tensor([t for ids in rows for t in ids], dtype=torch.long, device=device)
+        pos = torch.cat(positions).to(device).unsqueeze(0)
+        h = bb.embed_tokens(flat.unsqueeze(0))  # [1, T, hidden]
+        cos, sin = bb.rotary_emb(h, pos)
+        spans = _prompt_spans(packed)
+        for index, layer in enumerate(bb.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            shape = (1, x.shape[1], -1, attn.head_dim)
+            q = attn.q_proj(x).view(shape)
+            k = attn.k_proj(x).view(shape)
+            v = attn.v_proj(x).view(shape)
+            if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before rotary
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            v = v.transpose(1, 2)  # [1, heads, T, head_dim] views of the packed stream
+            if keep is not None:
+                keep.keys.append(k.contiguous())
+                keep.values.append(v.contiguous())
+            o = self._attend(q, k, v, packed, spans, prompts, index, attn.scaling)
+            h = h + attn.o_proj(o.reshape(1, o.shape[1], -1))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        hidden: torch.Tensor = bb.norm(h)[0]
+        return hidden
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: list[_Row],
+        spans: list[tuple[int, int, int]], prompts: list[PromptCache], layer: int, scale: float,
+    ) -> torch.Tensor:
+        """Attention output [1, T, heads, head_dim] of every packed row."""
+        out = q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
+        own_lse: dict[int, torch.Tensor] = {}
+        for i, r in enumerate(rows):
+            s, e = r.start, r.start + r.length
+            o, lse = self._flash(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
+            out[:, s:e] = o.transpose(1, 2)
+            if r.prompt >= 0:
+                own_lse[i] = lse
+        for p, s, e in spans:
+            # All queries that continue prompt p, against its keys: no mask (every query is
+            # after the whole prompt), one call, the prompt's cache never copied per row.
+            cache = prompts[p]
+            o_p, lse_p = self._flash(q[:, :, s:e], cache.keys[layer], cache.values[layer], 0.0, False,
+                                     scale=scale)
+            lse_own = torch.cat([own_lse[i] for i, r in enumerate(rows) if s <= r.start < e], dim=2)
+            total = torch.logaddexp(lse_p, lse_own)
+            w_p = torch.exp(lse_p - total).to(o_p.dtype).transpose(1, 2).unsqueeze(-1)
+            w_own = torch.exp(lse_own - total).to(o_p.dtype).transpose(1, 2).unsqueeze(-1)
+            out[:, s:e] = out[:, s:e] * w_own + o_p.transpose(1, 2) * w_p
+        return out
+
+
+def _prompt_spans(rows: list[_Row]) -> list[tuple[int, int, int]]:
+    """(prompt, start, end) runs of adjacent rows that continue the same prompt."""
+    spans: list[tuple[int, int, int]] = []
+    for r in rows:
+        if r.prompt < 0:
+            continue
+        if spans and spans[-1][0] == r.prompt and spans[-1][2] == r.start:
+            spans[-1] = (r.prompt, spans[-1][1], r.start + r.length)
+        else:
+            spans.append((r.prompt, r.start, r.start + r.length))
+    return spans
