@@ -10,8 +10,10 @@ answers 32-512) is scored four ways, in one run, side by side:
 - naive:  the model cards' loop, one `model(**inputs)` per candidate;
 - padded: transformers batches, one right-padded batch per request;
 - worker: this worker's forward (backbone -> positions -> fp32 head) with its
-  length-aware cross-request batches, prompts recomputed;
-- reuse:  the same with the shared prompt computed once per request.
+  length-aware cross-request batches, prompts recomputed (on CPU: packed rows,
+  no padding; scoring/worker/packed.py);
+- reuse:  the same with the shared prompt computed once per request and
+  attended once for all its candidates.
 
 Figures: tokens/s over the candidates' real tokens, useful model FLOP/s
 (2 x non-embedding params x real tokens / s) as a fraction of this machine's
@@ -85,6 +87,25 @@ def model_gemm_rate(model: Any, dtype: torch.dtype, tokens: int = 2048, seconds:
                 torch.nn.functional.linear(x, w)
             best = max(best, flops / (time.perf_counter() - t))
     return best
+
+
+def attention_seconds(model: Any, dtype: torch.dtype, lengths: list[int], repeats: int = 2) -> float:
+    """Seconds the model's causal self-attention takes for one sequence of each of
+    `lengths`, all layers, on torch's fused CPU flash kernel (best of `repeats` per length)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    total = 0.0
+    with torch.inference_mode():
+        for n in sorted(set(lengths)):
+            q = torch.randn(1, cfg.num_attention_heads, n, head_dim, dtype=dtype)
+            kv = torch.randn(1, cfg.num_key_value_heads, n, head_dim, dtype=dtype)
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+                best = min(best, time.perf_counter() - t)
+            total += best * lengths.count(n) * cfg.num_hidden_layers
+    return total
 
 
 def load_model() -> tuple[Any, Any]:
@@ -230,6 +251,11 @@ def main(argv: list[str] | None = None) -> None:
         rate = matmul_rate(dtype)
         gemm = model_gemm_rate(model, dtype)
         gemm_rates[dtype_name] = gemm
+        # What this machine allows for the workload: every linear layer at the model GEMM rate
+        # plus the attention of each sequence on the flash kernel, nothing else.
+        lengths = [len(s) for r in mixed for s in r.seqs]
+        attn_s = attention_seconds(model, dtype, lengths)
+        ceiling = 2 * params * seq_tokens / (2 * params * seq_tokens / gemm + attn_s) / rate
         parts = args.parts.split(",")
         if "mixed" in parts:
             run_naive(model, mixed[:1])  # warm-up
@@ -264,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                         ),
                         "matmul_gflops": rate / 1e9,
                         "gemm_ceiling_fraction": gemm / rate,
+                        "attention_seconds": attn_s,
+                        "attainable_fraction": ceiling,
                     }
                 )
         if "reuse" in parts:
@@ -328,17 +356,20 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], reuse_rows: list[di
         f"{meta['params_non_embedding'] / 1e6:.1f}M non-embedding params; {meta['torch_threads']} threads.",
         "The model GEMM ceiling is the FLOP/s of one decoder layer's own matmuls (q, k, v, o, gate, up, "
         "down) at 2048 rows: the most the linear layers can do here, before attention and everything else.",
+        "Attainable: useful FLOP/s / matmul rate if every linear layer ran at the model GEMM ceiling and "
+        "attention took what torch's flash kernel takes for each sequence alone (measured), nothing else; "
+        "the most any method without prompt reuse can reach on this machine.",
         "",
         "| dtype | method | seconds | tokens/s | useful FLOP/s / matmul rate | speedup vs naive "
-        "| model GEMM ceiling / matmul rate | useful / GEMM ceiling "
+        "| model GEMM ceiling / matmul rate | attainable | useful / GEMM ceiling "
         "| token ratio | max reward dev vs fp32 naive | matmul GFLOP/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['method']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} "
             f"| {r['useful_flops_fraction']:.2f} | {r['speedup_vs_naive']:.2f} "
-            f"| {r['gemm_ceiling_fraction']:.2f} "
+            f"| {r['gemm_ceiling_fraction']:.2f} | {r['attainable_fraction']:.2f} "
             f"| {r['useful_flops_fraction'] / r['gemm_ceiling_fraction']:.2f} "
             f"| {r['token_ratio']:.2f} "
             f"| {r['max_reward_dev_vs_fp32']:.1e} | {r['matmul_gflops']:.0f} |"

@@ -112,3 +112,19 @@ def test_packed_batch_pads_nothing(tiny_llama_rm: Path) -> None:
     assert figures.batch_tokens == 30 + 3 + 17 + 40 + 11 + 90
     assert figures.reused_tokens == 2 * 30
     assert figures.rows == 1 + 3 + 2
+
+
+def test_rows_run_in_chunks_of_bounded_tokens(tiny_llama_rm: Path) -> None:
+    from bon_gateway.scoring.worker.packed import _chunks
+
+    assert _chunks([5, 5, 5, 12, 1, 1], 10) == [[0, 1], [2], [3], [4, 5]]
+    assert _chunks([], 10) == []
+    backbone = _backbone(tiny_llama_rm)
+    decoder = PackedDecoder(backbone, chunk_tokens=16)
+    prompt = _ids(10, 30)
+    cache = decoder.prompt(prompt)
+    rows = [_ids(n, 40 + n) for n in (9, 9, 20, 3)]
+    got = decoder.run(rows, [0, 0, 0, -1], [cache])
+    for row, p, hidden in zip(rows, [0, 0, 0, -1], got, strict=True):
+        whole = (prompt if p == 0 else []) + row
+        assert (hidden - _one_sequence(backbone, whole)[-len(row):]).abs().max() < TOL
