@@ -11,7 +11,12 @@ import torch
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.forward import Forward, Group
 from bon_gateway.scoring.worker.loading import load_adapter
-from bon_gateway.scoring.worker.packed import PackedDecoder, packing_limit
+from bon_gateway.scoring.worker.packed import (
+    FusedLinear,
+    PackedDecoder,
+    onednn_linear_works,
+    packing_limit,
+)
 from tests.fixtures import checkpoints
 
 TOL = 1e-5
@@ -43,22 +48,39 @@ def _tiny_mistral(window: int) -> Path:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
 def backbone(request: pytest.FixtureRequest) -> Any:
-    paths = {"llama": checkpoints.tiny_llama_rm, "qwen2": checkpoints.tiny_qwen2_rm,
-             "qwen3": checkpoints.tiny_qwen3_rm, "mistral": lambda: _tiny_mistral(4096)}
+    paths = {
+        "llama": checkpoints.tiny_llama_rm,
+        "qwen2": checkpoints.tiny_qwen2_rm,
+        "qwen3": checkpoints.tiny_qwen3_rm,
+        "mistral": lambda: _tiny_mistral(4096),
+    }
     return _backbone(paths[request.param]())
 
 
-def test_packed_rows_equal_one_sequence_each(backbone: Any) -> None:
+def _decoder(backbone: Any, onednn: bool) -> PackedDecoder:
+    decoder = PackedDecoder(backbone)
+    decoder._linear = FusedLinear(onednn=onednn)
+    return decoder
+
+
+def test_this_torch_has_the_fused_onednn_linears() -> None:
+    # The CPU fast path; without it the plain torch fallback runs (tested below as well).
+    assert onednn_linear_works()
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_packed_rows_equal_one_sequence_each(backbone: Any, onednn: bool) -> None:
     rows = [_ids(n, seed) for seed, n in enumerate([1, 7, 33, 5, 64])]
-    got = PackedDecoder(backbone).run(rows, [-1] * len(rows), [])
+    got = _decoder(backbone, onednn).run(rows, [-1] * len(rows), [])
     for row, hidden in zip(rows, got, strict=True):
         want = _one_sequence(backbone, row)
         assert hidden.shape == want.shape
         assert (hidden - want).abs().max() < TOL
 
 
-def test_rows_continuing_shared_prompts_equal_the_whole_sequence(backbone: Any) -> None:
-    decoder = PackedDecoder(backbone)
+@pytest.mark.parametrize("onednn", [True, False])
+def test_rows_continuing_shared_prompts_equal_the_whole_sequence(backbone: Any, onednn: bool) -> None:
+    decoder = _decoder(backbone, onednn)
     prompts = [_ids(20, 100), _ids(9, 101)]
     caches = [decoder.prompt(p) for p in prompts]
     for prompt, cache in zip(prompts, caches, strict=True):
@@ -69,7 +91,7 @@ def test_rows_continuing_shared_prompts_equal_the_whole_sequence(backbone: Any) 
     got = decoder.run(rows, prompt_of, caches)
     for row, p, hidden in zip(rows, prompt_of, got, strict=True):
         whole = (prompts[p] if p >= 0 else []) + row
-        want = _one_sequence(backbone, whole)[-len(row):]
+        want = _one_sequence(backbone, whole)[-len(row) :]
         assert (hidden - want).abs().max() < TOL
 
 
@@ -105,8 +127,10 @@ def test_packed_batch_pads_nothing(tiny_llama_rm: Path) -> None:
     forward = Forward(load_adapter(entry), torch.device("cpu"))
     prompt = _ids(30, 9)
     seqs = [prompt + _ids(n, 10 + n) for n in (3, 17, 40)]
-    groups = [Group(seqs=seqs, positions=[[len(s) - 1] for s in seqs], prefix=30),
-              Group(seqs=[_ids(11, 20), _ids(90, 21)], positions=[[10], [89]])]
+    groups = [
+        Group(seqs=seqs, positions=[[len(s) - 1] for s in seqs], prefix=30),
+        Group(seqs=[_ids(11, 20), _ids(90, 21)], positions=[[10], [89]]),
+    ]
     _, figures = forward.run(groups)
     assert figures.padded_tokens == 0
     assert figures.batch_tokens == 30 + 3 + 17 + 40 + 11 + 90
@@ -127,4 +151,4 @@ def test_rows_run_in_chunks_of_bounded_tokens(tiny_llama_rm: Path) -> None:
     got = decoder.run(rows, [0, 0, 0, -1], [cache])
     for row, p, hidden in zip(rows, [0, 0, 0, -1], got, strict=True):
         whole = (prompt if p == 0 else []) + row
-        assert (hidden - _one_sequence(backbone, whole)[-len(row):]).abs().max() < TOL
+        assert (hidden - _one_sequence(backbone, whole)[-len(row) :]).abs().max() < TOL
