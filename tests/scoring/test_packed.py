@@ -59,7 +59,7 @@ def backbone(request: pytest.FixtureRequest) -> Any:
 
 def _decoder(backbone: Any, onednn: bool) -> PackedDecoder:
     decoder = PackedDecoder(backbone)
-    decoder._linear = FusedLinear(onednn=onednn)
+    decoder.linear = FusedLinear(onednn=onednn)
     return decoder
 
 

@@ -16,10 +16,12 @@ sequence (fp32: within ~1e-6) because:
 On CPU a batch is not one padded tensor: a big matmul gains nothing from more
 rows there, while padding costs its tokens and an explicit attention mask moves
 SDPA off its fused causal kernel (measured in bench/score_throughput.py: the
-padded batch ran slower than one sequence at a time). So rows of equal length
-run together without a mask, and only short rows, where the per-call overhead
-is what counts, are padded together (`split_rows`). On CUDA the batch stays
-one padded tensor: there more rows is what makes the matmuls fast.
+padded batch ran slower than one sequence at a time). Llama-family backbones
+run packed instead (packed.py: rows end to end, no padding, each shared prompt
+attended once for all its candidates). Other CPU backbones run rows of equal
+length together without a mask, and only short rows, where the per-call
+overhead is what counts, are padded together (`split_rows`). On CUDA the batch
+stays one padded tensor: there more rows is what makes the matmuls fast.
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class PackedDecoder:
         module = sys.modules[type(backbone.layers[0].self_attn).__module__]
         self._apply_rotary = module.apply_rotary_pos_emb
         self._flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        self._linear = FusedLinear(onednn=onednn_linear_works())
+        self.linear = FusedLinear(onednn=onednn_linear_works())
         # LlamaMLP and its copies: down(silu(gate(x)) * up(x)), which FusedLinear fuses.
         mlp = backbone.layers[0].mlp
         self._gated_silu = getattr(backbone.config, "hidden_act", None) == "silu" and all(
@@ -147,7 +147,7 @@ class PackedDecoder:
         h = h[0]
         tokens = h.shape[0]
         spans = _prompt_spans(packed)
-        linear = self._linear
+        linear = self.linear
         for index, layer in enumerate(bb.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)

@@ -54,6 +54,10 @@ class ModelRuntime:
         self.adapter = adapter
         device = next(adapter.model.parameters()).device
         self.forward = Forward(adapter, device)
+        packed = self.forward.packed
+        log.info("phase=plan model=%s batches=%s linears=%s", entry.name,
+                 "packed" if packed else "transformers",
+                 "onednn-fused" if packed and packed.linear.onednn else "torch")
         self.prefix_reuse = prefix_reuse and adapter.supports_prefix_reuse
         self.batcher: Batcher[GroupOutcome] = Batcher(
             self._run_batch, max_batch_tokens=entry.max_batch_tokens, max_wait_ms=entry.max_wait_ms
