@@ -90,7 +90,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
-        in_flight = self.metrics.requests_in_flight.labels(api)
+        in_flight = self.metrics.child(self.metrics.requests_in_flight, api)
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -104,8 +104,8 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             in_flight.dec()
-            self.metrics.request_duration.labels(api).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(api, str(status)).inc()
+            self.metrics.child(self.metrics.request_duration, api).observe(time.perf_counter() - started)
+            self.metrics.child(self.metrics.requests, api, str(status)).inc()
 
 
 async def _wait_disconnect(receive: Receive) -> None:
