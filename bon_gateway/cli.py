@@ -68,12 +68,13 @@ def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> Gatewa
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from bon_gateway.api.server import run_gateway
+    from bon_gateway.api.server import event_loop_factory, run_gateway
     from bon_gateway.logs import configure_logging
 
     config = apply_serve_flags(load_config(args.config), args)
     configure_logging(config.server.log_level, config.server.log_format)
-    asyncio.run(run_gateway(config))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        runner.run(run_gateway(config))
     return 0
 
 

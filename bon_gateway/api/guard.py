@@ -20,7 +20,7 @@ from bon_gateway.api.limits import InFlightLimiter
 from bon_gateway.config import LimitsConfig, ServerConfig
 from bon_gateway.errors import BonError, InvalidRequest, RequestTooLarge
 
-__all__ = ["ALWAYS_OPEN_PATHS", "Guard", "GuardMiddleware"]
+__all__ = ["ALWAYS_OPEN_PATHS", "Guard", "GuardMiddleware", "replay_messages"]
 
 # Liveness must answer whatever the load and whoever asks: a kubelet probe
 # carries no key, and a probe shed under load would get the pod killed.
@@ -94,7 +94,7 @@ class GuardMiddleware:
             except BonError as err:
                 await error_response(err)(scope, receive, send)
                 return
-            await self.app(scope, _replay(messages, receive), send)
+            await self.app(scope, replay_messages(messages, receive), send)
         finally:
             if bounded:
                 guard.in_flight.leave()
@@ -127,7 +127,8 @@ def _too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(f"request body is larger than {limit} bytes (server.limits.max_body_bytes)")
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
+def replay_messages(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that hands out `messages` again, then whatever `receive` has next."""
     pending = list(messages)
 
     async def replayed() -> Message:

@@ -11,16 +11,18 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bon_gateway import __version__
-from bon_gateway.api.guard import Guard, GuardMiddleware
-from bon_gateway.api.http_errors import error_body, install_error_handlers
+from bon_gateway.api.guard import Guard, GuardMiddleware, replay_messages
+from bon_gateway.api.http_errors import error_body, error_response, install_error_handlers
 from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.api.openai_schema import (
     ChatCompletionRequest,
@@ -37,6 +39,9 @@ from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import BonError, DeadlineExceeded
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import BonRequest, BonResult
+
+GenerateBody = ChatCompletionRequest | CompletionRequest
+ToBody = Callable[[BonResult, BonRequest], dict[str, Any]]
 
 __all__ = ["API_LABELS", "METRICS_CONTENT_TYPE", "build_app"]
 
@@ -85,7 +90,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500
-        in_flight = self.metrics.requests_in_flight.labels(api)
+        in_flight = self.metrics.child(self.metrics.requests_in_flight, api)
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -99,8 +104,8 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             in_flight.dec()
-            self.metrics.request_duration.labels(api).observe(time.perf_counter() - started)
-            self.metrics.requests.labels(api, str(status)).inc()
+            self.metrics.child(self.metrics.request_duration, api).observe(time.perf_counter() - started)
+            self.metrics.child(self.metrics.requests, api, str(status)).inc()
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -110,14 +115,14 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _guarded(request: Request, timeout_s: float, work: Callable[[], Awaitable[T]]) -> T:
+async def _guarded(receive: Receive, timeout_s: float, work: Callable[[], Awaitable[T]]) -> T:
     """Run `work` under the request timeout; cancel it when the client hangs up.
 
     Cancelling the engine call cancels its upstream calls and queued scoring:
     nobody is left to read the answer.
     """
     task = asyncio.ensure_future(work())
-    watcher = asyncio.ensure_future(_wait_disconnect(request.receive))
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
         async with asyncio.timeout(timeout_s):
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -182,6 +187,116 @@ async def _sse_best_of_n(
             await asyncio.wait({task})
 
 
+async def _answer(engine: Engine, body: GenerateBody, receive: Receive, to_body: ToBody) -> Response:
+    """A non-streamed best-of-N request, from its validated body to its response."""
+    server = engine.config.server
+    bon = body.to_bon_request(server.default_best_of)
+    check_bon_request(bon, server.limits)
+    timeout_s = server.request_timeout_s
+    try:
+        result = await _guarded(receive, timeout_s, lambda: engine.run(bon, timeout_s=timeout_s))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(to_body(result, bon))
+
+
+@dataclass(frozen=True, slots=True)
+class _FastRoute:
+    model: type[ChatCompletionRequest] | type[CompletionRequest]
+    to_body: ToBody
+
+
+def _is_json(scope: Scope) -> bool:
+    """No Content-Type or application/json: the bodies FastAPI itself would decode as JSON."""
+    name: bytes
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return True
+
+
+class FastGenerateRoutes:
+    """Pure ASGI, between the guard and FastAPI: non-streamed POST /v1/chat/completions
+    and /v1/completions with a valid JSON body are answered here.
+
+    FastAPI's per-request layers (exception middleware, routing, dependency
+    solving, content-type sniffing) cost about 0.1 ms of event-loop time per
+    request (bench/gateway_overhead.py). Anything but that common case (a body
+    that is not a JSON object or fails validation, `stream: true`, a disconnect
+    while reading) goes on to the FastAPI app with the body replayed, so every
+    error and the OpenAPI schema stay FastAPI's own. The answer is the same
+    `_answer` the FastAPI routes use.
+    """
+
+    def __init__(self, app: ASGIApp, engine: Engine, routes: Mapping[str, _FastRoute]) -> None:
+        self.app = app
+        self.engine = engine
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if route is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        # The guard has read and bounded the body already: these come from its replay.
+        messages: list[Message] = []
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = _validated(route.model, scope, messages, chunks)
+        if body is None or body.stream:
+            await self.app(scope, replay_messages(messages, receive), send)
+            return
+        try:
+            response = await _answer(self.engine, body, receive, route.to_body)
+        except BonError as err:
+            response = error_response(err)
+        except Exception:
+            log.exception("unhandled error on POST %s", scope["path"])
+            response = JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
+        await response(scope, receive, send)
+
+
+def _validated(
+    model: type[GenerateBody], scope: Scope, messages: list[Message], chunks: list[bytes]
+) -> GenerateBody | None:
+    """The body as `model`, or None where FastAPI must answer (with its own error)."""
+    if messages[-1]["type"] != "http.request" or not _is_json(scope):
+        return None
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    try:
+        return model.model_validate(data)
+    except ValidationError:
+        return None
+
+
+class _GatewayApp(FastAPI):
+    """FastAPI with the gateway's own pure-ASGI layers outside its middleware stack.
+
+    `front` wraps the stack FastAPI builds (its server-error, exception and
+    routing layers): request metrics, the guard and the fast routes run first,
+    once per request, and the fast routes skip FastAPI's layers entirely.
+    """
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
+
+
 def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> FastAPI:
     """The HTTP app serving `engine`; metrics recorded into `metrics`.
 
@@ -190,36 +305,38 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
     """
     server = engine.config.server
     guard = guard if guard is not None else Guard.from_config(server)
-    app = FastAPI(title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None)
+    app = _GatewayApp(title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None)
     install_error_handlers(app, [ChatCompletionRequest, CompletionRequest, RewardsRequest])
-    # Inside the metrics middleware: refused and shed requests are counted too.
-    app.add_middleware(GuardMiddleware, guard=guard)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    fast_routes = {
+        "/v1/chat/completions": _FastRoute(ChatCompletionRequest, chat_completion_body),
+        "/v1/completions": _FastRoute(CompletionRequest, completion_body),
+    }
+    # Metrics outermost: refused and shed requests are counted too; then the guard.
+    app.front = lambda stack: RequestMetricsMiddleware(
+        GuardMiddleware(FastGenerateRoutes(stack, engine, fast_routes), guard=guard), metrics=metrics
+    )
 
     async def best_of_n(
         request: Request,
-        body: ChatCompletionRequest | CompletionRequest,
-        to_body: Callable[[BonResult, BonRequest], dict[str, Any]],
+        body: GenerateBody,
+        to_body: ToBody,
         to_chunks: Callable[..., list[dict[str, Any]]],
     ) -> Response:
+        if not body.stream:
+            return await _answer(engine, body, request.receive, to_body)
         bon = body.to_bon_request(server.default_best_of)
         check_bon_request(bon, server.limits)
-        timeout_s = server.request_timeout_s
-        if body.stream:
-            # Bad input is still a plain 400: checked before the 200 and the stream start.
-            engine.validate(bon)
-            engine.resolve_reward_model(bon.reward_model)
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                _sse_best_of_n(engine, bon, timeout_s, lambda r: to_chunks(r, bon, include_usage=usage)),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            result = await _guarded(request, timeout_s, lambda: engine.run(bon, timeout_s=timeout_s))
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(to_body(result, bon))
+        # Bad input is still a plain 400: checked before the 200 and the stream start.
+        engine.validate(bon)
+        engine.resolve_reward_model(bon.reward_model)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse_best_of_n(
+                engine, bon, server.request_timeout_s, lambda r: to_chunks(r, bon, include_usage=usage)
+            ),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -234,7 +351,9 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
         score_request = body.to_score_request()
         check_score_request(score_request, server.limits)
         try:
-            result = await _guarded(request, server.request_timeout_s, lambda: engine.score(score_request))
+            result = await _guarded(
+                request.receive, server.request_timeout_s, lambda: engine.score(score_request)
+            )
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(rewards_body(result))

@@ -32,7 +32,7 @@ from bon_gateway.metrics import Metrics
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 
-__all__ = ["GrpcFront", "build_grpc_server", "run_gateway", "serve_gateway"]
+__all__ = ["GrpcFront", "build_grpc_server", "event_loop_factory", "run_gateway", "serve_gateway"]
 
 log = logging.getLogger("bon_gateway.server")
 
@@ -42,6 +42,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BestOfN"].full_name
 HEALTH_POLL_S = 0.25
 # Bounded grace for in-flight requests at shutdown (SIGTERM), per front.
 SHUTDOWN_GRACE_S = 30.0
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for the gateway where it is installed (not on Windows); None
+    (asyncio's own loop) otherwise. grpc.aio and uvicorn both run on it."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _http_parser() -> str:
+    """uvicorn's httptools parser where installed (a C parser, cheaper per request than h11)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "httptools"
 
 
 @dataclass
@@ -181,6 +200,7 @@ async def serve_gateway(
         log_level=config.server.log_level.lower(),
         access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
         lifespan="off",
+        http=_http_parser(),
         timeout_graceful_shutdown=max(1, round(config.server.shutdown_grace_s)),
         timeout_keep_alive=config.server.http_keep_alive_s,
         ssl_certfile=tls.cert_file,
@@ -190,6 +210,11 @@ async def serve_gateway(
     # gRPC binds first: it raises on a taken port, while uvicorn's bind exits the process.
     grpc_front = build_grpc_server(engine, metrics, config.server.grpc_port, host, guard)
     sock = uv_config.bind_socket()
+    # uvicorn makes the listening socket inheritable (for its own multi-process
+    # mode, unused here). uvloop's subprocesses (the reward workers) keep
+    # inherited descriptors open, so a worker would hold the listener: after
+    # SIGTERM the kernel would still accept connections nobody serves.
+    sock.set_inheritable(False)
     # uvicorn's socket is made with proto 0, so asyncio does not set TCP_NODELAY on
     # the connections it accepts (it checks proto == IPPROTO_TCP). Without it, a
     # keep-alive client waits ~40 ms per response (Nagle vs delayed ACK: uvicorn
@@ -245,9 +270,10 @@ async def run_gateway(config: GatewayConfig) -> None:
     pool = WorkerPool(config, metrics)
     engine = Engine(config, upstream, pool, metrics)
     log.info(
-        "phase=config generator=%s reward_models=%s",
+        "phase=config generator=%s reward_models=%s loop=%s",
         config.generator.url,
         ",".join(m.name for m in config.reward_models) or "none",
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     # Serve at once (liveness answers, readiness says "not yet") while the

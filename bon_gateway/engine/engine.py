@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from typing import Protocol
@@ -92,7 +92,7 @@ class RewardScorer(Protocol):
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class Engine:
@@ -173,11 +173,11 @@ class Engine:
 
         outcome = await self.generator.generate(request, on_generated)
         generated = time.perf_counter()
-        self.metrics.phase_duration.labels("generate").observe(generated - started)
+        self.metrics.child(self.metrics.phase_duration, "generate").observe(generated - started)
         generations = outcome.generations
-        self.metrics.candidates.labels("generated").inc(len(generations))
+        self.metrics.child(self.metrics.candidates, "generated").inc(len(generations))
         for reason in outcome.dropped:
-            self.metrics.candidates.labels("dropped_" + reason.split(":", 1)[0]).inc()
+            self.metrics.child(self.metrics.candidates, "dropped_" + reason.split(":", 1)[0]).inc()
         needed = request.min_candidates or request.best_of
         if len(generations) < needed:
             reasons = "; ".join(sorted(set(outcome.dropped))) or "no candidates"
@@ -198,10 +198,10 @@ class Engine:
             request_id=request_id,
         )
         scored_at = time.perf_counter()
-        self.metrics.phase_duration.labels("score").observe(scored_at - generated)
-        self.metrics.candidates.labels("scored").inc(len(batch.scores))
+        self.metrics.child(self.metrics.phase_duration, "score").observe(scored_at - generated)
+        self.metrics.child(self.metrics.candidates, "scored").inc(len(batch.scores))
         for gen, score in zip(generations, batch.scores, strict=True):
-            self.metrics.rewards.labels(reward_model).observe(score.reward)
+            self.metrics.child(self.metrics.rewards, reward_model).observe(score.reward)
             if on_scored is not None:
                 await on_scored(gen.index, score)
         log.info("phase=score id=%s model=%s seconds=%.3f", request_id, reward_model, scored_at - generated)
@@ -219,7 +219,7 @@ class Engine:
         selection = await select_candidates(candidates, request.selection)
         ranked = selection.ranked
         done = time.perf_counter()
-        self.metrics.phase_duration.labels("select").observe(done - scored_at)
+        self.metrics.child(self.metrics.phase_duration, "select").observe(done - scored_at)
         log.info("phase=select id=%s best=%d seconds=%.4f", request_id, ranked[0].index, done - scored_at)
 
         usage = Usage(
@@ -277,7 +277,7 @@ class Engine:
             activation=request.activation,
             request_id=request.request_id or new_request_id(),
         )
-        self.metrics.phase_duration.labels("score").observe(time.perf_counter() - started)
+        self.metrics.child(self.metrics.phase_duration, "score").observe(time.perf_counter() - started)
         scored = [
             ScoredCandidate(
                 index=i,
@@ -288,7 +288,7 @@ class Engine:
             for i, (text, s) in enumerate(zip(texts, batch.scores, strict=True))
         ]
         for s in batch.scores:
-            self.metrics.rewards.labels(reward_model).observe(s.reward)
+            self.metrics.child(self.metrics.rewards, reward_model).observe(s.reward)
         # Sets each item's answer and rank; `scored` itself stays in input order.
         selection = await select_candidates(scored, request.selection)
         return ScoreResult(

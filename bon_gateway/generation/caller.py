@@ -174,17 +174,17 @@ class UpstreamCaller:
             return data
         except _Attempt as failed:
             healthy = failed.healthy
-            self.metrics.upstream_errors.labels(endpoint.label, failed.kind).inc()
+            self.metrics.child(self.metrics.upstream_errors, endpoint.label, failed.kind).inc()
             raise
         except UpstreamRejected:
             healthy = True  # it answered, and correctly: the request was wrong
-            self.metrics.upstream_errors.labels(endpoint.label, "http_4xx").inc()
+            self.metrics.child(self.metrics.upstream_errors, endpoint.label, "http_4xx").inc()
             raise
         finally:
             elapsed = time.perf_counter() - started
             self.metrics.upstream_duration.observe(elapsed)
-            self.metrics.upstream_call_duration.labels(endpoint.label).observe(elapsed)
-            self.metrics.upstream_requests.labels(status).inc()
+            self.metrics.child(self.metrics.upstream_call_duration, endpoint.label).observe(elapsed)
+            self.metrics.child(self.metrics.upstream_requests, status).inc()
             self.balancer.finished(endpoint, healthy)
 
     @staticmethod

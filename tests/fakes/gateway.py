@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
-from bon_gateway.api.server import serve_gateway
+from bon_gateway.api.server import event_loop_factory, serve_gateway
 from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.engine import Engine, RewardScorer
 from bon_gateway.generation.upstream import UpstreamClient
@@ -86,7 +86,9 @@ class ServedGateway:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            # The loop `bon-gateway serve` runs on (uvloop where installed).
+            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+                runner.run(self._main())
         except BaseException as err:  # reported to the thread that called start()
             self._error = err
         finally:
