@@ -152,3 +152,18 @@ def test_rows_run_in_chunks_of_bounded_tokens(tiny_llama_rm: Path) -> None:
     for row, p, hidden in zip(rows, [0, 0, 0, -1], got, strict=True):
         whole = (prompt if p == 0 else []) + row
         assert (hidden - _one_sequence(backbone, whole)[-len(row) :]).abs().max() < TOL
+
+
+def test_positions_inside_the_shared_prompt_read_the_prompt_pass(tiny_llama_rm: Path) -> None:
+    entry = RewardModelConfig(name="m", path=str(tiny_llama_rm))
+    adapter = load_adapter(entry)
+    forward = Forward(adapter, torch.device("cpu"))
+    prompt = _ids(25, 50)
+    seqs = [prompt + _ids(n, 60 + n) for n in (4, 9)]
+    positions = [[3, 24, 26], [10, len(seqs[1]) - 1]]
+    logits, _ = forward.run([Group(seqs=seqs, positions=positions, prefix=25)])
+    for seq, pos, lg in zip(seqs, positions, logits[0], strict=True):
+        with torch.inference_mode():
+            want = adapter.head(_one_sequence(adapter.backbone, seq)[pos].float())
+        assert lg.shape == want.shape
+        assert (lg - want).abs().max() < 1e-4
