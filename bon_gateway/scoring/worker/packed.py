@@ -37,8 +37,9 @@ PACKABLE_BACKBONES = ("LlamaModel", "MistralModel", "Qwen2Model", "Qwen3Model")
 
 #: tokens per packed run. Past a few thousand tokens a layer's activations (the MLP's
 #: [tokens, intermediate] above all) leave the CPU caches and every elementwise pass goes
-#: to memory: SmolLM2, 8 rows of ~1,200 tokens, fp32: 438 tok/s in one run, 501 one row at
-#: a time, 509 in runs of <= 2,048 tokens (bench/score_throughput.py's first request).
+#: to memory. SmolLM2, fp32, the 8 candidates (~1,200 tokens each) of the first request of
+#: bench/score_throughput.py's workload, timed side by side on a shared machine: 438 tok/s
+#: in one run, 501 one row at a time, 509 in runs of <= 2,048 tokens, 455 of <= 4,096.
 CHUNK_TOKENS = 2048
 
 
