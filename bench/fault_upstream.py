@@ -96,17 +96,29 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
     seed = int(body.get("seed") or 0)
     text = TEXTS[seed % len(TEXTS)]
-    usage = {"prompt_tokens": 8, "completion_tokens": len(text.split()),
-             "total_tokens": 8 + len(text.split())}
+    usage = {
+        "prompt_tokens": 8,
+        "completion_tokens": len(text.split()),
+        "total_tokens": 8 + len(text.split()),
+    }
     if path.endswith("chat/completions"):
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": "stop"}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "stop",
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
         obj = "text_completion"
-    return {"id": "soak", "object": obj, "created": int(time.time()), "model": body.get("model", "soak"),
-            "choices": [choice], "usage": usage}
+    return {
+        "id": "soak",
+        "object": obj,
+        "created": int(time.time()),
+        "model": body.get("model", "soak"),
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, Any]] | None:
@@ -131,7 +143,8 @@ async def _respond(writer: asyncio.StreamWriter, status: int, payload: dict[str,
     reason = {200: "OK", 404: "Not Found", 500: "Internal Server Error"}[status]
     writer.write(
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\nConnection: keep-alive\r\n\r\n".encode() + data
+        f"Content-Length: {len(data)}\r\nConnection: keep-alive\r\n\r\n".encode()
+        + data
     )
     await writer.drain()
 

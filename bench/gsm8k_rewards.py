@@ -132,24 +132,26 @@ def table(report: Report, *, model: str, selection: str) -> str:
         f"| {selection} through /v1/rewards ({model}) | {pct(report.gateway_right)} |",
         f"| {selection} in process, same rewards | {pct(report.local_same_rewards_right)} |",
     ]
-    return "\n".join([
-        f"# GSM8K: {selection} through /v1/rewards",
-        "",
-        f"{n} problems, 4 solutions each; reward model `{model}`; {report.seconds:.1f} s.",
-        "",
-        "| selection | accuracy |",
-        "|---|---|",
-        *rows,
-        "",
-        f"Gateway selection equal to the in-process selection with the returned rewards: "
-        f"{report.agree_with_local}/{n}"
-        + (f" (differs on problems {report.disagreements[:20]})" if report.disagreements else ""),
-        "",
-        f"Problems where the plain count has a single most frequent answer: {report.untied}; "
-        f"the gateway picked that answer on {report.untied_same_answer} of them "
-        "(elsewhere ties are broken by the summed reward, then by order).",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# GSM8K: {selection} through /v1/rewards",
+            "",
+            f"{n} problems, 4 solutions each; reward model `{model}`; {report.seconds:.1f} s.",
+            "",
+            "| selection | accuracy |",
+            "|---|---|",
+            *rows,
+            "",
+            f"Gateway selection equal to the in-process selection with the returned rewards: "
+            f"{report.agree_with_local}/{n}"
+            + (f" (differs on problems {report.disagreements[:20]})" if report.disagreements else ""),
+            "",
+            f"Problems where the plain count has a single most frequent answer: {report.untied}; "
+            f"the gateway picked that answer on {report.untied_same_answer} of them "
+            "(elsewhere ties are broken by the summed reward, then by order).",
+            "",
+        ]
+    )
 
 
 def free_port() -> int:
@@ -163,7 +165,10 @@ def start_gateway(name: str, path: str, kind: str, delimiter: str) -> tuple[subp
     http_port = free_port()
     config = {
         "server": {
-            "host": "127.0.0.1", "http_port": http_port, "grpc_port": free_port(), "log_level": "WARNING"
+            "host": "127.0.0.1",
+            "http_port": http_port,
+            "grpc_port": free_port(),
+            "log_level": "WARNING",
         },
         "generator": {"url": "http://127.0.0.1:9/v1", "model": "none"},  # no generation here
         "reward_models": [{"name": name, "path": path, "kind": kind, "steps": {"delimiter": delimiter}}],

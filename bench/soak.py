@@ -149,8 +149,9 @@ class Soak:
         self.gateway_crashed = False
 
     # -- checks --------------------------------------------------------------------
-    def _check(self, prompt: int, seed: int, chosen: str, candidates: list[tuple[int, str, float]],
-               dropped: int) -> str | None:
+    def _check(
+        self, prompt: int, seed: int, chosen: str, candidates: list[tuple[int, str, float]], dropped: int
+    ) -> str | None:
         """Why the reply is wrong, or None."""
         if len(candidates) + dropped != self.args.best_of:
             return "count"
@@ -191,8 +192,9 @@ class Soak:
             return_candidates=True,
         )
         try:
-            reply = await stub.Generate(request, metadata=(("authorization", f"Bearer {self.key}"),),
-                                        timeout=self.args.deadline_s)
+            reply = await stub.Generate(
+                request, metadata=(("authorization", f"Bearer {self.key}"),), timeout=self.args.deadline_s
+            )
         except grpc.aio.AioRpcError as err:
             # The client's own deadline passing is "no reply"; the gateway's
             # DEADLINE_EXCEEDED (its request_timeout_s, shorter) is a reply.
@@ -254,8 +256,11 @@ class Soak:
         tally.rss.append((tally.done, rss_mib(self.gateway.pid), sum(rss_mib(p) for p in pids)))
         if self.gateway.poll() is not None:
             self.gateway_crashed = True
-        print(f"  {tally.done:>6} done  ok={tally.ok} lost={tally.lost} kills={tally.kills} "
-              f"gateway_rss={tally.rss[-1][1]:.0f}MiB", flush=True)
+        print(
+            f"  {tally.done:>6} done  ok={tally.ok} lost={tally.lost} kills={tally.kills} "
+            f"gateway_rss={tally.rss[-1][1]:.0f}MiB",
+            flush=True,
+        )
 
     async def _killer(self, client: httpx.AsyncClient) -> None:
         """SIGKILL one worker each time --kill-every more requests are done.
@@ -283,8 +288,18 @@ class Soak:
         upstream_port, http_port, grpc_port = _free_port(), _free_port(), _free_port()
         model = Path(args.model) if args.model else tiny_reward_model()
         upstream = _spawn(
-            [sys.executable, str(REPO / "bench" / "fault_upstream.py"), "--port", str(upstream_port),
-             "--fault-rate", str(args.fault_rate), "--stall-s", str(args.stall_s), "--seed", str(args.seed)],
+            [
+                sys.executable,
+                str(REPO / "bench" / "fault_upstream.py"),
+                "--port",
+                str(upstream_port),
+                "--fault-rate",
+                str(args.fault_rate),
+                "--stall-s",
+                str(args.stall_s),
+                "--seed",
+                str(args.seed),
+            ],
         )
         config = work / "gateway.toml"
         config.write_text(_config_toml(args, upstream_port, model, http_port, grpc_port))
@@ -293,21 +308,33 @@ class Soak:
         with log_path.open("wb") as log:
             self.gateway = _spawn(
                 [sys.executable, "-m", "bon_gateway", "serve", "--config", str(config)],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         headers = {"Authorization": f"Bearer {self.key}"}
         limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", headers=headers,
-                                         timeout=args.deadline_s, limits=limits) as client, \
-                    grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            async with (
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{http_port}",
+                    headers=headers,
+                    timeout=args.deadline_s,
+                    limits=limits,
+                ) as client,
+                grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+            ):
                 await self._wait_ready(client)
                 await self._reference(client)
                 gw_pid = self.gateway.pid
                 rss_start = rss_mib(gw_pid)
                 workers_start = sum(rss_mib(p) for p in worker_pids(gw_pid))
-                print(f"soak: {args.requests} requests, concurrency {args.concurrency}, "
-                      f"gateway pid {gw_pid} rss {rss_start:.0f} MiB", flush=True)
+                print(
+                    f"soak: {args.requests} requests, concurrency {args.concurrency}, "
+                    f"gateway pid {gw_pid} rss {rss_start:.0f} MiB",
+                    flush=True,
+                )
                 stub = pb_grpc.BestOfNStub(channel)
                 started = time.perf_counter()
                 killer = asyncio.create_task(self._killer(client))
@@ -414,12 +441,17 @@ def _metric_sum(text: str, name: str) -> float:
 
 def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
     rows = [
-        ("requests", f"{figures['requests']} at concurrency {figures['concurrency']} "
-                     f"({figures['seconds']} s, {figures['requests_per_s']} req/s)"),
+        (
+            "requests",
+            f"{figures['requests']} at concurrency {figures['concurrency']} "
+            f"({figures['seconds']} s, {figures['requests_per_s']} req/s)",
+        ),
         ("upstream calls", figures["upstream_calls"]),
         ("faults injected", ", ".join(f"{k} {v}" for k, v in figures["faults_injected"].items())),
-        ("workers killed (SIGKILL) / restarted",
-         f"{figures['workers_killed']} / {figures['worker_restarts']}"),
+        (
+            "workers killed (SIGKILL) / restarted",
+            f"{figures['workers_killed']} / {figures['worker_restarts']}",
+        ),
         ("replies by code", ", ".join(f"{k} {v}" for k, v in figures["codes"].items())),
         ("ok (checked right)", figures["ok"]),
         ("lost", f"{figures['lost']} {figures['lost_reasons'] or ''}".strip()),
@@ -427,10 +459,14 @@ def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
         ("gateway exit code on SIGTERM", figures["gateway_exit_code_on_sigterm"]),
         ("tracebacks in the gateway log", figures["tracebacks_in_gateway_log"]),
         ("latency p50 / p99 (ok replies)", f"{figures['p50_s']} s / {figures['p99_s']} s"),
-        ("gateway RSS start / end",
-         f"{figures['gateway_rss_mib_start']} / {figures['gateway_rss_mib_end']} MiB"),
-        ("workers RSS start / end (sum)",
-         f"{figures['workers_rss_mib_start']} / {figures['workers_rss_mib_end']} MiB"),
+        (
+            "gateway RSS start / end",
+            f"{figures['gateway_rss_mib_start']} / {figures['gateway_rss_mib_end']} MiB",
+        ),
+        (
+            "workers RSS start / end (sum)",
+            f"{figures['workers_rss_mib_start']} / {figures['workers_rss_mib_end']} MiB",
+        ),
     ]
     lines = [
         "# Soak",

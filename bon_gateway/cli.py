@@ -20,12 +20,18 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p = subparsers.add_parser("serve", help="run the gateway (HTTP + gRPC)")
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument(
-        "--generator-url", action="append", default=[], metavar="URL",
+        "--generator-url",
+        action="append",
+        default=[],
+        metavar="URL",
         help="upstream base URL, e.g. http://127.0.0.1:8000/v1 (repeatable: replicas); replaces the file's",
     )
     p.add_argument("--generator-model", help="upstream model name")
     p.add_argument(
-        "--reward-model", action="append", default=[], metavar="NAME=PATH_OR_HF_ID",
+        "--reward-model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH_OR_HF_ID",
         help="reward model (repeatable); replaces the config file's list",
     )
     p.add_argument("--device", help="device for the reward models (cpu, cuda, cuda:N, auto)")
@@ -62,8 +68,11 @@ def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> Gatewa
     if overrides:
         models = [m.model_copy(update=overrides) for m in models]
     return GatewayConfig.model_validate(
-        {"server": server.model_dump(), "generator": generator.model_dump(),
-         "reward_models": [m.model_dump() for m in models]}
+        {
+            "server": server.model_dump(),
+            "generator": generator.model_dump(),
+            "reward_models": [m.model_dump() for m in models],
+        }
     )
 
 

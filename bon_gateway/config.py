@@ -178,7 +178,7 @@ class RewardModelConfig(_Strict):
             raise ValueError(f"reward model {self.name!r}: workers = 0 needs remote `addresses`")
         if self.gpus_per_worker > 1 and self.device != "cuda":
             raise ValueError(
-                f"reward model {self.name!r}: gpus_per_worker > 1 needs device = \"cuda\" "
+                f'reward model {self.name!r}: gpus_per_worker > 1 needs device = "cuda" '
                 f"(the worker's GPUs are picked by the pool), got {self.device!r}"
             )
         return self

@@ -114,13 +114,30 @@ def run_demo(*, best_of: int = 4, prompt: str | None = None) -> int:
         try:
             _say(f"starting llama.cpp server on 127.0.0.1:{generator_port} ({gguf.name})")
             llama = subprocess.Popen(
-                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-                 "--port", str(generator_port), "--n_ctx", "2048", "--verbose", "False"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "llama_cpp.server",
+                    "--model",
+                    str(gguf),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(generator_port),
+                    "--n_ctx",
+                    "2048",
+                    "--verbose",
+                    "False",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
             )
             wait_until(
                 lambda: httpx.get(f"http://127.0.0.1:{generator_port}/v1/models").status_code == 200,
-                "llama.cpp server", 120, llama,
+                "llama.cpp server",
+                120,
+                llama,
             )
             _say("starting bon-gateway serve (loading the SmolLM2 judge reward model)")
             gateway = subprocess.Popen(
@@ -128,7 +145,9 @@ def run_demo(*, best_of: int = 4, prompt: str | None = None) -> int:
             )
             wait_until(
                 lambda: httpx.get(f"http://127.0.0.1:{http_port}/ready").status_code == 200,
-                "bon-gateway", 300, gateway,
+                "bon-gateway",
+                300,
+                gateway,
             )
             _say(f"sending one Best-of-{best_of} request to http://127.0.0.1:{http_port}/v1/chat/completions")
             response = httpx.post(

@@ -40,12 +40,30 @@ def test_generator_urls_replace_the_file_list() -> None:
 
 
 def test_reward_model_device_workers_and_ports() -> None:
-    args = _parse(["--reward-model", "sky=Skywork/Skywork-Reward-V2-Qwen3-0.6B", "--device", "cpu",
-                   "--workers", "3", "--http-port", "9000", "--grpc-port", "9001", "--host", "0.0.0.0"])
+    args = _parse(
+        [
+            "--reward-model",
+            "sky=Skywork/Skywork-Reward-V2-Qwen3-0.6B",
+            "--device",
+            "cpu",
+            "--workers",
+            "3",
+            "--http-port",
+            "9000",
+            "--grpc-port",
+            "9001",
+            "--host",
+            "0.0.0.0",
+        ]
+    )
     config = apply_serve_flags(parse_config(FILE), args)
     [entry] = config.reward_models
     assert (entry.name, entry.path, entry.device, entry.workers) == (
-        "sky", "Skywork/Skywork-Reward-V2-Qwen3-0.6B", "cpu", 3)
+        "sky",
+        "Skywork/Skywork-Reward-V2-Qwen3-0.6B",
+        "cpu",
+        3,
+    )
     assert (config.server.host, config.server.http_port, config.server.grpc_port) == ("0.0.0.0", 9000, 9001)
 
 

@@ -188,8 +188,12 @@ class Engine:
             if any(reason.startswith("deadline") for reason in outcome.dropped):
                 raise DeadlineExceeded(message)
             raise Unavailable(message)
-        log.info("phase=generate id=%s candidates=%d seconds=%.3f", request_id, len(generations),
-                 generated - started)
+        log.info(
+            "phase=generate id=%s candidates=%d seconds=%.3f",
+            request_id,
+            len(generations),
+            generated - started,
+        )
 
         batch = await self.scorer.score(
             reward_model,

@@ -47,12 +47,17 @@ _DYING_WAIT_S = 0.5  # how long a failed call waits to see whether its worker pr
 
 def _channel_closed() -> grpc.aio.AioRpcError:
     """The error of a call cancelled because the pool closed a dead worker's channel."""
-    return grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                details="worker channel closed")
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details="worker channel closed"
+    )
 
 
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
-              grpc.StatusCode.INTERNAL}
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+}
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -81,8 +86,9 @@ def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
 class _Worker:
     """One RewardWorker: a spawned process on a Unix socket, or a remote address."""
 
-    def __init__(self, entry: RewardModelConfig, target: str, argv: list[str] | None,
-                 env: dict[str, str] | None) -> None:
+    def __init__(
+        self, entry: RewardModelConfig, target: str, argv: list[str] | None, env: dict[str, str] | None
+    ) -> None:
         self.entry = entry
         self.target = target
         self.argv = argv  # None: remote, not ours to spawn
@@ -108,8 +114,11 @@ class _Worker:
             _remove_stale_socket(self.target[5:])
         self.tail.clear()
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env=self.env,
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=self.env,
         )
         self.tasks.append(asyncio.create_task(self._read_stderr(self.proc)))
 
@@ -131,8 +140,12 @@ class _Worker:
         """Wait until the worker answers Info (its models are loaded)."""
         await self.close_channel()
         self.channel = grpc.aio.insecure_channel(
-            self.target, options=[("grpc.max_receive_message_length", 64 << 20),
-                                  ("grpc.max_send_message_length", 64 << 20)])
+            self.target,
+            options=[
+                ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.max_send_message_length", 64 << 20),
+            ],
+        )
         self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + timeout_s
         while True:
@@ -234,15 +247,29 @@ class WorkerPool:
         for name, workers in self._workers.items():
             self._set_up_gauge(name)
             for w in workers:
-                log.info("phase=worker-ready model=%s target=%s device=%s", name, w.target,
-                         w.info.device if w.info else "?")
+                log.info(
+                    "phase=worker-ready model=%s target=%s device=%s",
+                    name,
+                    w.target,
+                    w.info.device if w.info else "?",
+                )
                 if w.argv is not None:
                     self._supervisors.append(asyncio.create_task(self._supervise(w)))
 
     def _argv(self, entry: RewardModelConfig, sock: str, threads: int) -> list[str]:
-        argv = [sys.executable, "-m", "bon_gateway.scoring.worker", "--listen", sock,
-                "--model-json", entry.model_dump_json(), "--parent-pid", str(os.getpid()),
-                "--log-level", self.config.server.log_level]
+        argv = [
+            sys.executable,
+            "-m",
+            "bon_gateway.scoring.worker",
+            "--listen",
+            sock,
+            "--model-json",
+            entry.model_dump_json(),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-level",
+            self.config.server.log_level,
+        ]
         if entry.device == "cpu":
             argv += ["--threads", str(threads)]
         return argv
@@ -271,8 +298,9 @@ class WorkerPool:
                 return
             worker.up = False
             self._set_up_gauge(worker.entry.name)
-            log.warning("phase=worker-died model=%s target=%s code=%s", worker.entry.name, worker.target,
-                        code)
+            log.warning(
+                "phase=worker-died model=%s target=%s code=%s", worker.entry.name, worker.target, code
+            )
             if not self.restart:
                 return
             while not self._closing:
@@ -312,8 +340,10 @@ class WorkerPool:
 
     # -- RewardScorer -------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(name=name, kind="reward", architecture=self._architecture(name))
-                for name in self._entries]
+        return [
+            ModelInfo(name=name, kind="reward", architecture=self._architecture(name))
+            for name in self._entries
+        ]
 
     def _architecture(self, name: str) -> str:
         for w in self._workers.get(name, ()):
@@ -333,8 +363,12 @@ class WorkerPool:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the spawned workers that are running (tests, diagnostics)."""
-        return [w.proc.pid for ws in self._workers.values() for w in ws
-                if w.proc is not None and w.proc.returncode is None]
+        return [
+            w.proc.pid
+            for ws in self._workers.values()
+            for w in ws
+            if w.proc is not None and w.proc.returncode is None
+        ]
 
     def served_by_worker(self, model: str) -> dict[str, int]:
         """Groups answered per worker target (unix:... spawned, HOST:PORT remote)."""
@@ -444,8 +478,13 @@ class WorkerPool:
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise Overloaded(err.details() or f"reward model {model!r} is overloaded") from None
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
-                    log.warning("phase=score-retry model=%s id=%s worker=%s code=%s", model, request_id,
-                                worker.target, code.name)
+                    log.warning(
+                        "phase=score-retry model=%s id=%s worker=%s code=%s",
+                        model,
+                        request_id,
+                        worker.target,
+                        code.name,
+                    )
                     await self._await_if_dying(worker)
                     continue
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -457,8 +496,10 @@ class WorkerPool:
             self._record(model, reply)
             return ScoreBatchResult(
                 model=model,
-                scores=[CandidateScore(reward=s.reward, step_rewards=tuple(s.step_rewards), tokens=s.tokens)
-                        for s in reply.scores],
+                scores=[
+                    CandidateScore(reward=s.reward, step_rewards=tuple(s.step_rewards), tokens=s.tokens)
+                    for s in reply.scores
+                ],
                 prompt_tokens=reply.prompt_tokens,
                 total_tokens=reply.total_tokens,
             )

@@ -36,8 +36,13 @@ except ZeroDivisionError:
 
 def test_json_mode_emits_one_parseable_object_per_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", JSON_SCRIPT], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=20, check=True,
+        [sys.executable, "-c", JSON_SCRIPT],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
     )
     lines = result.stderr.splitlines()
     entries = [json.loads(line) for line in lines]
@@ -65,9 +70,10 @@ def test_log_format_is_validated() -> None:
 def test_info_logs_of_a_request_carry_no_prompt_or_answer(caplog: pytest.LogCaptureFixture) -> None:
     prompt = "Zyxwv secret prompt: what is the capital of France?"
     caplog.set_level(logging.INFO)
-    with FakeUpstream(TEXTS) as upstream, ServedGateway(
-        gateway_config(upstream.url), FakeScorer(REWARDS)
-    ) as served:
+    with (
+        FakeUpstream(TEXTS) as upstream,
+        ServedGateway(gateway_config(upstream.url), FakeScorer(REWARDS)) as served,
+    ):
         reply = httpx.post(
             f"{served.http_url}/v1/chat/completions",
             json={"messages": [{"role": "user", "content": prompt}], "best_of": 4},

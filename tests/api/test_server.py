@@ -105,13 +105,18 @@ def test_sigterm_grace_bounds_the_drain() -> None:
     with FakeUpstream(TEXTS, delay_s=60.0) as hung:
         process = subprocess.Popen(
             [sys.executable, "-c", script, hung.url, "1"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             assert process.stdout is not None
             line = process.stdout.readline()
             assert line.startswith("PORTS "), line
             base = f"http://127.0.0.1:{int(line.split()[1])}"
+
             def post() -> None:
                 with contextlib.suppress(httpx.HTTPError):  # cut at the end of the grace
                     httpx.post(f"{base}/v1/chat/completions", json={"messages": QUESTION}, timeout=90)
@@ -147,11 +152,32 @@ def test_serve_sigterm_under_load_answers_every_request(
     http_port = unused_port()
     with FakeUpstream(TEXTS, delay_s=2.0) as upstream, log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "bon_gateway", "serve", "--generator-url", upstream.url,
-             "--generator-model", "fake-generator", "--reward-model", f"tiny={tiny_llama_rm}",
-             "--device", "cpu", "--workers", "1", "--host", "127.0.0.1",
-             "--http-port", str(http_port), "--grpc-port", str(unused_port())],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=sink, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "bon_gateway",
+                "serve",
+                "--generator-url",
+                upstream.url,
+                "--generator-model",
+                "fake-generator",
+                "--reward-model",
+                f"tiny={tiny_llama_rm}",
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                str(http_port),
+                "--grpc-port",
+                str(unused_port()),
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{http_port}"
         try:
@@ -168,8 +194,13 @@ def test_serve_sigterm_under_load_answers_every_request(
 
             def ask() -> None:
                 try:
-                    replies.append(httpx.post(f"{base}/v1/chat/completions",
-                                              json={"messages": QUESTION, "best_of": 4}, timeout=60))
+                    replies.append(
+                        httpx.post(
+                            f"{base}/v1/chat/completions",
+                            json={"messages": QUESTION, "best_of": 4},
+                            timeout=60,
+                        )
+                    )
                 except BaseException as err:  # recorded: a dropped request must fail the test
                     replies.append(err)
 

@@ -39,8 +39,18 @@ def test_services_and_fields_are_the_contract() -> None:
     worker = reward_worker_pb2.DESCRIPTOR.services_by_name["RewardWorker"]
     assert "Score" in [m.name for m in worker.methods]
     request_fields = set(best_of_n_pb2.GenerateRequest.DESCRIPTOR.fields_by_name)
-    assert {"messages", "prompt", "best_of", "n", "reward_model", "sampling", "selection", "aggregation",
-            "return_candidates", "min_candidates"} <= request_fields
+    assert {
+        "messages",
+        "prompt",
+        "best_of",
+        "n",
+        "reward_model",
+        "sampling",
+        "selection",
+        "aggregation",
+        "return_candidates",
+        "min_candidates",
+    } <= request_fields
     candidate_fields = set(best_of_n_pb2.Candidate.DESCRIPTOR.fields_by_name)
     assert {"index", "text", "reward", "step_rewards", "finish_reason", "rank"} <= candidate_fields
     sampling_fields = set(best_of_n_pb2.SamplingParams.DESCRIPTOR.fields_by_name)

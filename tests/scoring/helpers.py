@@ -59,9 +59,19 @@ def remote_worker_process(
     yields (address, process); stopped with SIGTERM, which must exit 0 after serving."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bon_gateway", "worker", "--listen", f"127.0.0.1:{port}",
-         "--reward-model", f"{name}={path}", *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "bon_gateway",
+            "worker",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--reward-model",
+            f"{name}={path}",
+            *flags,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         yield f"127.0.0.1:{port}", proc

@@ -37,8 +37,9 @@ def test_hybrid_and_softcapped_families_equal_reference(build: Callable[[], Path
     candidates = mixed_candidates()
     got = _score(runtime, candidates)
     for answer, value in zip(candidates, got, strict=True):
-        assert value == pytest.approx(checkpoints.reference_outcome_reward(path, MESSAGE_DICTS, answer),
-                                      abs=TOL)
+        assert value == pytest.approx(
+            checkpoints.reference_outcome_reward(path, MESSAGE_DICTS, answer), abs=TOL
+        )
 
 
 def test_gemma2_runs_eager_attention() -> None:

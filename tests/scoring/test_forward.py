@@ -38,8 +38,12 @@ def _dicts(messages: tuple[Message, ...]) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "judge"])
 def runtime_and_ref(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    builders = {"llama": checkpoints.tiny_llama_rm, "qwen2": checkpoints.tiny_qwen2_rm,
-                "qwen3": checkpoints.tiny_qwen3_rm, "judge": checkpoints.tiny_judge_lm}
+    builders = {
+        "llama": checkpoints.tiny_llama_rm,
+        "qwen2": checkpoints.tiny_qwen2_rm,
+        "qwen3": checkpoints.tiny_qwen3_rm,
+        "judge": checkpoints.tiny_judge_lm,
+    }
     path = builders[request.param]()
     kind = "judge" if request.param == "judge" else "auto"
     entry = RewardModelConfig(name=request.param, path=str(path), kind=kind)

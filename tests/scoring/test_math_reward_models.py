@@ -75,10 +75,13 @@ def _qwen2(path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
         config = transformers.Qwen2Config(**kept)
         model = transformers.Qwen2Model(config).eval()
         tensors = _tensors(path)
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         model.load_state_dict(state, strict=True)
         assert {k for k in tensors if not k.startswith("model.")} == {
-            "score.0.weight", "score.0.bias", "score.2.weight", "score.2.bias"
+            "score.0.weight",
+            "score.0.bias",
+            "score.2.weight",
+            "score.2.bias",
         }
         _CACHE[key] = (model, tensors)
     return _CACHE[key]  # type: ignore[no-any-return]
@@ -252,9 +255,7 @@ async def test_prm_steps_alone_batched_and_reused(
         assert got.scores[0].step_rewards == pytest.approx(expected, abs=TOL)
         assert got.scores[0].reward == pytest.approx(expected[-1], abs=TOL)
     # Batched with other lengths: concurrent single-candidate requests (padded batches).
-    results = await asyncio.gather(
-        *(pool.score(model, MESSAGES, ["".join(s)], steps=[s]) for s in lists)
-    )
+    results = await asyncio.gather(*(pool.score(model, MESSAGES, ["".join(s)], steps=[s]) for s in lists))
     for result, expected in zip(results, want, strict=True):
         assert result.scores[0].step_rewards == pytest.approx(expected, abs=TOL)
     # Prompt reuse: all candidates of a request share the prompt; concurrent groups too.
@@ -309,7 +310,7 @@ async def test_prm_separator_text_in_user_input_is_not_a_step(
     ids: list[int] = []
     pos = 0
     for m in re.finditer("|".join(re.escape(k) for k in special), text):
-        ids += tok(text[pos: m.start()], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids += tok(text[pos : m.start()], add_special_tokens=False, split_special_tokens=True)["input_ids"]
         ids.append(special[m.group(0)])
         pos = m.end()
     ids += tok(text[pos:], add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -321,9 +322,7 @@ async def test_prm_separator_text_in_user_input_is_not_a_step(
 
 
 @pytest.mark.asyncio(loop_scope="module")
-async def test_causal_prm_tag_text_in_a_step_is_not_a_step(
-    pool: WorkerPool, paths: dict[str, Path]
-) -> None:
+async def test_causal_prm_tag_text_in_a_step_is_not_a_step(pool: WorkerPool, paths: dict[str, Path]) -> None:
     """A "ки" inside a step is text: the tag positions come from construction, not from the ids."""
     steps = ["We write ки here.", "Then 3 + 4 = 7.", "So \\boxed{7}."]
     got = await pool.score("shepherd", MESSAGES, ["".join(steps)], steps=[steps])
@@ -336,7 +335,9 @@ async def test_causal_prm_tag_text_in_a_step_is_not_a_step(
 
 MESSAGE_DICTS = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
 OUTCOME = {
-    "math_rm": reference_qwen2_rm, "internlm2": reference_internlm2, "internlm2_bias": reference_internlm2
+    "math_rm": reference_qwen2_rm,
+    "internlm2": reference_internlm2,
+    "internlm2_bias": reference_internlm2,
 }
 
 
@@ -388,8 +389,8 @@ def test_wqkv_unpacking_matches_internlm2_rearrangement() -> None:
     q, k, v = unpack_wqkv(w, heads, kv, d)
     for head in range(heads):
         block = (head // groups) * (groups + 2) + head % groups
-        assert torch.equal(q[head * d: (head + 1) * d], w[block * d: (block + 1) * d])
+        assert torch.equal(q[head * d : (head + 1) * d], w[block * d : (block + 1) * d])
     for j in range(kv):
         key_block, value_block = j * (groups + 2) + groups, j * (groups + 2) + groups + 1
-        assert torch.equal(k[j * d: (j + 1) * d], w[key_block * d: (key_block + 1) * d])
-        assert torch.equal(v[j * d: (j + 1) * d], w[value_block * d: (value_block + 1) * d])
+        assert torch.equal(k[j * d : (j + 1) * d], w[key_block * d : (key_block + 1) * d])
+        assert torch.equal(v[j * d : (j + 1) * d], w[value_block * d : (value_block + 1) * d])

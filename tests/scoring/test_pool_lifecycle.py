@@ -50,7 +50,7 @@ def _truncated_reference(path: Path, answer: str, limit: int) -> float:
     text = tok.apply_chat_template([*MESSAGE_DICTS, {"role": "assistant", "content": answer}], tokenize=False)
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.bos_token_id and len(ids) > limit
-    ids = ids[:1] + ids[1 + len(ids) - limit:]
+    ids = ids[:1] + ids[1 + len(ids) - limit :]
     with torch.no_grad():
         return float(model(input_ids=torch.tensor([ids])).logits[0][0])
 
@@ -73,8 +73,11 @@ async def test_unsupported_architecture_fails_at_start_with_the_list(tmp_path: P
         await pool.start()
     message = info.value.message
     assert "FancyForSequenceClassification" in message
-    for arch in ("LlamaForSequenceClassification", "Qwen2ForSequenceClassification",
-                 "Qwen3ForSequenceClassification"):
+    for arch in (
+        "LlamaForSequenceClassification",
+        "Qwen2ForSequenceClassification",
+        "Qwen3ForSequenceClassification",
+    ):
         assert arch in message
     assert not pool.ready()
     assert _children() - before == set()
@@ -107,8 +110,9 @@ async def test_overlong_input_truncation_and_clean_shutdown(tiny_llama_rm: Path)
         mid_answer = "word " * 70
         got = await pool.score("lenient", MESSAGES, [mid_answer, "short"])
         assert got.scores[0].tokens == 96
-        assert got.scores[0].reward == pytest.approx(_truncated_reference(tiny_llama_rm, mid_answer, 96),
-                                                     abs=1e-4)
+        assert got.scores[0].reward == pytest.approx(
+            _truncated_reference(tiny_llama_rm, mid_answer, 96), abs=1e-4
+        )
         assert got.scores[1].reward == pytest.approx(want, abs=1e-4)  # short: nothing cut
         # The answer alone too long: still an error, never cut.
         with pytest.raises(InvalidRequest):

@@ -48,8 +48,9 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
         candidates, want = _candidates_and_reference(tiny_llama_rm)
         before = set(pool.worker_pids())
         assert len(before) == 2
-        tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
-                 for i in range(12)]
+        tasks = [
+            asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}")) for i in range(12)
+        ]
         # Kill a worker while it holds in-flight requests.
         victim = None
         deadline = time.monotonic() + 10
@@ -91,8 +92,9 @@ async def test_only_worker_killed_inflight_requests_wait_for_its_restart(tiny_ll
     try:
         candidates, want = _candidates_and_reference(tiny_llama_rm)
         (worker,) = pool._workers["rm"]
-        tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
-                 for i in range(6)]
+        tasks = [
+            asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}")) for i in range(6)
+        ]
         deadline = time.monotonic() + 10
         while worker.inflight == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.001)
@@ -117,8 +119,9 @@ async def test_channel_closed_under_inflight_call_is_retried_not_cancelled(tiny_
     await pool.start()
     try:
         candidates, want = _candidates_and_reference(tiny_llama_rm)
-        tasks = [asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}"))
-                 for i in range(6)]
+        tasks = [
+            asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}")) for i in range(6)
+        ]
         busy = []
         deadline = time.monotonic() + 10
         while not busy and time.monotonic() < deadline:
@@ -177,8 +180,13 @@ async def test_co_located_and_remote_worker_share_the_load(tiny_llama_rm: Path) 
     want = [checkpoints.reference_outcome_reward(tiny_llama_rm, MESSAGE_DICTS, a) for a in candidates]
     remote = remote_worker_process("rm", tiny_llama_rm, "--threads", "1", "--max-wait-ms", "1")
     with remote as (address, proc):
-        entry = {"name": "rm", "path": str(tiny_llama_rm), "workers": 1, "addresses": [address],
-                 "max_wait_ms": 1}
+        entry = {
+            "name": "rm",
+            "path": str(tiny_llama_rm),
+            "workers": 1,
+            "addresses": [address],
+            "max_wait_ms": 1,
+        }
         metrics = Metrics()
         pool = WorkerPool(gateway_config(entry), metrics, start_timeout_s=120)
         await pool.start()

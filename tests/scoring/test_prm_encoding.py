@@ -31,7 +31,7 @@ def test_left_truncation_cuts_the_prompt_and_keeps_every_step(kind: str) -> None
     assert len(short.ids) == limit
     assert short.prompt_tokens == whole.prompt_tokens - 50
     # The answer is intact and the separators moved with it.
-    assert short.ids[short.prompt_tokens:] == whole.ids[whole.prompt_tokens:]
+    assert short.ids[short.prompt_tokens :] == whole.ids[whole.prompt_tokens :]
     assert cut.positions(short.ids) == [p - 50 for p in whole_positions]
     strict = load_adapter(RewardModelConfig(name="c", path=str(path), max_length=limit, **extra))
     with pytest.raises(InputTooLong, match="max_length"):

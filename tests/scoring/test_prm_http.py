@@ -33,7 +33,9 @@ def gateway() -> Iterator[ServedGateway]:
         reward_models=[
             {"name": "prm", "path": str(reward_checkpoints.tiny_qwen2_prm())},
             {
-                "name": "shepherd", "path": str(checkpoints.tiny_judge_lm()), "kind": "causal_prm",
+                "name": "shepherd",
+                "path": str(checkpoints.tiny_judge_lm()),
+                "kind": "causal_prm",
                 "steps": {"delimiter": "\n"},
             },
         ],
@@ -61,8 +63,12 @@ def test_rewards_step_rewards_and_aggregation(
     want = [ref(path, QUESTION, steps) for steps in STEPS]
     payload = {"steps": STEPS} if given == "steps" else {"candidates": [join.join(s) for s in STEPS]}
     messages = [{"role": "user", "content": QUESTION}]
-    for aggregation, fold in (("last", lambda r: r[-1]), ("min", min), ("prod", math.prod),
-                              ("mean", lambda r: sum(r) / len(r))):
+    for aggregation, fold in (
+        ("last", lambda r: r[-1]),
+        ("min", min),
+        ("prod", math.prod),
+        ("mean", lambda r: sum(r) / len(r)),
+    ):
         body = _post(gateway, {"model": model, "messages": messages, "aggregation": aggregation, **payload})
         data = body["data"]
         assert isinstance(data, list) and len(data) == len(STEPS)
@@ -74,10 +80,15 @@ def test_rewards_step_rewards_and_aggregation(
 
 
 def test_rewards_majority_vote_with_a_prm(gateway: ServedGateway) -> None:
-    body = _post(gateway, {
-        "model": "prm", "messages": [{"role": "user", "content": QUESTION}], "steps": STEPS,
-        "selection": "majority_vote",
-    })
+    body = _post(
+        gateway,
+        {
+            "model": "prm",
+            "messages": [{"role": "user", "content": QUESTION}],
+            "steps": STEPS,
+            "selection": "majority_vote",
+        },
+    )
     assert body["selected_answer"] == "7"
     assert body["vote_share"] == pytest.approx(2 / 3)
     assert body["selected_index"] in (0, 2)

@@ -28,10 +28,30 @@ def test_models_from_config_file(tmp_path: Path) -> None:
 
 
 def test_models_from_flags_and_json() -> None:
-    (flag,) = _entries(["--reward-model", "rm=/models/rm", "--max-length", "128", "--truncate-prompt",
-                        "--gguf-file", "m.gguf", "--kind", "judge", "--max-wait-ms", "0"])
-    assert (flag.name, flag.path, flag.max_length, flag.truncate_prompt, flag.gguf_file, flag.kind,
-            flag.max_wait_ms) == ("rm", "/models/rm", 128, True, "m.gguf", "judge", 0.0)
+    (flag,) = _entries(
+        [
+            "--reward-model",
+            "rm=/models/rm",
+            "--max-length",
+            "128",
+            "--truncate-prompt",
+            "--gguf-file",
+            "m.gguf",
+            "--kind",
+            "judge",
+            "--max-wait-ms",
+            "0",
+        ]
+    )
+    assert (
+        flag.name,
+        flag.path,
+        flag.max_length,
+        flag.truncate_prompt,
+        flag.gguf_file,
+        flag.kind,
+        flag.max_wait_ms,
+    ) == ("rm", "/models/rm", 128, True, "m.gguf", "judge", 0.0)
     entry = RewardModelConfig(name="j", path="/p", normalize_std=2.0)
     (parsed,) = _entries(["--model-json", entry.model_dump_json()])
     assert parsed == entry

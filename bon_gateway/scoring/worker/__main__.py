@@ -39,14 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--truncate-prompt", action="store_true", default=None)
-    p.add_argument("--max-queue-tokens", type=int, help="shed load above this many queued tokens "
-                   "(default 64 x max_batch_tokens)")
+    p.add_argument(
+        "--max-queue-tokens",
+        type=int,
+        help="shed load above this many queued tokens (default 64 x max_batch_tokens)",
+    )
     p.add_argument("--no-prefix-reuse", action="store_true", help="always recompute the shared prompt")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=["text", "json"], default="text",
-                   help="json: one object per line (ts, level, logger, message, phase fields)")
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one object per line (ts, level, logger, message, phase fields)",
+    )
     return p
 
 
@@ -62,9 +69,14 @@ def model_entries(args: argparse.Namespace) -> list[RewardModelConfig]:
     overrides = {
         k: v
         for k, v in {
-            "kind": args.kind, "gguf_file": args.gguf_file, "device": args.device, "dtype": args.dtype,
-            "max_batch_tokens": args.max_batch_tokens, "max_wait_ms": args.max_wait_ms,
-            "max_length": args.max_length, "truncate_prompt": args.truncate_prompt,
+            "kind": args.kind,
+            "gguf_file": args.gguf_file,
+            "device": args.device,
+            "dtype": args.dtype,
+            "max_batch_tokens": args.max_batch_tokens,
+            "max_wait_ms": args.max_wait_ms,
+            "max_length": args.max_length,
+            "truncate_prompt": args.truncate_prompt,
         }.items()
         if v is not None
     }

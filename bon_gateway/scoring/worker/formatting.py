@@ -59,7 +59,7 @@ class Tokenizing:
         the answer is never cut.
         """
         if self._strip_bos and self._bos and text.startswith(self._bos):
-            text = text[len(self._bos):]
+            text = text[len(self._bos) :]
             answer_start -= len(self._bos)
         enc = self.tokenizer(text, return_offsets_mapping=True)
         ids: list[int] = list(enc["input_ids"])
@@ -81,7 +81,7 @@ class Tokenizing:
                     f"{self.max_length} tokens"
                     + ("" if self.truncate_prompt else " (set truncate_prompt to left-truncate the prompt)")
                 )
-            ids = ids[:keep_head] + ids[keep_head + excess:]
+            ids = ids[:keep_head] + ids[keep_head + excess :]
             prompt_tokens -= excess
         return Encoded(ids=ids, prompt_tokens=prompt_tokens)
 

@@ -128,8 +128,8 @@ def _pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -174,7 +174,7 @@ class Forward:
         for g in groups:
             per: list[torch.Tensor] = []
             for pos in g.positions:
-                per.append(logits[k: k + len(pos)])
+                per.append(logits[k : k + len(pos)])
                 k += len(pos)
             result.append(per)
         return result
@@ -249,7 +249,8 @@ class Forward:
             hp = backbone(
                 input_ids=torch.tensor([g.seqs[0][:width]], device=dev),
                 position_ids=torch.arange(width, device=dev).unsqueeze(0),
-                past_key_values=cache, use_cache=True,
+                past_key_values=cache,
+                use_cache=True,
             ).last_hidden_state
             figures.rows += 1
             figures.batch_tokens += width
@@ -264,8 +265,11 @@ class Forward:
                     mask = torch.cat([torch.ones((rows, width), dtype=torch.long), smask], dim=1).to(dev)
                 spos = width + torch.arange(sids.shape[1]).unsqueeze(0).expand(rows, -1)
                 hs = backbone(
-                    input_ids=sids.to(dev), attention_mask=mask, position_ids=spos.to(dev),
-                    past_key_values=_repeat_cache(cache, rows), use_cache=True,
+                    input_ids=sids.to(dev),
+                    attention_mask=mask,
+                    position_ids=spos.to(dev),
+                    past_key_values=_repeat_cache(cache, rows),
+                    use_cache=True,
                 ).last_hidden_state
                 figures.rows += rows
                 figures.batch_tokens += sids.numel()
@@ -289,8 +293,11 @@ class Forward:
         ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.adapter.config)
         hp = backbone(
-            input_ids=pids.to(dev), attention_mask=pmask.to(dev), position_ids=ppos.to(dev),
-            past_key_values=cache, use_cache=True,
+            input_ids=pids.to(dev),
+            attention_mask=pmask.to(dev),
+            position_ids=ppos.to(dev),
+            past_key_values=cache,
+            use_cache=True,
         ).last_hidden_state
         # 2. Repeat each group's cache rows once per candidate.
         row_group = [gi for gi, g in enumerate(groups) for _ in g.seqs]
@@ -310,14 +317,17 @@ class Forward:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
         # 3. The candidates' own tokens, right-padded; the mask covers prefix + suffix.
-        suffixes = [s[g.prefix:] for g in groups for s in g.seqs]
+        suffixes = [s[g.prefix :] for g in groups for s in g.seqs]
         sids, smask = _pad_right(suffixes, self.pad_id)
         mask = torch.cat([pmask[index.cpu()], smask], dim=1)
         starts = torch.tensor([groups[gi].prefix for gi in row_group]).unsqueeze(1)
         spos = starts + torch.arange(sids.shape[1]).unsqueeze(0)
         hs = backbone(
-            input_ids=sids.to(dev), attention_mask=mask.to(dev), position_ids=spos.to(dev),
-            past_key_values=cache, use_cache=True,
+            input_ids=sids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=spos.to(dev),
+            past_key_values=cache,
+            use_cache=True,
         ).last_hidden_state
         figures.rows += sids.shape[0]
         figures.batch_tokens += pids.numel() + sids.numel()

@@ -69,8 +69,14 @@ def load_adapter(entry: RewardModelConfig) -> Adapter:
     cls, architecture = adapter_for(architectures, entry.kind)
     device = resolve_device(entry.device)
     dtype = resolve_dtype(entry, device)
-    log.info("phase=load model=%s architecture=%s adapter=%s device=%s dtype=%s",
-             entry.name, architecture, cls.__name__, device, dtype)
+    log.info(
+        "phase=load model=%s architecture=%s adapter=%s device=%s dtype=%s",
+        entry.name,
+        architecture,
+        cls.__name__,
+        device,
+        dtype,
+    )
     common: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
     if entry.gguf_file:
         common["gguf_file"] = entry.gguf_file
@@ -82,6 +88,10 @@ def load_adapter(entry: RewardModelConfig) -> Adapter:
         model.to(device)
     model.eval()
     adapter = cls(model, tokenizer, entry, architecture=architecture)
-    log.info("phase=loaded model=%s params=%d seconds=%.1f", entry.name,
-             sum(p.numel() for p in model.parameters()), time.perf_counter() - started)
+    log.info(
+        "phase=loaded model=%s params=%d seconds=%.1f",
+        entry.name,
+        sum(p.numel() for p in model.parameters()),
+        time.perf_counter() - started,
+    )
     return adapter

@@ -55,9 +55,12 @@ class ModelRuntime:
         device = next(adapter.model.parameters()).device
         self.forward = Forward(adapter, device)
         packed = self.forward.packed
-        log.info("phase=plan model=%s batches=%s linears=%s", entry.name,
-                 "packed" if packed else "transformers",
-                 "onednn-fused" if packed and packed.linear.onednn else "torch")
+        log.info(
+            "phase=plan model=%s batches=%s linears=%s",
+            entry.name,
+            "packed" if packed else "transformers",
+            "onednn-fused" if packed and packed.linear.onednn else "torch",
+        )
         self.prefix_reuse = prefix_reuse and adapter.supports_prefix_reuse
         self.batcher: Batcher[GroupOutcome] = Batcher(
             self._run_batch, max_batch_tokens=entry.max_batch_tokens, max_wait_ms=entry.max_wait_ms
@@ -86,8 +89,14 @@ class ModelRuntime:
         started = time.perf_counter()
         logits, figures = self.forward.run(groups)
         seconds = time.perf_counter() - started
-        log.debug("phase=batch model=%s groups=%d rows=%d tokens=%d seconds=%.3f", self.entry.name,
-                  len(groups), figures.rows, figures.batch_tokens, seconds)
+        log.debug(
+            "phase=batch model=%s groups=%d rows=%d tokens=%d seconds=%.3f",
+            self.entry.name,
+            len(groups),
+            figures.rows,
+            figures.batch_tokens,
+            seconds,
+        )
         return [
             GroupOutcome(per, figures if i == 0 else None, (len(g.seqs) - 1) * g.prefix, seconds)
             for i, (g, per) in enumerate(zip(groups, logits, strict=True))

@@ -37,7 +37,9 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
         assert runtime is not None
         return runtime
 
-    async def Score(self, request: pb.WorkerScoreRequest, context: grpc.aio.ServicerContext) -> pb.WorkerScoreResponse:  # noqa: E501
+    async def Score(
+        self, request: pb.WorkerScoreRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerScoreResponse:  # noqa: E501
         runtime = await self._runtime(request.model, context)
         activation = request.activation or runtime.entry.activation
         if activation not in ACTIVATIONS:
@@ -84,10 +86,14 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
             stats=stats,
         )
 
-    async def Info(self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext) -> pb.WorkerInfoResponse:  # noqa: E501
+    async def Info(
+        self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerInfoResponse:  # noqa: E501
         models = [
             pb.WorkerModel(
-                name=name, architecture=rt.adapter.architecture, kind=rt.adapter.kind,
+                name=name,
+                architecture=rt.adapter.architecture,
+                kind=rt.adapter.kind,
                 max_length=min(rt.adapter.max_length, 2**31 - 1),
             )
             for name, rt in self.runtimes.items()
@@ -102,8 +108,9 @@ def request_steps_text(steps: tuple[str, ...]) -> str:
 
 async def build_server(runtimes: dict[str, ModelRuntime], listen: str) -> grpc.aio.Server:
     """A started server on `listen` (unix:PATH or HOST:PORT), health SERVING."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                      ("grpc.max_send_message_length", 64 << 20)])
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    )
     pb_grpc.add_RewardWorkerServicer_to_server(  # type: ignore[no-untyped-call]
         RewardWorkerService(runtimes), server
     )

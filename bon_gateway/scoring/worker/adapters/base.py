@@ -82,9 +82,7 @@ class Adapter:
     def config(self) -> Any:
         return self.model.config
 
-    def encode(
-        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
-    ) -> Encoded:
+    def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
         return self.tok.encode_chat(messages, answer, what=what)
 
     def positions(self, ids: Sequence[int]) -> list[int]:

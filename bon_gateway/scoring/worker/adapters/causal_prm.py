@@ -68,9 +68,7 @@ class CausalPRMAdapter(Adapter):
             marks.append(len(text))
         return text, answer_start, marks
 
-    def encode(
-        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
-    ) -> Encoded:
+    def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
         parts = candidate_steps(answer, steps, self.entry.steps.delimiter)
         text, answer_start, marks = self.build_text(last_user_message(messages), parts)
         # No trusted specials: the whole input is text, tokenized in one piece like the card

@@ -105,9 +105,9 @@ def llama_state_dict(tensors: dict[str, torch.Tensor], config: Any) -> dict[str,
     for key, value in tensors.items():
         if not key.startswith("model."):
             continue  # output.* (LM head) and v_head are not part of the backbone
-        name = key[len("model."):]
+        name = key[len("model.") :]
         if name.startswith("tok_embeddings."):
-            out["embed_tokens." + name[len("tok_embeddings."):]] = value
+            out["embed_tokens." + name[len("tok_embeddings.") :]] = value
         elif ".attention.wqkv." in name:
             layer, suffix = name.split(".attention.wqkv.")
             q, k, v = unpack_wqkv(value, heads, kv_heads, head_dim)
@@ -172,9 +172,7 @@ class InternLM2RewardAdapter(Adapter):
         module: torch.nn.Module = self.model.model
         return module
 
-    def encode(
-        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
-    ) -> Encoded:
+    def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
         # The card tokenizes the template string with add_special_tokens=False; the template
         # writes the BOS itself, and Tokenizing keeps exactly one BOS either way.
         encoded = self.tok.encode_chat(messages, answer, what=what)

@@ -41,9 +41,7 @@ class JudgeAdapter(Adapter):
 
         return AutoModelForCausalLM.from_pretrained(entry.path, **load_kwargs)
 
-    def encode(
-        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
-    ) -> Encoded:
+    def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
         template = self.entry.judge.template
         content = template.format(question=last_user_message(messages), answer=answer)
         text = self.tok.render_chat([{"role": "user", "content": content}], add_generation_prompt=True)

@@ -79,7 +79,9 @@ def encode_pieces(
             raise ValueError("overlapping special tokens")
         if special.start > pos:
             enc = tokenizer(
-                text[pos: special.start], add_special_tokens=False, split_special_tokens=True,
+                text[pos : special.start],
+                add_special_tokens=False,
+                split_special_tokens=True,
                 return_offsets_mapping=True,
             )
             ids.extend(enc["input_ids"])
@@ -110,7 +112,7 @@ def encode_pieces(
                 f"{tok.max_length} tokens"
                 + ("" if tok.truncate_prompt else " (set truncate_prompt to left-truncate the prompt)")
             )
-        ids = ids[:keep_head] + ids[keep_head + excess:]
+        ids = ids[:keep_head] + ids[keep_head + excess :]
         prompt_tokens -= excess
         # Markers sit in the answer, which truncation never touches: they only shift.
         positions = [p - excess for p in positions]

@@ -52,8 +52,11 @@ class Qwen2ProcessRewardAdapter(Adapter):
             raise ValueError(f"{entry.path}: the tokenizer has no {SEPARATOR} token")
         self.sep_id = int(sep)
         skeleton = self.tok.render_chat(
-            [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _Q},
-             {"role": "assistant", "content": _A}]
+            [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": _Q},
+                {"role": "assistant", "content": _A},
+            ]
         )
         if skeleton.count(_Q) != 1 or skeleton.count(_A) != 1 or skeleton.index(_Q) > skeleton.index(_A):
             raise ValueError(f"{entry.path}: the chat template does not place the question and answer once")
@@ -70,9 +73,7 @@ class Qwen2ProcessRewardAdapter(Adapter):
         module: torch.nn.Module = self.model.model
         return module
 
-    def encode(
-        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
-    ) -> Encoded:
+    def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
         encoded, _ = self.encode_steps(messages, answer, steps, what=what)
         return encoded
 

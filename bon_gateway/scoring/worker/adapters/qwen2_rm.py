@@ -74,7 +74,7 @@ def mlp_head(tensors: dict[str, torch.Tensor], prefix: str) -> torch.nn.Sequenti
         torch.nn.ReLU(),
         torch.nn.Linear(w2.shape[1], w2.shape[0], bias=f"{prefix}.2.bias" in tensors),
     )
-    state = {k[len(prefix) + 1:]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
+    state = {k[len(prefix) + 1 :]: v.float() for k, v in tensors.items() if k.startswith(prefix + ".")}
     head.load_state_dict(state, strict=True)
     return head
 
