@@ -39,7 +39,7 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
 
     async def Score(
         self, request: pb.WorkerScoreRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WorkerScoreResponse:  # noqa: E501
+    ) -> pb.WorkerScoreResponse:
         runtime = await self._runtime(request.model, context)
         activation = request.activation or runtime.entry.activation
         if activation not in ACTIVATIONS:
@@ -88,7 +88,7 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
 
     async def Info(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WorkerInfoResponse:  # noqa: E501
+    ) -> pb.WorkerInfoResponse:
         models = [
             pb.WorkerModel(
                 name=name,
