@@ -6,6 +6,7 @@ inside the front process.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +17,57 @@ Activation = Literal["none", "sigmoid", "softmax"]
 SELECTIONS: tuple[str, ...] = ("argmax", "weighted_vote", "majority_vote")
 AGGREGATIONS: tuple[str, ...] = ("last", "min", "prod", "mean")
 ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid", "softmax")
+
+
+# Why a candidate was dropped: a bounded set (the suffix of the
+# bon_candidates_total{outcome="dropped_<reason>"} label).
+DropReason = Literal["deadline", "timeout", "connect_error", "bad_response", "upstream_error", "rate_limited"]
+DROP_REASONS: tuple[str, ...] = (
+    "deadline",
+    "timeout",
+    "connect_error",
+    "bad_response",
+    "upstream_error",
+    "rate_limited",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """One request's absolute deadline on the `time.monotonic()` clock.
+
+    Made once by the front that admits the request and passed down explicitly:
+    every hop (upstream calls, their retries, scoring, the worker RPC) bounds
+    itself by the time *left*, never by a fresh full timeout.
+    """
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        """Seconds left, never below 0."""
+        return max(0.0, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def earlier(self, seconds: float) -> Deadline:
+        """This deadline moved `seconds` earlier (a margin kept for later phases)."""
+        return Deadline(self.at - seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A candidate that was not generated: a bounded `reason` and a human `detail`."""
+
+    reason: DropReason
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}"
 
 
 @dataclass(frozen=True, slots=True)
