@@ -10,9 +10,9 @@ from pathlib import Path
 from bon_gateway.config import (
     ConfigError,
     GatewayConfig,
-    RewardModelConfig,
     load_config,
     parse_reward_model_flag,
+    with_overrides,
 )
 
 
@@ -43,36 +43,28 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
     """Command-line flags override the config file."""
-    server = config.server.model_copy(
-        update={
-            k: v
-            for k, v in {"host": args.host, "http_port": args.http_port, "grpc_port": args.grpc_port}.items()
-            if v is not None
-        }
-    )
-    generator_update: dict[str, object] = {}
-    if args.generator_url:
-        # Flags replace the file's upstreams whole: `url` and the replica list `urls`.
-        generator_update["url"] = args.generator_url[0]
-        generator_update["urls"] = tuple(args.generator_url) if len(args.generator_url) > 1 else ()
-    if args.generator_model is not None:
-        generator_update["model"] = args.generator_model
-    generator = config.generator.model_copy(update=generator_update)
-    models = list(config.reward_models)
+    urls: list[str] = args.generator_url
+    models = None
     if args.reward_model:
-        models = []
-        for flag in args.reward_model:
-            name, path = parse_reward_model_flag(flag)
-            models.append(RewardModelConfig(name=name, path=path))
-    overrides = {k: v for k, v in {"device": args.device, "workers": args.workers}.items() if v is not None}
-    if overrides:
-        models = [m.model_copy(update=overrides) for m in models]
-    return GatewayConfig.model_validate(
+        # --reward-model replaces the file's list whole.
+        models = [
+            dict(zip(("name", "path"), parse_reward_model_flag(flag), strict=True))
+            for flag in args.reward_model
+        ]
+    return with_overrides(
+        config,
         {
-            "server": server.model_dump(),
-            "generator": generator.model_dump(),
-            "reward_models": [m.model_dump() for m in models],
-        }
+            "server.host": args.host,
+            "server.http_port": args.http_port,
+            "server.grpc_port": args.grpc_port,
+            # Flags replace the file's upstreams whole: `url` and the replica list `urls`.
+            "generator.url": urls[0] if urls else None,
+            "generator.urls": (urls if len(urls) > 1 else []) if urls else None,
+            "generator.model": args.generator_model,
+            "reward_models": models,
+            "reward_models.*.device": args.device,
+            "reward_models.*.workers": args.workers,
+        },
     )
 
 

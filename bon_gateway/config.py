@@ -7,8 +7,9 @@ environment.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -237,6 +238,28 @@ def load_config(path: Path | None) -> GatewayConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from None
+    return parse_config(data)
+
+
+def with_overrides(config: GatewayConfig, overrides: Mapping[str, object | None]) -> GatewayConfig:
+    """`config` with command-line values laid over it, validated once (errors name the key).
+
+    Keys are dotted paths into the config (`server.http_port`, `generator.urls`);
+    `reward_models.*.KEY` sets KEY on every reward model entry. None values (a
+    flag not given) leave the file's value.
+    """
+    data: dict[str, Any] = config.model_dump(exclude_unset=True)
+    for path, value in overrides.items():
+        if value is None:
+            continue
+        section, _, rest = path.partition(".")
+        if section == "reward_models" and rest.startswith("*."):
+            for entry in data.setdefault("reward_models", []):
+                entry[rest[2:]] = value
+        elif rest:
+            data.setdefault(section, {})[rest] = value
+        else:
+            data[section] = value
     return parse_config(data)
 
 

@@ -1,50 +1,73 @@
-"""Logging set-up for `bon-gateway serve` and `bon-gateway worker`.
+"""Logging set-up for `bon-gateway serve` and `bon-gateway worker`, and the one
+way the code logs a phase.
 
-text: `TIME LEVEL LOGGER MESSAGE`. json: one object per line with ts, level,
-logger, message, plus the `key=value` pairs of our `phase=... id=...` lines as
-fields (a pair never overrides ts/level/logger/message). Prompt and answer
+`log_phase(log, "score", id=..., model=..., seconds=...)` writes one line per
+phase. In text mode it reads `TIME LEVEL LOGGER phase=score id=... model=...`;
+in json mode (python-json-logger) it is one object per line with ts, level,
+logger, message, and the same fields as typed JSON values, passed through the
+record (`extra=`), never parsed back out of the message. Prompt and answer
 text is never logged at INFO or above; only DEBUG lines may carry it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import sys
-from datetime import UTC, datetime
-from typing import Literal, TextIO
+from typing import Any, Literal, TextIO
 
-__all__ = ["JsonFormatter", "LogFormat", "configure_logging", "message_fields"]
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
+
+__all__ = ["JsonFormatter", "LogFormat", "configure_logging", "log_phase"]
 
 LogFormat = Literal["text", "json"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-_PAIR = re.compile(r"(?:^|\s)([a-z_][a-z0-9_\-]*)=(\S+)")
+# The record attribute that carries a phase line's fields.
+FIELDS_ATTR = "bon_fields"
 _RESERVED = frozenset({"ts", "level", "logger", "message", "exc_info"})
 
 
-def message_fields(message: str) -> dict[str, str]:
-    """The `key=value` pairs of a `phase=... id=...` line; {} for other lines."""
-    if not message.startswith("phase="):
-        return {}
-    return {k: v for k, v in _PAIR.findall(message) if k not in _RESERVED}
+def _text(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        entry: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": message,
-        }
-        for key, value in message_fields(message).items():
-            entry.setdefault(key, value)
-        if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+def log_phase(logger: logging.Logger, phase: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log `phase=NAME key=value ...`; the JSON formatter gets the fields as they are."""
+    if not logger.isEnabledFor(level):
+        return
+    pairs = " ".join(f"{key}={_text(value)}" for key, value in fields.items())
+    message = f"phase={phase} {pairs}" if pairs else f"phase={phase}"
+    logger.log(level, message, extra={FIELDS_ATTR: {"phase": phase, **fields}}, stacklevel=2)
+
+
+class JsonFormatter(_LibraryJsonFormatter):
+    """python-json-logger with the gateway's key names; a phase line's fields merged in."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger"},
+            reserved_attrs=[*RESERVED_ATTRS, FIELDS_ATTR],
+            json_ensure_ascii=False,
+            json_default=str,
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        # ISO 8601 in UTC with milliseconds, whatever the host's time zone.
+        from datetime import UTC, datetime
+
+        return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+
+    def add_fields(
+        self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
+    ) -> None:
+        fields = getattr(record, FIELDS_ATTR, None)
+        super().add_fields(log_data, record, message_dict)
+        if fields:
+            for key, value in fields.items():
+                if key not in _RESERVED:
+                    log_data.setdefault(key, value)
 
 
 def configure_logging(

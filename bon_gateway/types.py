@@ -156,7 +156,7 @@ class BonResult:
     ranked: list[ScoredCandidate]
     usage: Usage
     timings: Timings
-    dropped: list[str] = field(default_factory=list)  # one reason per dropped candidate
+    dropped: list[Dropped] = field(default_factory=list)  # one per dropped candidate
     selected_answer: str | None = None
     vote_share: float | None = None
 

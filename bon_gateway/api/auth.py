@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bon_gateway.config import AuthConfig, ConfigError
 from bon_gateway.errors import Overloaded, Unauthenticated
+from bon_gateway.logs import log_phase
 
 __all__ = ["AccessPolicy", "KeyStore", "RateLimiter", "bearer_token", "load_api_keys"]
 
@@ -135,9 +136,9 @@ class AccessPolicy:
     def from_config(cls, auth: AuthConfig, environ: Mapping[str, str] | None = None) -> AccessPolicy:
         keys = KeyStore(load_api_keys(auth, environ))
         if keys.enabled:
-            log.info("phase=auth keys=%d rate_limit_per_s=%g", len(keys), auth.rate_limit_per_s)
+            log_phase(log, "auth", keys=len(keys), rate_limit_per_s=auth.rate_limit_per_s)
         else:
-            log.warning("phase=auth keys=0: API key authentication is off")
+            log_phase(log, "auth", logging.WARNING, keys=0, note="API key authentication is off")
         return cls(keys, RateLimiter(auth.rate_limit_per_s, auth.rate_limit_burst))
 
     @property

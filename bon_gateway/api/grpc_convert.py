@@ -35,6 +35,7 @@ __all__ = [
     "bon_request_from_proto",
     "generate_response",
     "generated_event",
+    "grpc_param",
     "list_models_response",
     "score_request_from_proto",
     "score_response",
@@ -54,16 +55,24 @@ def _messages(messages: Iterable[pb.ChatMessage]) -> tuple[Message, ...]:
     return tuple(Message(m.role, m.content) for m in messages)
 
 
+# Admission names fields as the HTTP API does; where a gRPC message spells one
+# differently, errors are renamed to the proto's field path.
+_GENERATE_PARAMS = {
+    name: f"sampling.{name}" for name in ("temperature", "top_p", "max_tokens", "seed", "stop")
+}
+_SCORE_PARAMS = {"model": "reward_model"}
+
+
+def grpc_param(param: str | None, method: str) -> str | None:
+    """The proto field path of an admission error's `param` for RPC `method` (e.g. "Generate")."""
+    if param is None:
+        return None
+    names = _SCORE_PARAMS if method == "Score" else _GENERATE_PARAMS
+    return names.get(param, param)
+
+
 def _sampling(request: pb.GenerateRequest) -> SamplingParams:
     s = request.sampling
-    # Same bounds as the HTTP schema: out-of-range values would fail every
-    # upstream call and surface as UNAVAILABLE instead of the client's mistake.
-    if s.HasField("temperature") and not s.temperature >= 0:
-        raise InvalidRequest("sampling.temperature must be >= 0", param="sampling.temperature")
-    if s.HasField("top_p") and not 0 < s.top_p <= 1:
-        raise InvalidRequest("sampling.top_p must be in (0, 1]", param="sampling.top_p")
-    if s.HasField("max_tokens") and s.max_tokens < 1:
-        raise InvalidRequest("sampling.max_tokens must be >= 1", param="sampling.max_tokens")
     return SamplingParams(
         temperature=s.temperature if s.HasField("temperature") else None,
         top_p=s.top_p if s.HasField("top_p") else None,
@@ -141,7 +150,7 @@ def generate_response(result: BonResult, request: BonRequest) -> pb.GenerateResp
             total_seconds=t.total_seconds,
         ),
         candidates_dropped=len(result.dropped),
-        drop_reasons=list(result.dropped),
+        drop_reasons=[str(d) for d in result.dropped],
         selected_answer=result.selected_answer or "",
         vote_share=result.vote_share or 0.0,
     )

@@ -11,13 +11,11 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 
 from bon_gateway.api import grpc_convert as convert
-from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import (
     BonError,
@@ -28,7 +26,7 @@ from bon_gateway.errors import (
     Unavailable,
 )
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import CandidateScore, Generation
+from bon_gateway.types import CandidateScore, Deadline, Generation
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 
@@ -36,7 +34,13 @@ __all__ = ["BestOfNService", "grpc_status", "status_of"]
 
 log = logging.getLogger("bon_gateway.api")
 
-T = TypeVar("T")
+# bon_requests_total{api} of each RPC.
+_API_LABELS = {
+    "Generate": "grpc_generate",
+    "GenerateStream": "grpc_generate_stream",
+    "Score": "grpc_score",
+    "ListModels": "grpc_list_models",
+}
 
 
 def grpc_status(error: BonError) -> grpc.StatusCode:
@@ -79,24 +83,19 @@ class BestOfNService(pb_grpc.BestOfNServicer):
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
         self.metrics = metrics
+        self._default_best_of = engine.config.server.default_best_of
 
     # -- plumbing -------------------------------------------------------
-    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
-        """Seconds left: the client's deadline when it set one, capped by the server's timeout."""
+    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        """The request's one deadline: the client's when it set one, capped by the server's timeout."""
         limit = self.engine.config.server.request_timeout_s
         remaining = context.time_remaining()
-        return limit if remaining is None else max(0.0, min(limit, remaining))
-
-    async def _bounded(self, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
-        timeout = self._timeout(context)
-        try:
-            return await asyncio.wait_for(work, timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"request took longer than {timeout:g}s") from None
+        return Deadline.after(limit if remaining is None else max(0.0, min(limit, remaining)))
 
     @contextlib.asynccontextmanager
-    async def _rpc(self, api: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         """Metrics for one RPC, and its error turned into a status."""
+        api = _API_LABELS[method]
         in_flight = self.metrics.requests_in_flight.labels(api)
         in_flight.inc()
         started = time.perf_counter()
@@ -124,6 +123,7 @@ class BestOfNService(pb_grpc.BestOfNServicer):
             # Internals (tracebacks, upstream bodies) stay in the log.
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         else:
+            error.param = convert.grpc_param(error.param, method)
             details, metadata = _details(error)
             await context.abort(status, details, trailing_metadata=metadata)
 
@@ -131,19 +131,19 @@ class BestOfNService(pb_grpc.BestOfNServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
-        async with self._rpc("grpc_generate", context):
-            bon = convert.bon_request_from_proto(request, self.engine.config.server.default_best_of)
-            check_bon_request(bon, self.engine.config.server.limits)
-            result = await self._bounded(context, self.engine.run(bon, timeout_s=self._timeout(context)))
-            return convert.generate_response(result, bon)
+        async with self._rpc("Generate", context):
+            deadline = self._deadline(context)
+            admitted = self.engine.admit(convert.bon_request_from_proto(request, self._default_best_of))
+            result = await self.engine.run(admitted, deadline)
+            return convert.generate_response(result, admitted.request)
         raise AssertionError("unreachable: _rpc aborts on error")
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
-        async with self._rpc("grpc_generate_stream", context):
-            bon = convert.bon_request_from_proto(request, self.engine.config.server.default_best_of)
-            check_bon_request(bon, self.engine.config.server.limits)
+        async with self._rpc("GenerateStream", context):
+            deadline = self._deadline(context)
+            admitted = self.engine.admit(convert.bon_request_from_proto(request, self._default_best_of))
             # The engine reports progress through callbacks; a queue turns them
             # into stream messages without blocking the engine on a slow reader.
             events: asyncio.Queue[pb.GenerateEvent | None] = asyncio.Queue()
@@ -155,12 +155,7 @@ class BestOfNService(pb_grpc.BestOfNServicer):
                 events.put_nowait(convert.scored_event(index, score))
 
             run = asyncio.ensure_future(
-                self._bounded(
-                    context,
-                    self.engine.run(
-                        bon, on_generated=on_generated, on_scored=on_scored, timeout_s=self._timeout(context)
-                    ),
-                )
+                self.engine.run(admitted, deadline, on_generated=on_generated, on_scored=on_scored)
             )
             run.add_done_callback(lambda _: events.put_nowait(None))
             try:
@@ -169,19 +164,19 @@ class BestOfNService(pb_grpc.BestOfNServicer):
                 result = await run
             finally:
                 run.cancel()
-            yield pb.GenerateEvent(result=convert.generate_response(result, bon))
+            yield pb.GenerateEvent(result=convert.generate_response(result, admitted.request))
 
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        async with self._rpc("grpc_score", context):
-            score_request = convert.score_request_from_proto(request)
-            check_score_request(score_request, self.engine.config.server.limits)
-            result = await self._bounded(context, self.engine.score(score_request))
+        async with self._rpc("Score", context):
+            deadline = self._deadline(context)
+            admitted = self.engine.admit_score(convert.score_request_from_proto(request))
+            result = await self.engine.score(admitted, deadline)
             return convert.score_response(result)
         raise AssertionError("unreachable: _rpc aborts on error")
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        async with self._rpc("grpc_list_models", context):
+        async with self._rpc("ListModels", context):
             return convert.list_models_response(self.engine.list_models())
         raise AssertionError("unreachable: _rpc aborts on error")

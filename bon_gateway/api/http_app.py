@@ -28,7 +28,6 @@ from bon_gateway.api.http_errors import (
     error_response,
     install_error_handlers,
 )
-from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.api.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -40,10 +39,11 @@ from bon_gateway.api.openai_schema import (
     models_body,
     rewards_body,
 )
+from bon_gateway.engine.admission import AdmittedBon
 from bon_gateway.engine.engine import Engine
-from bon_gateway.errors import BonError, DeadlineExceeded
+from bon_gateway.errors import BonError
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import BonRequest, BonResult
+from bon_gateway.types import BonRequest, BonResult, Deadline
 
 GenerateBody = ChatCompletionRequest | CompletionRequest
 ToBody = Callable[[BonResult, BonRequest], dict[str, Any]]
@@ -120,8 +120,8 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _guarded(receive: Receive, timeout_s: float, work: Callable[[], Awaitable[T]]) -> T:
-    """Run `work` under the request timeout; cancel it when the client hangs up.
+async def _guarded(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
+    """Run `work` (bounded by its own deadline); cancel it when the client hangs up.
 
     Cancelling the engine call cancels its upstream calls and queued scoring:
     nobody is left to read the answer.
@@ -129,10 +129,7 @@ async def _guarded(receive: Receive, timeout_s: float, work: Callable[[], Awaita
     task = asyncio.ensure_future(work())
     watcher = asyncio.ensure_future(_wait_disconnect(receive))
     try:
-        async with asyncio.timeout(timeout_s):
-            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except TimeoutError:
-        raise DeadlineExceeded(f"request took longer than {timeout_s:g}s") from None
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
         if not task.done():
@@ -150,8 +147,8 @@ def _sse_data(payload: dict[str, Any]) -> bytes:
 
 async def _sse_best_of_n(
     engine: Engine,
-    bon: BonRequest,
-    timeout_s: float,
+    admitted: AdmittedBon,
+    deadline: Deadline,
     to_chunks: Callable[[BonResult], list[dict[str, Any]]],
 ) -> AsyncIterator[bytes]:
     """OpenAI server-sent events for a streamed request: comments while the
@@ -166,7 +163,7 @@ async def _sse_best_of_n(
     this generator (Starlette listens for the disconnect), and so the engine.
     """
     yield b": generating\n\n"
-    task = asyncio.ensure_future(engine.run(bon, timeout_s=timeout_s))
+    task = asyncio.ensure_future(engine.run(admitted, deadline))
     try:
         while not (await asyncio.wait({task}, timeout=SSE_KEEPALIVE_S))[0]:
             yield b": keep-alive\n\n"
@@ -195,14 +192,13 @@ async def _sse_best_of_n(
 async def _answer(engine: Engine, body: GenerateBody, receive: Receive, to_body: ToBody) -> Response:
     """A non-streamed best-of-N request, from its validated body to its response."""
     server = engine.config.server
-    bon = body.to_bon_request(server.default_best_of)
-    check_bon_request(bon, server.limits)
-    timeout_s = server.request_timeout_s
+    deadline = Deadline.after(server.request_timeout_s)
+    admitted = engine.admit(body.to_bon_request(server.default_best_of))
     try:
-        result = await _guarded(receive, timeout_s, lambda: engine.run(bon, timeout_s=timeout_s))
+        result = await _guarded(receive, lambda: engine.run(admitted, deadline))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(to_body(result, bon))
+    return JSONResponse(to_body(result, admitted.request))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,16 +325,13 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
     ) -> Response:
         if not body.stream:
             return await _answer(engine, body, request.receive, to_body)
-        bon = body.to_bon_request(server.default_best_of)
-        check_bon_request(bon, server.limits)
-        # Bad input is still a plain 400: checked before the 200 and the stream start.
-        engine.validate(bon)
-        engine.resolve_reward_model(bon.reward_model)
+        deadline = Deadline.after(server.request_timeout_s)
+        # Bad input is still a plain 400: admitted before the 200 and the stream start.
+        admitted = engine.admit(body.to_bon_request(server.default_best_of))
+        bon = admitted.request
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse_best_of_n(
-                engine, bon, server.request_timeout_s, lambda r: to_chunks(r, bon, include_usage=usage)
-            ),
+            _sse_best_of_n(engine, admitted, deadline, lambda r: to_chunks(r, bon, include_usage=usage)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -353,12 +346,10 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
 
     @app.post("/v1/rewards", response_model=None)
     async def rewards(body: RewardsRequest, request: Request) -> Response:
-        score_request = body.to_score_request()
-        check_score_request(score_request, server.limits)
+        deadline = Deadline.after(server.request_timeout_s)
+        admitted = engine.admit_score(body.to_score_request())
         try:
-            result = await _guarded(
-                request.receive, server.request_timeout_s, lambda: engine.score(score_request)
-            )
+            result = await _guarded(request.receive, lambda: engine.score(admitted, deadline))
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(rewards_body(result))

@@ -97,11 +97,11 @@ class _GenerateFields(_Request):
     return_candidates: StrictBool = False
     min_candidates: StrictInt | None = None
 
-    # Out-of-range sampling values would make every upstream call fail and
-    # come back as a 503; they are the client's mistake, so a 400 here.
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: StrictInt | None = Field(None, ge=1)
+    # Ranges (temperature >= 0, top_p in (0, 1], max_tokens >= 1) are checked
+    # by the engine's admission step, for both fronts.
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: StrictInt | None = None
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     stream: StrictBool = False
@@ -150,6 +150,7 @@ class ChatCompletionRequest(_GenerateFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessageIn]
+    # HTTP only (gRPC has no such field): its bound is checked here, naming it.
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     def to_bon_request(self, default_best_of: int) -> BonRequest:
@@ -254,7 +255,7 @@ def _envelope(result: BonResult, request: BonRequest, obj: str, prefix: str) -> 
         "reward_model": result.reward_model,
         "candidates_dropped": len(result.dropped),
         # One "reason: detail" per dropped candidate (what the gRPC reply calls drop_reasons).
-        "drop_reasons": list(result.dropped),
+        "drop_reasons": [str(d) for d in result.dropped],
     }
     _add_vote(body, result.selected_answer, result.vote_share)
     if request.return_candidates:
@@ -344,7 +345,7 @@ def _summary_chunk(
     base["choices"] = []
     base["reward_model"] = result.reward_model
     base["candidates_dropped"] = len(result.dropped)
-    base["drop_reasons"] = list(result.dropped)
+    base["drop_reasons"] = [str(d) for d in result.dropped]
     if include_usage:
         base["usage"] = _usage(result)
     if request.return_candidates:

@@ -28,6 +28,7 @@ from bon_gateway.api.guard import Guard
 from bon_gateway.api.http_app import build_app
 from bon_gateway.config import ConfigError, GatewayConfig, TlsConfig
 from bon_gateway.engine.engine import Engine
+from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
@@ -37,9 +38,6 @@ __all__ = ["GrpcFront", "build_grpc_server", "event_loop_factory", "run_gateway"
 log = logging.getLogger("bon_gateway.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["BestOfN"].full_name
-# How often readiness is re-read for grpc.health.v1: workers load and die on
-# their own schedule and the engine only answers "ready?" when asked.
-HEALTH_POLL_S = 0.25
 # Bounded grace for in-flight requests at shutdown (SIGTERM), per front.
 SHUTDOWN_GRACE_S = 30.0
 
@@ -78,14 +76,19 @@ class GrpcFront:
         self._watch = asyncio.create_task(self._watch_ready(), name="grpc-health-watch")
 
     async def _watch_ready(self) -> None:
+        # Woken by the pool (a worker up or down) and the upstream balancer (an
+        # ejection, or its cooldown ending); readiness is re-read then, never polled.
+        changed = asyncio.Event()
+        self.engine.on_readiness_change(changed.set)
         serving: bool | None = None
         while True:
+            changed.clear()
             ready = self.engine.ready()
             if ready != serving:
                 serving = ready
                 await self.set_serving(ready)
-                log.info("phase=grpc_health status=%s", "SERVING" if ready else "NOT_SERVING")
-            await asyncio.sleep(HEALTH_POLL_S)
+                log_phase(log, "grpc_health", status="SERVING" if ready else "NOT_SERVING")
+            await changed.wait()
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -227,20 +230,20 @@ async def serve_gateway(
     http_task: asyncio.Task[None] | None = None
     try:
         await grpc_front.start()
-        log.info("phase=grpc_listening address=%s:%d tls=%s", host, grpc_front.port, tls.enabled)
+        log_phase(log, "grpc_listening", address=f"{host}:{grpc_front.port}", tls=tls.enabled)
         http_task = asyncio.create_task(http.serve(sockets=[sock]), name="uvicorn")
         while not http.started:
             if http_task.done():
                 await http_task  # startup failed: surface its error
                 raise RuntimeError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
-        log.info("phase=http_listening address=%s:%d tls=%s", host, http_port, tls.enabled)
+        log_phase(log, "http_listening", address=f"{host}:{http_port}", tls=tls.enabled)
         if on_started is not None:
             on_started(http_port, grpc_front.port)
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({stopping, http_task}, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
-        log.info("phase=shutdown grace_s=%g", config.server.shutdown_grace_s)
+        log_phase(log, "shutdown", grace_s=config.server.shutdown_grace_s)
     finally:
         undo_signals()
         http.should_exit = True
@@ -251,7 +254,7 @@ async def serve_gateway(
             return_exceptions=True,
         )
         sock.close()
-        log.info("phase=stopped")
+        log_phase(log, "stopped")
 
 
 async def run_gateway(config: GatewayConfig) -> None:
@@ -269,30 +272,31 @@ async def run_gateway(config: GatewayConfig) -> None:
     upstream = UpstreamClient(config.generator, metrics)
     pool = WorkerPool(config, metrics)
     engine = Engine(config, upstream, pool, metrics)
-    log.info(
-        "phase=config generator=%s reward_models=%s loop=%s",
-        config.generator.url,
-        ",".join(m.name for m in config.reward_models) or "none",
-        type(asyncio.get_running_loop()).__module__.split(".")[0],
+    log_phase(
+        log,
+        "config",
+        generator=config.generator.url,
+        reward_models=",".join(m.name for m in config.reward_models) or "none",
+        loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     stop = asyncio.Event()
     # Serve at once (liveness answers, readiness says "not yet") while the
     # workers load: loading a model takes seconds to minutes.
     serving = asyncio.create_task(serve_gateway(config, engine, metrics, stop=stop), name="serve")
-    log.info("phase=workers_starting")
+    log_phase(log, "workers_starting")
     starting = asyncio.create_task(pool.start(), name="pool-start")
     try:
         done, _ = await asyncio.wait({serving, starting}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             if (error := starting.exception()) is not None:
                 # A pool that cannot start stops the gateway: nothing could be scored.
-                log.error("phase=workers_failed error=%s", getattr(error, "message", error))
+                log_phase(log, "workers_failed", logging.ERROR, error=getattr(error, "message", error))
                 raise error
-            log.info("phase=workers_started ready=%s", pool.ready())
+            log_phase(log, "workers_started", ready=pool.ready())
         await serving
     finally:
         stop.set()
         starting.cancel()
         await asyncio.gather(serving, starting, return_exceptions=True)
         await engine.aclose()
-        log.info("phase=closed")
+        log_phase(log, "closed")

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 import httpx
 
 from bon_gateway.config import GatewayConfig
-from bon_gateway.engine.engine import RewardScorer
+from bon_gateway.engine.protocols import RewardScorer
+from bon_gateway.logs import log_phase
+from bon_gateway.types import Deadline
 
 __all__ = ["BatchClient", "EngineClient", "GatewayHttpClient", "RequestFailed"]
 
@@ -134,10 +136,7 @@ class EngineClient:
         scorer = self._scorer
         if scorer is None:
             pool = WorkerPool(self.config, metrics)
-            log.info(
-                "phase=workers_starting models=%s",
-                ",".join(m.name for m in self.config.reward_models) or "none",
-            )
+            log_phase(log, "workers_starting", models=",".join(m.name for m in self.config.reward_models))
             await pool.start()
             scorer = pool
         self._engine = Engine(self.config, UpstreamClient(self.config.generator, metrics), scorer, metrics)
@@ -151,17 +150,20 @@ class EngineClient:
         if self._engine is None:
             raise RuntimeError("EngineClient.start() was not awaited")
         try:
-            request = ChatCompletionRequest.model_validate(payload).to_bon_request(
-                self.config.server.default_best_of
+            deadline = Deadline.after(self.config.server.request_timeout_s)
+            admitted = self._engine.admit(
+                ChatCompletionRequest.model_validate(payload).to_bon_request(
+                    self.config.server.default_best_of
+                )
             )
-            result = await self._engine.run(request)
+            result = await self._engine.run(admitted, deadline)
         except ValidationError as err:
             raise RequestFailed(f"invalid request: {err.errors()[0].get('msg')}") from None
         except BonError as err:
             raise RequestFailed(
                 f"{err.code}: {err.message}", retryable=not isinstance(err, InvalidRequest)
             ) from None
-        body: dict[str, Any] = chat_completion_body(result, request)
+        body: dict[str, Any] = chat_completion_body(result, admitted.request)
         return body
 
     async def aclose(self) -> None:

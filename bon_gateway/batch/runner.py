@@ -28,6 +28,8 @@ from bon_gateway.batch.clients import BatchClient, RequestFailed
 from bon_gateway.batch.io import JsonlAppender, repair_tail, scan_output
 from bon_gateway.batch.records import build_record, error_record
 from bon_gateway.batch.rows import BatchItem, RowError
+from bon_gateway.logs import log_phase
+from bon_gateway.retry import GaveUp, RetryPolicy, retry_call
 
 __all__ = ["BatchOptions", "RunStats", "build_payload", "install_stop_signals", "run_batch"]
 
@@ -134,6 +136,11 @@ def install_stop_signals(stop: asyncio.Event) -> Callable[[], None]:
     return undo
 
 
+def _retry_after(failure: Exception) -> float | None:
+    """Rows are retried on failures that may pass (429, 5xx, timeouts); not on a 400."""
+    return 0.0 if isinstance(failure, RequestFailed) and failure.retryable else None
+
+
 def _plan(
     items: Iterable[BatchItem | RowError], done_ids: set[str], errors: JsonlAppender, stats: RunStats
 ) -> list[BatchItem]:
@@ -199,12 +206,13 @@ async def run_batch(
     ):
         todo = _plan(items, state.done_ids, err, stats)
         stats.todo = len(todo)
-        log.info(
-            "phase=plan input_rows=%d skipped=%d todo=%d invalid=%d",
-            stats.input_rows,
-            stats.skipped,
-            stats.todo,
-            stats.invalid,
+        log_phase(
+            log,
+            "plan",
+            input_rows=stats.input_rows,
+            skipped=stats.skipped,
+            todo=stats.todo,
+            invalid=stats.invalid,
         )
         if not todo:
             stats.seconds = time.perf_counter() - started
@@ -227,43 +235,48 @@ async def run_batch(
                 stats.gave_up = f"{streak[0]} rows failed in a row, the last with: {str(failure)[:300]}"
                 halt.set()
 
+        policy = RetryPolicy(options.retries, options.backoff_s, MAX_BACKOFF_S, jitter=False)
+
+        async def retried(failure: Exception, attempt: int) -> None:
+            stats.retried += 1
+
         async def one(item: BatchItem) -> None:
             payload = build_payload(item, options)
             row_started = time.perf_counter()
-            attempts = 0
-            while True:
-                attempts += 1
-                try:
-                    body = await client.complete(payload)
-                    # math-verify's sympy can take milliseconds per comparison: off the loop.
-                    record = await asyncio.to_thread(
-                        build_record,
-                        item,
-                        body,
-                        best_of=options.best_of,
-                        seconds=time.perf_counter() - row_started,
-                    )
-                except RequestFailed as failure:
-                    if failure.retryable and attempts <= options.retries:
-                        stats.retried += 1
-                        await asyncio.sleep(min(MAX_BACKOFF_S, options.backoff_s * 2 ** (attempts - 1)))
-                        continue
-                    failed(item, failure, attempts, row_started)
-                    return
-                except Exception as failure:  # one bad row (or reply) must not end the job
-                    log.warning("row %s failed: %s", item.id, type(failure).__name__)
-                    failed(item, failure, attempts, row_started)
-                    return
-                out.write(record)
-                streak[0] = 0
-                stats.done += 1
-                stats.candidates += len(record["candidates"])
-                stats.completion_tokens += int(record["usage"].get("completion_tokens") or 0)
-                if "correct" in record:
-                    stats.correct.append(bool(record["correct"]))
-                if on_row is not None:
-                    on_row(record)
+            try:
+                body = await retry_call(
+                    lambda _: client.complete(payload),
+                    policy,
+                    retry_after=_retry_after,
+                    before_retry=retried,
+                )
+                # math-verify's sympy can take milliseconds per comparison: off the loop.
+                record = await asyncio.to_thread(
+                    build_record,
+                    item,
+                    body,
+                    best_of=options.best_of,
+                    seconds=time.perf_counter() - row_started,
+                )
+            except GaveUp as gave_up:
+                if not isinstance(gave_up.last, RequestFailed):
+                    log.warning("row %s failed: %s", item.id, type(gave_up.last).__name__)
+                failed(item, gave_up.last, gave_up.attempts, row_started)
                 return
+            except Exception as failure:  # one bad reply must not end the job
+                log.warning("row %s failed: %s", item.id, type(failure).__name__)
+                failed(item, failure, 1, row_started)
+                return
+            out.write(record)
+            streak[0] = 0
+            stats.done += 1
+            stats.candidates += len(record["candidates"])
+            stats.completion_tokens += int(record["usage"].get("completion_tokens") or 0)
+            if "correct" in record:
+                stats.correct.append(bool(record["correct"]))
+            if on_row is not None:
+                on_row(record)
+            return
 
         async def lane() -> None:
             for item in queue:  # shared iterator: each lane takes the next row

@@ -10,24 +10,32 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextvars import ContextVar
-from typing import Protocol
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from bon_gateway.config import GatewayConfig
+from bon_gateway.engine.admission import Admission, AdmittedBon, AdmittedScore
+from bon_gateway.engine.protocols import (
+    CandidateGenerator,
+    GenerationOutcome,
+    OnGenerated,
+    OnScored,
+    ReadinessListener,
+    RewardScorer,
+)
 from bon_gateway.engine.selection import SelectionResult, select
 from bon_gateway.engine.steps import aggregate_steps
-from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Unavailable
+from bon_gateway.errors import DeadlineExceeded, Unavailable
+from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import (
     Aggregation,
     BonRequest,
     BonResult,
     CandidateScore,
+    Deadline,
     Generation,
-    Message,
     ModelInfo,
-    ScoreBatchResult,
     ScoredCandidate,
     ScoreRequest,
     ScoreResult,
@@ -38,57 +46,16 @@ from bon_gateway.types import (
 
 log = logging.getLogger("bon_gateway.engine")
 
-OnGenerated = Callable[[Generation], Awaitable[None]]
-OnScored = Callable[[int, CandidateScore], Awaitable[None]]
+T = TypeVar("T")
 
-# The absolute deadline (time.monotonic()) of the request being run, set by
-# Engine.run: the generator bounds its retries and backoff waits by it. A
-# context variable so that generators written against the plain protocol
-# (tests' fakes) need not take it.
-request_deadline: ContextVar[float | None] = ContextVar("bon_request_deadline", default=None)
+__all__ = ["Engine", "candidate_reward", "new_request_id", "select_candidates"]
 
-
-class GenerationOutcome(Protocol):
-    generations: list[Generation]
-    dropped: list[str]
-
-
-class CandidateGenerator(Protocol):
-    """Gets N candidates from the upstream generator."""
-
-    @property
-    def default_model(self) -> str: ...
-
-    def usable(self) -> bool:
-        """False when no upstream can take a call now (all ejected after failures)."""
-        ...
-
-    async def generate(
-        self, request: BonRequest, on_generated: OnGenerated | None = None
-    ) -> GenerationOutcome: ...
-
-    async def aclose(self) -> None: ...
-
-
-class RewardScorer(Protocol):
-    """Scores one group of candidates sharing a prompt on the worker pool."""
-
-    def models(self) -> list[ModelInfo]: ...
-
-    def ready(self) -> bool: ...
-
-    async def score(
-        self,
-        model: str,
-        messages: Sequence[Message],
-        candidates: Sequence[str],
-        *,
-        steps: Sequence[Sequence[str]] = (),
-        activation: str | None = None,
-        request_id: str = "",
-    ) -> ScoreBatchResult: ...
-
-    async def aclose(self) -> None: ...
+# Generation stops a little before the request's deadline (this share of the
+# time the request has, at most GENERATION_MARGIN_MAX_S): slow or retried
+# candidates are cut while there is still time to score and rank those that
+# arrived, so min_candidates can save the request.
+GENERATION_MARGIN_SHARE = 0.1
+GENERATION_MARGIN_MAX_S = 1.0
 
 
 def new_request_id() -> str:
@@ -96,7 +63,13 @@ def new_request_id() -> str:
 
 
 class Engine:
-    """Best-of-N orchestration shared by every front."""
+    """Best-of-N orchestration shared by every front.
+
+    A front converts its wire format into a request, calls `admit` (every check,
+    once, before any work) and runs the admitted request under the one
+    `Deadline` it made: the engine passes it down to the generator and the
+    scorer, and raises DeadlineExceeded when it passes.
+    """
 
     def __init__(
         self,
@@ -109,96 +82,72 @@ class Engine:
         self.generator = generator
         self.scorer = scorer
         self.metrics = metrics
+        self.admission = Admission(config.server, self.reward_model_names)
 
-    # -- models ---------------------------------------------------------
+    # -- models and readiness -------------------------------------------
     def list_models(self) -> list[ModelInfo]:
         return [ModelInfo(self.generator.default_model, "generator"), *self.scorer.models()]
 
     def reward_model_names(self) -> list[str]:
         return [m.name for m in self.scorer.models()]
 
-    def resolve_reward_model(self, name: str | None, *, param: str = "reward_model") -> str:
-        """The reward model a request uses; unknown or ambiguous names are a 400."""
-        names = self.reward_model_names()
-        if name:
-            if name not in names:
-                raise InvalidRequest(
-                    f"unknown {param} {name!r}; available: {', '.join(names) or 'none'}", param=param
-                )
-            return name
-        if not names:
-            raise Unavailable("no reward model is configured")
-        return names[0]
-
     def ready(self) -> bool:
         """Workers loaded and at least one upstream usable (readiness and gRPC health)."""
         return self.scorer.ready() and self.generator.usable()
 
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        """Call `listener` whenever `ready()` may have changed (workers, upstream ejection)."""
+        self.scorer.on_readiness_change(listener)
+        self.generator.on_readiness_change(listener)
+
+    # -- admission --------------------------------------------------------
+    def admit(self, request: BonRequest) -> AdmittedBon:
+        """Check a Best-of-N request (sizes, ranges, roles, reward model); InvalidRequest names the field."""
+        return self.admission.admit_bon(request)
+
+    def admit_score(self, request: ScoreRequest) -> AdmittedScore:
+        """Check a scoring request; InvalidRequest names the field."""
+        return self.admission.admit_score(request)
+
     # -- best of n ------------------------------------------------------
     async def run(
         self,
-        request: BonRequest,
+        admitted: AdmittedBon,
+        deadline: Deadline,
         *,
         on_generated: OnGenerated | None = None,
         on_scored: OnScored | None = None,
-        timeout_s: float | None = None,
     ) -> BonResult:
         """Generate best_of candidates, score them as one group, rank them.
 
-        With `timeout_s`, the whole request (upstream calls, retries, scoring) is
-        bounded: when it passes, every call in flight is cancelled and
-        DeadlineExceeded raised.
+        Everything (upstream calls, retries, scoring) is bounded by `deadline`:
+        when it passes, every call in flight is cancelled and DeadlineExceeded raised.
         """
-        if timeout_s is None:
-            return await self._run(request, on_generated, on_scored)
-        # Generation stops a little before the hard deadline (10 %, at most 1 s):
-        # slow or retried candidates are cut while there is still time to score
-        # and rank those that arrived, so min_candidates can save the request.
-        token = request_deadline.set(time.monotonic() + timeout_s - min(1.0, 0.1 * timeout_s))
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._run(request, on_generated, on_scored)
-        except TimeoutError:
-            raise DeadlineExceeded(f"request took longer than {timeout_s:g}s") from None
-        finally:
-            request_deadline.reset(token)
+        return await _bounded(deadline, self._run(admitted, deadline, on_generated, on_scored))
 
     async def _run(
-        self, request: BonRequest, on_generated: OnGenerated | None, on_scored: OnScored | None
+        self,
+        admitted: AdmittedBon,
+        deadline: Deadline,
+        on_generated: OnGenerated | None,
+        on_scored: OnScored | None,
     ) -> BonResult:
-        self.validate(request)
-        reward_model = self.resolve_reward_model(request.reward_model)
+        request = admitted.request
+        reward_model = admitted.reward_model
         request_id = request.request_id or new_request_id()
         started = time.perf_counter()
-
-        outcome = await self.generator.generate(request, on_generated)
+        margin = min(GENERATION_MARGIN_MAX_S, GENERATION_MARGIN_SHARE * deadline.remaining())
+        outcome = await self.generator.generate(request, deadline.earlier(margin), on_generated)
         generated = time.perf_counter()
+        generations = self._check_generated(request, outcome)
         self.metrics.child(self.metrics.phase_duration, "generate").observe(generated - started)
-        generations = outcome.generations
-        self.metrics.child(self.metrics.candidates, "generated").inc(len(generations))
-        for reason in outcome.dropped:
-            self.metrics.child(self.metrics.candidates, "dropped_" + reason.split(":", 1)[0]).inc()
-        needed = request.min_candidates or request.best_of
-        if len(generations) < needed:
-            reasons = "; ".join(sorted(set(outcome.dropped))) or "no candidates"
-            message = (
-                f"only {len(generations)} of {request.best_of} candidates were generated "
-                f"(min_candidates {needed}): {reasons}"
-            )
-            if any(reason.startswith("deadline") for reason in outcome.dropped):
-                raise DeadlineExceeded(message)
-            raise Unavailable(message)
-        log.info(
-            "phase=generate id=%s candidates=%d seconds=%.3f",
-            request_id,
-            len(generations),
-            generated - started,
-        )
+        log_phase(log, "generate", id=request_id, candidates=len(generations), seconds=generated - started)
 
         batch = await self.scorer.score(
             reward_model,
-            self._scoring_messages(request),
+            admitted.scoring_messages,
             [g.text for g in generations],
+            deadline=deadline,
             request_id=request_id,
         )
         scored_at = time.perf_counter()
@@ -208,7 +157,7 @@ class Engine:
             self.metrics.child(self.metrics.rewards, reward_model).observe(score.reward)
             if on_scored is not None:
                 await on_scored(gen.index, score)
-        log.info("phase=score id=%s model=%s seconds=%.3f", request_id, reward_model, scored_at - generated)
+        log_phase(log, "score", id=request_id, model=reward_model, seconds=scored_at - generated)
 
         candidates = [
             ScoredCandidate(
@@ -224,7 +173,7 @@ class Engine:
         ranked = selection.ranked
         done = time.perf_counter()
         self.metrics.child(self.metrics.phase_duration, "select").observe(done - scored_at)
-        log.info("phase=select id=%s best=%d seconds=%.4f", request_id, ranked[0].index, done - scored_at)
+        log_phase(log, "select", id=request_id, best=ranked[0].index, seconds=done - scored_at)
 
         usage = Usage(
             prompt_tokens=max((g.prompt_tokens for g in generations), default=0),
@@ -244,39 +193,39 @@ class Engine:
             vote_share=selection.vote_share,
         )
 
-    def validate(self, request: BonRequest) -> None:
-        """Checks shared by both fronts (the schemas check types and shapes)."""
-        max_best_of = self.config.server.max_best_of
-        if not 1 <= request.best_of <= max_best_of:
-            raise InvalidRequest(f"best_of must be between 1 and {max_best_of}", param="best_of")
-        if not 1 <= request.n <= request.best_of:
-            raise InvalidRequest("n must be between 1 and best_of", param="n")
-        if request.min_candidates is not None and not 1 <= request.min_candidates <= request.best_of:
-            raise InvalidRequest("min_candidates must be between 1 and best_of", param="min_candidates")
-        if request.prompt is None:
-            validate_messages(request.messages)
-
-    @staticmethod
-    def _scoring_messages(request: BonRequest) -> tuple[Message, ...]:
-        if request.prompt is not None:
-            return (Message("user", request.prompt),)
-        return request.messages
+    def _check_generated(self, request: BonRequest, outcome: GenerationOutcome) -> list[Generation]:
+        """The generations, counted; too few for min_candidates is a 503 (504 when the deadline cut them)."""
+        generations = outcome.generations
+        self.metrics.child(self.metrics.candidates, "generated").inc(len(generations))
+        for dropped in outcome.dropped:
+            self.metrics.child(self.metrics.candidates, "dropped_" + dropped.reason).inc()
+        needed = request.min_candidates or request.best_of
+        if len(generations) >= needed:
+            return generations
+        reasons = "; ".join(sorted({str(d) for d in outcome.dropped})) or "no candidates"
+        message = (
+            f"only {len(generations)} of {request.best_of} candidates were generated "
+            f"(min_candidates {needed}): {reasons}"
+        )
+        if any(d.reason == "deadline" for d in outcome.dropped):
+            raise DeadlineExceeded(message)
+        raise Unavailable(message)
 
     # -- scoring only ---------------------------------------------------
-    async def score(self, request: ScoreRequest) -> ScoreResult:
+    async def score(self, admitted: AdmittedScore, deadline: Deadline) -> ScoreResult:
         """Score given answers (no generation); results in input order."""
-        validate_messages(request.messages)
-        if not request.candidates and not request.steps:
-            raise InvalidRequest("candidates must be a non-empty list", param="candidates")
-        if request.candidates and request.steps:
-            raise InvalidRequest("give either candidates or steps, not both", param="steps")
-        reward_model = self.resolve_reward_model(request.reward_model, param="model")
+        return await _bounded(deadline, self._score(admitted, deadline))
+
+    async def _score(self, admitted: AdmittedScore, deadline: Deadline) -> ScoreResult:
+        request = admitted.request
+        reward_model = admitted.reward_model
         started = time.perf_counter()
-        texts = list(request.candidates) or ["".join(s) for s in request.steps]
+        texts = admitted.texts
         batch = await self.scorer.score(
             reward_model,
             request.messages,
             texts,
+            deadline=deadline,
             steps=request.steps,
             activation=request.activation,
             request_id=request.request_id or new_request_id(),
@@ -310,6 +259,19 @@ class Engine:
         await self.scorer.aclose()
 
 
+async def _bounded(deadline: Deadline, work: Coroutine[Any, Any, T]) -> T:
+    """`work` under `deadline`: past it, `work` is cancelled and DeadlineExceeded raised."""
+    budget = deadline.remaining()
+    timeout = asyncio.timeout(budget)
+    try:
+        async with timeout:
+            return await work
+    except TimeoutError:
+        if not timeout.expired():
+            raise  # a timeout of something inside, not this request's deadline
+        raise DeadlineExceeded(f"request took longer than {budget:.3g}s (its deadline)") from None
+
+
 def candidate_reward(score: CandidateScore, aggregation: Aggregation) -> float:
     """A PRM candidate's reward is its aggregated step rewards; an outcome RM's is its score."""
     if score.step_rewards:
@@ -322,19 +284,3 @@ async def select_candidates(candidates: Sequence[ScoredCandidate], selection: Se
     if selection == "argmax":
         return select(candidates, selection)
     return await asyncio.to_thread(select, candidates, selection)
-
-
-def validate_messages(messages: Sequence[Message]) -> None:
-    if not messages:
-        raise InvalidRequest("messages must be a non-empty list", param="messages")
-    for i, message in enumerate(messages):
-        if not message.role:
-            raise InvalidRequest(f"messages[{i}].role is required", param=f"messages[{i}].role")
-        if message.role not in ("system", "user", "assistant", "developer", "tool"):
-            raise InvalidRequest(
-                f"messages[{i}].role must be system, user, assistant, developer or tool",
-                param=f"messages[{i}].role",
-            )
-
-        if message.content is None:
-            raise InvalidRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
+from bon_gateway.logs import log_phase
 from bon_gateway.metrics import upstream_label
 
 __all__ = ["Balancer", "Endpoint"]
@@ -50,6 +51,8 @@ class Balancer:
         self.eject_after_failures = eject_after_failures
         self.eject_cooldown_s = eject_cooldown_s
         self._clock = clock
+        # Called with the endpoint whenever one is ejected or recovers (readiness listeners).
+        self.on_change: Callable[[Endpoint], None] | None = None
         self._turn = 0  # rotates the tie-break so equal endpoints share the load
 
     def available(self, endpoint: Endpoint, now: float | None = None) -> bool:
@@ -89,19 +92,30 @@ class Balancer:
         if ok is None:
             return
         if ok:
-            if endpoint.consecutive_failures >= self.eject_after_failures:
-                log.info("phase=upstream_recovered upstream=%s", endpoint.label)
+            was_ejected = endpoint.consecutive_failures >= self.eject_after_failures
             endpoint.consecutive_failures = 0
             endpoint.ejected_until = 0.0
+            if was_ejected:
+                log_phase(log, "upstream_recovered", upstream=endpoint.label)
+                self._changed(endpoint)
             return
         endpoint.consecutive_failures += 1
         if endpoint.consecutive_failures >= self.eject_after_failures:
             now = self._clock()
-            if endpoint.ejected_until <= now:
-                log.warning(
-                    "phase=upstream_ejected upstream=%s failures=%d cooldown_s=%g",
-                    endpoint.label,
-                    endpoint.consecutive_failures,
-                    self.eject_cooldown_s,
-                )
+            newly = endpoint.ejected_until <= now
             endpoint.ejected_until = now + self.eject_cooldown_s
+            if newly:
+                log_phase(
+                    log,
+                    "upstream_ejected",
+                    logging.WARNING,
+                    upstream=endpoint.label,
+                    failures=endpoint.consecutive_failures,
+                    cooldown_s=self.eject_cooldown_s,
+                )
+            # Every extension too: the listeners re-read readiness when the new cooldown ends.
+            self._changed(endpoint)
+
+    def _changed(self, endpoint: Endpoint) -> None:
+        if self.on_change is not None:
+            self.on_change(endpoint)

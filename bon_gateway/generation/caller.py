@@ -3,7 +3,6 @@ failures within the request deadline, record metrics for every attempt."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
@@ -13,9 +12,11 @@ from typing import Any
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.balancer import Balancer, Endpoint
 from bon_gateway.generation.payload import error_message
-from bon_gateway.generation.retry import RetryPolicy, client_fault, parse_retry_after, retryable_status
+from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status
 from bon_gateway.generation.transport import HttpResponse, ProtocolError, UpstreamHttp
 from bon_gateway.metrics import Metrics
+from bon_gateway.retry import GaveUp, RetryPolicy, retry_call
+from bon_gateway.types import Deadline, Dropped, DropReason
 
 __all__ = ["CandidateFailed", "UpstreamCaller", "UpstreamRejected"]
 
@@ -25,9 +26,13 @@ log = logging.getLogger("bon_gateway.generation")
 class CandidateFailed(Exception):
     """A call failed for good; `reason` is a bounded word (a metrics label suffix)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: DropReason, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+        self.reason: DropReason = reason
+        self.detail = detail
+
+    def dropped(self) -> Dropped:
+        return Dropped(self.reason, self.detail)
 
 
 class UpstreamRejected(Exception):
@@ -44,7 +49,7 @@ class _Attempt(Exception):
 
     def __init__(
         self,
-        reason: str,
+        reason: DropReason,
         kind: str,
         detail: str,
         *,
@@ -59,6 +64,13 @@ class _Attempt(Exception):
         self.retry = retry
         self.healthy = healthy  # False: counts towards ejecting the endpoint
         self.retry_after_s = retry_after_s
+
+
+def _retry_after(error: Exception) -> float | None:
+    """The retry policy's view of a failed attempt: None = not worth another try."""
+    if isinstance(error, _Attempt) and error.retry:
+        return error.retry_after_s or 0.0
+    return None
 
 
 def _deadline_failure(detail: str, cause: _Attempt | None) -> CandidateFailed:
@@ -93,7 +105,7 @@ class UpstreamCaller:
         )
 
     async def call(
-        self, path: str, body: dict[str, Any], deadline: float | None, endpoint: Endpoint | None = None
+        self, path: str, body: dict[str, Any], deadline: Deadline, endpoint: Endpoint | None = None
     ) -> tuple[Any, Endpoint]:
         """The decoded JSON reply and the endpoint that gave it.
 
@@ -102,35 +114,45 @@ class UpstreamCaller:
         """
         payload = json.dumps(body, separators=(",", ":")).encode()
         avoid: list[Endpoint] = []
-        attempt = 0
         cause: _Attempt | None = None  # the last real failure, when retrying
-        while True:
-            chosen = endpoint if endpoint is not None and attempt == 0 else self.balancer.pick(avoid)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise _deadline_failure("the request deadline passed before the call", cause)
-            try:
-                return await self._attempt(chosen, path, payload, remaining), chosen
-            except _Attempt as failed:
-                if failed.reason == "deadline":
-                    raise _deadline_failure(failed.detail, cause) from None
-                cause = failed
-                attempt += 1
-                if not failed.retry or attempt > self.policy.retries:
-                    raise CandidateFailed(failed.reason, failed.detail) from None
-                wait = self.policy.delay(attempt, failed.retry_after_s, self._rng)
-                if deadline is not None and time.monotonic() + wait >= deadline:
-                    # Waiting would only end in the deadline: fail now, with the real cause.
-                    raise CandidateFailed(failed.reason, f"{failed.detail} (no time left to retry)") from None
-                log.debug(
-                    "upstream retry upstream=%s kind=%s attempt=%d wait_s=%.3f",
-                    chosen.label,
-                    failed.kind,
-                    attempt,
-                    wait,
+
+        async def attempt(number: int) -> tuple[Any, Endpoint]:
+            nonlocal cause
+            chosen = endpoint if endpoint is not None and number == 1 else self.balancer.pick(avoid)
+            if deadline.expired():
+                raise _Attempt(
+                    "deadline",
+                    "timeout",
+                    "the request deadline passed before the call",
+                    retry=False,
+                    healthy=True,
                 )
-                avoid.append(chosen)
-                await asyncio.sleep(wait)
+            try:
+                return await self._attempt(chosen, path, payload, deadline.remaining()), chosen
+            except _Attempt as failed:
+                if failed.reason != "deadline":
+                    cause = failed
+                    avoid.append(chosen)
+                    if failed.retry:
+                        log.debug(
+                            "upstream retry upstream=%s kind=%s attempt=%d", chosen.label, failed.kind, number
+                        )
+                raise
+
+        try:
+            return await retry_call(
+                attempt, self.policy, retry_after=_retry_after, deadline=deadline, rng=self._rng
+            )
+        except GaveUp as gave_up:
+            last = gave_up.last
+            if not isinstance(last, _Attempt):
+                raise last from None  # UpstreamRejected: the client's fault, not retried
+            if last.reason == "deadline":
+                raise _deadline_failure(last.detail, cause) from None
+            if gave_up.why == "deadline":
+                # Waiting would only end in the deadline: fail now, with the real cause.
+                raise CandidateFailed(last.reason, f"{last.detail} (no time left to retry)") from None
+            raise CandidateFailed(last.reason, last.detail) from None
 
     async def _attempt(self, endpoint: Endpoint, path: str, payload: bytes, remaining: float | None) -> Any:
         cfg = self.config
@@ -199,7 +221,7 @@ class UpstreamCaller:
         detail = f"HTTP {code}: {error_message(response.content)[:200]}"
         if retryable_status(code):
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-            reason = "rate_limited" if code == 429 else "upstream_error"
+            reason: DropReason = "rate_limited" if code == 429 else "upstream_error"
             # A 429 is load, not sickness: retry elsewhere, but do not eject for it.
             raise _Attempt(reason, kind, detail, retry=True, healthy=code == 429, retry_after_s=retry_after)
         # 401/403/404...: the gateway's configuration (key, model, path) is wrong.

@@ -1,19 +1,17 @@
-"""When to retry an upstream call and how long to wait: pure policy, no I/O.
+"""Which upstream HTTP replies are worth a retry, and what Retry-After says: pure, no I/O.
 
 Retried: connect errors, timeouts, 429 and 5xx (the upstream or the network
 may recover). Not retried: other 4xx (the same body fails the same way).
-Waits grow exponentially with full jitter, a Retry-After header sets the
-floor, and no wait may run past the request's deadline.
+How long to wait is bon_gateway/retry.py's RetryPolicy (a Retry-After header
+sets the floor; no wait runs past the request's deadline).
 """
 
 from __future__ import annotations
 
 import email.utils
-import random
 import time
-from dataclasses import dataclass
 
-__all__ = ["RetryPolicy", "client_fault", "parse_retry_after", "retryable_status"]
+__all__ = ["client_fault", "parse_retry_after", "retryable_status"]
 
 # The upstream's 4xx that mean "this request is wrong" (too long a prompt, bad
 # parameter values): the client gets them as a 400. 401/403/404 mean the
@@ -45,25 +43,3 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    retries: int = 2
-    base_s: float = 0.05
-    max_s: float = 2.0
-
-    def delay(
-        self, attempt: int, retry_after_s: float | None = None, rng: random.Random | None = None
-    ) -> float:
-        """Wait before retry number `attempt` (1-based): full jitter over an exponential cap.
-
-        Full jitter spreads the retries of the N candidates of a request (and of
-        every request hit by the same outage) instead of sending them in waves.
-        """
-        cap = min(self.max_s, self.base_s * (2 ** (attempt - 1)))
-        wait = (rng or random).uniform(0.0, cap)
-        if retry_after_s is not None:
-            # The upstream said when it can take more; sooner is a wasted call.
-            wait = max(wait, retry_after_s)
-        return wait

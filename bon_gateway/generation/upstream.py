@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from bon_gateway.config import GeneratorConfig
-from bon_gateway.engine.engine import OnGenerated, request_deadline
+from bon_gateway.engine.protocols import OnGenerated, ReadinessListener
 from bon_gateway.errors import InvalidRequest
 from bon_gateway.generation.balancer import Endpoint
 from bon_gateway.generation.caller import CandidateFailed, UpstreamCaller, UpstreamRejected
 from bon_gateway.generation.payload import BadResponse, build_payload, parse_choices
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import BonRequest, Generation
+from bon_gateway.types import BonRequest, Deadline, Dropped, Generation
 
 __all__ = ["CandidateFailed", "FanOutResult", "UpstreamClient"]
 
@@ -33,7 +34,7 @@ __all__ = ["CandidateFailed", "FanOutResult", "UpstreamClient"]
 @dataclass(slots=True)
 class FanOutResult:
     generations: list[Generation] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # "reason: detail", one per failed candidate
+    dropped: list[Dropped] = field(default_factory=list)  # one per failed candidate
 
 
 class UpstreamClient:
@@ -50,6 +51,8 @@ class UpstreamClient:
         self.metrics = metrics
         self._rng = rng or random.Random()
         self.caller = UpstreamCaller(config, metrics, rng=self._rng)
+        self._listeners: list[ReadinessListener] = []
+        self.caller.balancer.on_change = self._ejection_changed
 
     @property
     def default_model(self) -> str:
@@ -59,12 +62,31 @@ class UpstreamClient:
         """At least one upstream is not ejected."""
         return self.caller.balancer.any_available()
 
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        self._listeners.append(listener)
+
+    def _ejection_changed(self, endpoint: Endpoint) -> None:
+        """An endpoint was ejected or recovered: tell the listeners now, and again
+        when an ejection's cooldown ends (usable() turns true then without an event)."""
+        for listener in self._listeners:
+            listener()
+        if endpoint.ejected_until and self._listeners:
+            delay = max(0.0, endpoint.ejected_until - time.monotonic())
+            loop = asyncio.get_running_loop()
+            for listener in self._listeners:
+                loop.call_later(delay + 0.001, listener)
+
     @property
     def endpoints(self) -> list[Endpoint]:
         return self.caller.balancer.endpoints
 
-    async def generate(self, request: BonRequest, on_generated: OnGenerated | None = None) -> FanOutResult:
-        """best_of candidates; failures become `dropped` entries, a client-fault 4xx an InvalidRequest."""
+    async def generate(
+        self, request: BonRequest, deadline: Deadline, on_generated: OnGenerated | None = None
+    ) -> FanOutResult:
+        """best_of candidates; failures become `dropped` entries, a client-fault 4xx an InvalidRequest.
+
+        No call, retry or backoff wait runs past `deadline`.
+        """
         seed = request.sampling.seed
         fan = _FanOut(
             self,
@@ -72,7 +94,7 @@ class UpstreamClient:
             request.model or self.config.model,
             # Without a client seed, a random base still gives distinct seeds per candidate.
             self._rng.randrange(2**31) if seed is None else seed,
-            request_deadline.get(),
+            deadline,
             on_generated,
         )
         return await fan.run()
@@ -90,7 +112,7 @@ class _FanOut:
         request: BonRequest,
         model: str,
         base_seed: int,
-        deadline: float | None,
+        deadline: Deadline,
         on_generated: OnGenerated | None,
     ) -> None:
         self.client = client
@@ -149,8 +171,8 @@ class _FanOut:
             for generation in generations:
                 await self.on_generated(generation)
 
-    def _drop(self, count: int, err: Exception) -> None:
-        self.result.dropped.extend([str(err)] * count)
+    def _drop(self, count: int, err: CandidateFailed) -> None:
+        self.result.dropped.extend([err.dropped()] * count)
 
     async def _single(self, index: int) -> None:
         path, body = build_payload(self.request, self.model, self.base_seed + index, 1)

@@ -30,9 +30,10 @@ import grpc
 
 import bon_gateway
 from bon_gateway.config import GatewayConfig, RewardModelConfig
+from bon_gateway.engine.protocols import ReadinessListener
 from bon_gateway.errors import InvalidRequest, Overloaded, WorkerError
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import CandidateScore, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
 from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2, reward_worker_pb2_grpc
 
 log = logging.getLogger("bon_gateway.scoring")
@@ -212,6 +213,7 @@ class WorkerPool:
         self._closing = False
         self._up_changed = asyncio.Event()
         self._supervisors: list[asyncio.Task[None]] = []
+        self._listeners: list[ReadinessListener] = []
         # Groups outstanding per model (waiting for a worker or being scored):
         # bounded so overload is shed with 429 instead of piling up in memory.
         self._queue_capacity = config.server.limits.max_queued_groups
@@ -319,8 +321,13 @@ class WorkerPool:
             self._set_up_gauge(worker.entry.name)
             log.info("phase=worker-restarted model=%s target=%s", worker.entry.name, worker.target)
 
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        self._listeners.append(listener)
+
     def _set_up_gauge(self, model: str) -> None:
         self.metrics.workers_up.labels(model).set(sum(w.up for w in self._workers.get(model, ())))
+        for listener in self._listeners:
+            listener()
         self._up_changed.set()
         self._up_changed = asyncio.Event()
 
@@ -415,6 +422,7 @@ class WorkerPool:
         candidates: Sequence[str],
         *,
         steps: Sequence[Sequence[str]] = (),
+        deadline: Deadline,
         activation: str | None = None,
         request_id: str = "",
     ) -> ScoreBatchResult:
@@ -429,7 +437,9 @@ class WorkerPool:
             )
         self._set_outstanding(model, outstanding + 1)
         try:
-            return await self._score_group(model, messages, candidates, steps, activation, request_id)
+            return await self._score_group(
+                model, messages, candidates, steps, activation, request_id, deadline
+            )
         finally:
             self._set_outstanding(model, self._outstanding[model] - 1)
 
@@ -445,6 +455,7 @@ class WorkerPool:
         steps: Sequence[Sequence[str]],
         activation: str | None,
         request_id: str,
+        deadline: Deadline,
     ) -> ScoreBatchResult:
         request = reward_worker_pb2.WorkerScoreRequest(
             request_id=request_id,
@@ -462,7 +473,7 @@ class WorkerPool:
             try:
                 assert worker.stub is not None
                 try:
-                    reply = await worker.stub.Score(request, timeout=self.request_timeout_s)
+                    reply = await worker.stub.Score(request, timeout=deadline.remaining())
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():

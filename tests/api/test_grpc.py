@@ -141,7 +141,7 @@ def test_bad_input_is_invalid_argument_naming_the_field(
     [
         (pb.ScoreRequest(messages=QUESTION), "candidates"),
         (pb.ScoreRequest(candidates=["a"]), "messages"),
-        (pb.ScoreRequest(messages=QUESTION, candidates=["a"], reward_model="nope"), "model"),
+        (pb.ScoreRequest(messages=QUESTION, candidates=["a"], reward_model="nope"), "reward_model"),
         (pb.ScoreRequest(messages=QUESTION, candidates=["a"], activation="relu"), "activation"),
     ],
     ids=["no-candidates", "no-messages", "unknown-model", "unknown-activation"],

@@ -8,9 +8,21 @@ from dataclasses import dataclass, field
 import pytest
 
 from bon_gateway.config import GatewayConfig
-from bon_gateway.engine.engine import Engine, OnGenerated
+from bon_gateway.engine.engine import Engine
+from bon_gateway.engine.protocols import OnGenerated, ReadinessListener
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import Aggregation, BonRequest, Generation, Message, ScoreRequest, Selection
+from bon_gateway.types import (
+    Aggregation,
+    BonRequest,
+    BonResult,
+    Deadline,
+    Dropped,
+    Generation,
+    Message,
+    ScoreRequest,
+    ScoreResult,
+    Selection,
+)
 from tests.fakes.scorer import FakeScorer
 
 # Three PRM-scored solutions: A and B answer 4, C answers 5.
@@ -24,7 +36,7 @@ MESSAGES = (Message("user", "What is 2 + 2?"),)
 @dataclass
 class Outcome:
     generations: list[Generation]
-    dropped: list[str] = field(default_factory=list)
+    dropped: list[Dropped] = field(default_factory=list)
 
 
 class FixedGenerator:
@@ -40,7 +52,12 @@ class FixedGenerator:
     def usable(self) -> bool:
         return True
 
-    async def generate(self, request: BonRequest, on_generated: OnGenerated | None = None) -> Outcome:
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        pass
+
+    async def generate(
+        self, request: BonRequest, deadline: Deadline, on_generated: OnGenerated | None = None
+    ) -> Outcome:
         return Outcome([Generation(i, text) for i, text in enumerate(self.texts[: request.best_of])])
 
     async def aclose(self) -> None:
@@ -51,6 +68,14 @@ def engine(texts: Sequence[str] = (A, B, C)) -> Engine:
     config = GatewayConfig.model_validate({"generator": {"url": "http://127.0.0.1:9/v1", "model": "fixed"}})
     # The worker's own `reward` (here 0) is ignored when step rewards come back.
     return Engine(config, FixedGenerator(texts), FakeScorer(step_rewards=STEPS), Metrics())
+
+
+async def run(engine: Engine, request: BonRequest) -> BonResult:
+    return await engine.run(engine.admit(request), Deadline.after(30))
+
+
+async def score(engine: Engine, request: ScoreRequest) -> ScoreResult:
+    return await engine.score(engine.admit_score(request), Deadline.after(30))
 
 
 @pytest.mark.parametrize(
@@ -73,7 +98,7 @@ async def test_score_aggregates_steps_then_selects(
     share: float | None,
 ) -> None:
     request = ScoreRequest(MESSAGES, candidates=(A, B, C), aggregation=aggregation, selection=selection)
-    result = await engine().score(request)
+    result = await score(engine(), request)
     assert [s.reward for s in result.scores] == pytest.approx(rewards)
     assert [s.step_rewards for s in result.scores] == [STEPS[A], STEPS[B], STEPS[C]]
     assert [s.answer for s in result.scores] == ["4", "4.0", "5"]
@@ -86,7 +111,7 @@ async def test_score_aggregates_steps_then_selects(
 
 async def test_run_votes_and_reports_the_winning_answer() -> None:
     request = BonRequest(MESSAGES, best_of=3, selection="weighted_vote", aggregation="last")
-    result = await engine().run(request)
+    result = await run(engine(), request)
     assert [c.index for c in result.ranked] == [0, 1, 2]
     assert [c.rank for c in result.ranked] == [1, 2, 3]
     assert result.ranked[0].reward == pytest.approx(0.9)
@@ -98,8 +123,9 @@ async def test_run_argmax_with_an_outcome_reward_model() -> None:
     texts = ("A: 1", "A: 2")
     config = GatewayConfig.model_validate({"generator": {"url": "http://127.0.0.1:9/v1", "model": "fixed"}})
     scorer = FakeScorer({"A: 1": -0.5, "A: 2": 1.5})
-    result = await Engine(config, FixedGenerator(texts), scorer, Metrics()).run(
-        BonRequest(MESSAGES, best_of=2, aggregation="min")
+    result = await run(
+        Engine(config, FixedGenerator(texts), scorer, Metrics()),
+        BonRequest(MESSAGES, best_of=2, aggregation="min"),
     )
     assert [c.reward for c in result.ranked] == [1.5, -0.5]  # no steps: the score as it is
     assert result.selected_answer == "2"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from bon_gateway.engine.protocols import ReadinessListener
 from bon_gateway.errors import BonError
-from bon_gateway.types import CandidateScore, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
 
 __all__ = ["FakeScorer", "ScoreCall", "words"]
 
@@ -47,7 +49,10 @@ class FakeScorer:
         self.model_names = tuple(models)
         self.default_reward = default_reward
         self.step_rewards = {k: tuple(v) for k, v in (step_rewards or {}).items()}
-        self.is_ready = ready
+        self._ready = ready
+        # (loop, listener): readiness listeners run on the loop that registered
+        # them, whatever thread the test flips `is_ready` from.
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, ReadinessListener]] = []
         self.error: BonError | None = None
         self.crash: Exception | None = None
         self.calls: list[ScoreCall] = []
@@ -57,7 +62,20 @@ class FakeScorer:
         return [ModelInfo(name, "reward", "FakeForSequenceClassification") for name in self.model_names]
 
     def ready(self) -> bool:
-        return self.is_ready
+        return self._ready
+
+    @property
+    def is_ready(self) -> bool:
+        return self._ready
+
+    @is_ready.setter
+    def is_ready(self, value: bool) -> None:
+        self._ready = value
+        for loop, listener in self._listeners:
+            loop.call_soon_threadsafe(listener)
+
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        self._listeners.append((asyncio.get_running_loop(), listener))
 
     def reward(self, text: str, activation: str | None = None) -> float:
         value = self.rewards.get(text, self.default_reward)
@@ -69,6 +87,7 @@ class FakeScorer:
         messages: Sequence[Message],
         candidates: Sequence[str],
         *,
+        deadline: Deadline,
         steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",

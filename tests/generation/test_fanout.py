@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from bon_gateway.config import GatewayConfig, GeneratorConfig
-from bon_gateway.engine.engine import Engine, request_deadline
+from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from bon_gateway.generation.upstream import UpstreamClient
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import BonRequest, Message, SamplingParams
+from bon_gateway.types import BonRequest, BonResult, Deadline, Dropped, Message, SamplingParams
 from tests.fakes import FakeScorer, unused_port
 from tests.fakes.fault_upstream import FaultUpstream, Garbage, Hang, Reply, Reset
 
@@ -45,6 +45,11 @@ def engine(upstream: UpstreamClient, scorer: FakeScorer | None = None) -> Engine
     )
 
 
+async def run(engine: Engine, request: BonRequest, timeout_s: float = 30.0) -> BonResult:
+    """The engine's own path: admission, then the run under one deadline."""
+    return await engine.run(engine.admit(request), Deadline.after(timeout_s))
+
+
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -52,7 +57,7 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
 # -- modes and seeds -------------------------------------------------------------
 async def test_parallel_mode_sends_n_calls_with_distinct_seeds(fault: FaultUpstream) -> None:
     up = client(fault.url)
-    result = await up.generate(request(seed=10))
+    result = await up.generate(request(seed=10), Deadline.after(30))
     await up.aclose()
     assert sorted(c.body["seed"] for c in fault.calls) == [10, 11, 12, 13]
     assert all(c.body["n"] == 1 for c in fault.calls)
@@ -62,7 +67,7 @@ async def test_parallel_mode_sends_n_calls_with_distinct_seeds(fault: FaultUpstr
 
 async def test_without_a_seed_the_seeds_are_still_distinct(fault: FaultUpstream) -> None:
     up = client(fault.url)
-    await up.generate(request(seed=None))
+    await up.generate(request(seed=None), Deadline.after(30))
     await up.aclose()
     seeds = sorted(c.body["seed"] for c in fault.calls)
     assert seeds == list(range(seeds[0], seeds[0] + 4))
@@ -72,7 +77,7 @@ async def test_n_mode_is_one_call_when_the_upstream_honours_n(fault: FaultUpstre
     fault.honours_n = True
     metrics = Metrics()
     up = client(fault.url, mode="n", metrics=metrics)
-    result = await engine(up).run(request())
+    result = await run(engine(up), request())
     await up.aclose()
     assert [(c.body["n"], c.body["seed"]) for c in fault.calls] == [(4, 0)]
     assert sorted(c.text for c in result.ranked) == sorted(TEXTS)
@@ -82,7 +87,7 @@ async def test_n_mode_is_one_call_when_the_upstream_honours_n(fault: FaultUpstre
 
 async def test_n_mode_tops_up_when_the_upstream_ignores_n(fault: FaultUpstream) -> None:
     up = client(fault.url, mode="n")
-    result = await up.generate(request())
+    result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert fault.calls[0].body["n"] == 4
     assert sorted((c.body["n"], c.body["seed"]) for c in fault.calls[1:]) == [(1, 1), (1, 2), (1, 3)]
@@ -93,10 +98,10 @@ async def test_n_mode_tops_up_when_the_upstream_ignores_n(fault: FaultUpstream) 
 async def test_auto_mode_probes_once_and_remembers(fault: FaultUpstream, honours: bool) -> None:
     fault.honours_n = honours
     up = client(fault.url, mode="auto")
-    first = await up.generate(request())
+    first = await up.generate(request(), Deadline.after(30))
     assert up.endpoints[0].honours_n is honours
     fault.calls.clear()
-    second = await up.generate(request(seed=4))
+    second = await up.generate(request(seed=4), Deadline.after(30))
     await up.aclose()
     assert [g.text for g in first.generations] == list(TEXTS)
     assert [g.text for g in second.generations] == list(TEXTS)
@@ -110,7 +115,7 @@ async def test_auto_mode_probes_once_and_remembers(fault: FaultUpstream, honours
 async def test_auto_mode_falls_back_when_n_is_refused(fault: FaultUpstream) -> None:
     fault.rule = lambda body: Reply(400, {"error": {"message": "n must be 1"}}) if body["n"] > 1 else None
     up = client(fault.url, mode="auto")
-    result = await up.generate(request())
+    result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert [g.text for g in result.generations] == list(TEXTS)
     assert up.endpoints[0].honours_n is False
@@ -119,7 +124,8 @@ async def test_auto_mode_falls_back_when_n_is_refused(fault: FaultUpstream) -> N
 async def test_completions_use_the_completions_path(fault: FaultUpstream) -> None:
     up = client(fault.url, mode="n")
     result = await up.generate(
-        BonRequest(messages=(), prompt="Once upon", best_of=2, sampling=SamplingParams(seed=0))
+        BonRequest(messages=(), prompt="Once upon", best_of=2, sampling=SamplingParams(seed=0)),
+        Deadline.after(30),
     )
     await up.aclose()
     assert {c.path for c in fault.calls} == {"/v1/completions"}
@@ -141,7 +147,7 @@ async def test_transient_failures_are_retried(fault: FaultUpstream, fault_action
     fault.script(fault_action)
     metrics = Metrics()
     up = client(fault.url, metrics=metrics)
-    result = await up.generate(request())
+    result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert [g.text for g in result.generations] == list(TEXTS)
     assert len(fault.calls) == 5
@@ -167,7 +173,7 @@ async def test_retry_after_is_honoured(fault: FaultUpstream) -> None:
         return None
 
     fault.rule = rule
-    result = await up.generate(request())
+    result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert len(result.generations) == 4
     assert len(calls_for_2) == 2 and calls_for_2[1] - calls_for_2[0] >= 0.38
@@ -176,26 +182,26 @@ async def test_retry_after_is_honoured(fault: FaultUpstream) -> None:
 async def test_retries_exhausted_drop_the_candidate_with_its_reason(fault: FaultUpstream) -> None:
     fault.rule = lambda body: Reply(502, {"error": {"message": "bad gateway"}}) if body["seed"] == 1 else None
     up = client(fault.url, retries=2)
-    result = await up.generate(request())
+    result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert [g.index for g in result.generations] == [0, 2, 3]
-    assert result.dropped == ["upstream_error: HTTP 502: bad gateway"]
+    assert result.dropped == [Dropped("upstream_error", "HTTP 502: bad gateway")]
     assert sum(c.body["seed"] == 1 for c in fault.calls) == 3
 
 
 async def test_connect_errors_are_retried_then_dropped() -> None:
     up = client(f"http://127.0.0.1:{unused_port()}/v1", retries=1)
-    result = await up.generate(request(best_of=2))
+    result = await up.generate(request(best_of=2), Deadline.after(30))
     await up.aclose()
     assert result.generations == []
-    assert [d.split(":")[0] for d in result.dropped] == ["connect_error", "connect_error"]
+    assert [d.reason for d in result.dropped] == ["connect_error", "connect_error"]
 
 
 async def test_slow_call_times_out_and_is_retried(fault: FaultUpstream) -> None:
     fault.script(Reply(delay_s=2.0))
     up = client(fault.url, timeout_s=0.3, retries=1)
     started = time.monotonic()
-    result = await up.generate(request())
+    result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert len(result.generations) == 4 and time.monotonic() - started < 1.5
     assert fault.wait_until(lambda: fault.calls[0].closed_by_client is not None)
@@ -205,27 +211,23 @@ async def test_retry_is_bounded_by_the_deadline(fault: FaultUpstream) -> None:
     # Retry-After 10 s with 0.5 s left: fail at once instead of sleeping into the deadline.
     fault.rule = lambda body: Reply(429, headers=(("Retry-After", "10"),)) if body["seed"] == 0 else None
     up = client(fault.url, retries=5)
-    token = request_deadline.set(time.monotonic() + 0.5)
     started = time.monotonic()
-    try:
-        result = await up.generate(request())
-    finally:
-        request_deadline.reset(token)
+    result = await up.generate(request(), Deadline.after(0.5))
     await up.aclose()
     assert time.monotonic() - started < 0.4
     assert len(result.generations) == 3
-    assert result.dropped[0].startswith("rate_limited:") and "no time left" in result.dropped[0]
+    assert result.dropped[0].reason == "rate_limited" and "no time left" in result.dropped[0].detail
 
 
 async def test_backoff_retries_stop_at_the_deadline(fault: FaultUpstream) -> None:
     fault.rule = lambda body: Reply(500) if body["seed"] == 0 else None
     up = client(fault.url, retries=1000, backoff_base_s=0.05, backoff_max_s=0.1)
     started = time.monotonic()
-    result = await engine(up).run(request(min_candidates=3), timeout_s=0.6)
+    result = await run(engine(up), request(min_candidates=3), 0.6)
     await up.aclose()
     assert time.monotonic() - started < 0.6
     assert [c.index for c in result.ranked] != [] and len(result.ranked) == 3
-    assert result.dropped[0].startswith("upstream_error:")
+    assert result.dropped[0].reason == "upstream_error"
 
 
 async def test_a_retry_cut_by_the_deadline_reports_the_failure_it_retried(fault: FaultUpstream) -> None:
@@ -241,11 +243,11 @@ async def test_a_retry_cut_by_the_deadline_reports_the_failure_it_retried(fault:
 
     fault.rule = rule
     up = client(fault.url, retries=3, backoff_base_s=0.01, backoff_max_s=0.02)
-    result = await engine(up).run(request(min_candidates=3), timeout_s=0.5)
+    result = await run(engine(up), request(min_candidates=3), 0.5)
     await up.aclose()
     assert tries["seed0"] == 2 and len(result.ranked) == 3
-    assert result.dropped[0].startswith("upstream_error:")
-    assert "retrying until the deadline" in result.dropped[0]
+    assert result.dropped[0].reason == "upstream_error"
+    assert "retrying until the deadline" in result.dropped[0].detail
 
 
 # -- client faults, deadlines and cancellation ----------------------------------------
@@ -254,7 +256,7 @@ async def test_client_fault_4xx_is_an_invalid_request_and_cancels_the_rest(fault
     fault.rule = lambda body: Reply(400, {"error": {"message": message}}) if body["seed"] == 3 else Hang()
     up = client(fault.url)
     with pytest.raises(InvalidRequest) as caught:
-        await up.generate(request())
+        await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert message in caught.value.message
     hung = [c for c in fault.calls if c.body["seed"] != 3]
@@ -267,7 +269,7 @@ async def test_deadline_cancels_hung_calls_and_the_upstream_sees_it(fault: Fault
     up = client(fault.url)
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        await engine(up).run(request(), timeout_s=0.4)
+        await run(engine(up), request(), 0.4)
     elapsed = time.monotonic() - started
     await up.aclose()
     # Generation is cut 10 % before the deadline (leaving time to score what arrived).
@@ -280,7 +282,7 @@ async def test_deadline_cancels_hung_calls_and_the_upstream_sees_it(fault: Fault
 async def test_cancelling_the_request_closes_upstream_connections(fault: FaultUpstream) -> None:
     fault.rule = lambda body: Hang()
     up = client(fault.url)
-    task = asyncio.ensure_future(engine(up).run(request()))
+    task = asyncio.ensure_future(run(engine(up), request()))
     assert await asyncio.to_thread(fault.wait_until, lambda: len(fault.calls) == 4)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -296,11 +298,11 @@ async def test_min_candidates(fault: FaultUpstream) -> None:
     fault.rule = lambda body: Reply(500) if body["seed"] in (1, 2) else None
     up = client(fault.url, retries=0)
     gateway = engine(up)
-    result = await gateway.run(request(min_candidates=2))
+    result = await run(gateway, request(min_candidates=2))
     assert len(result.ranked) == 2 and len(result.dropped) == 2
-    assert all(d.startswith("upstream_error: HTTP 500") for d in result.dropped)
+    assert all(str(d).startswith("upstream_error: HTTP 500") for d in result.dropped)
     with pytest.raises(Unavailable) as caught:
-        await gateway.run(request(min_candidates=3))
+        await run(gateway, request(min_candidates=3))
     await up.aclose()
     assert "only 2 of 4" in caught.value.message and "upstream_error" in caught.value.message
 
@@ -311,19 +313,19 @@ async def test_ejection_fallback_and_cooldown(fault: FaultUpstream, fault2: Faul
     up = client(fault.url, fault2.url, retries=2, eject_after_failures=2, eject_cooldown_s=0.5)
     bad = up.endpoints[0]
     for _ in range(3):
-        result = await up.generate(request())
+        result = await up.generate(request(), Deadline.after(30))
         assert len(result.generations) == 4, result.dropped
     assert bad.ejected_until > time.monotonic()
     failed_calls = len(fault.calls)
     assert failed_calls >= 2
     for _ in range(3):
-        assert len((await up.generate(request())).generations) == 4
+        assert len((await up.generate(request(), Deadline.after(30))).generations) == 4
     assert len(fault.calls) == failed_calls  # ejected: no traffic during the cooldown
     # After the cooldown it gets probed again, and a healthy reply brings it back.
     await asyncio.sleep(0.55)
     fault.rule = None
     for _ in range(2):
-        assert len((await up.generate(request())).generations) == 4
+        assert len((await up.generate(request(), Deadline.after(30))).generations) == 4
     await up.aclose()
     assert len(fault.calls) > failed_calls
     assert bad.consecutive_failures == 0
@@ -332,7 +334,7 @@ async def test_ejection_fallback_and_cooldown(fault: FaultUpstream, fault2: Faul
 async def test_load_spreads_over_replicas(fault: FaultUpstream, fault2: FaultUpstream) -> None:
     fault.rule = fault2.rule = lambda body: Reply(delay_s=0.05)
     up = client(fault.url, fault2.url)
-    await asyncio.gather(*(up.generate(request(seed=i)) for i in range(4)))
+    await asyncio.gather(*(up.generate(request(seed=i), Deadline.after(30)) for i in range(4)))
     await up.aclose()
     assert abs(len(fault.calls) - len(fault2.calls)) <= 2
     assert len(fault.calls) + len(fault2.calls) == 16
@@ -341,7 +343,7 @@ async def test_load_spreads_over_replicas(fault: FaultUpstream, fault2: FaultUps
 async def test_a_reset_replica_falls_back_to_the_other(fault: FaultUpstream, fault2: FaultUpstream) -> None:
     fault.rule = lambda body: Reset()
     up = client(fault.url, fault2.url, retries=1)
-    result = await up.generate(request(best_of=8))
+    result = await up.generate(request(best_of=8), Deadline.after(30))
     await up.aclose()
     assert len(result.generations) == 8 and result.dropped == []
 
@@ -350,11 +352,11 @@ async def test_a_hung_candidate_is_cut_at_the_deadline_and_the_rest_ranked(fault
     fault.rule = lambda body: Hang() if body["seed"] == 1 else None
     up = client(fault.url)
     started = time.monotonic()
-    result = await engine(up).run(request(min_candidates=3), timeout_s=1.0)
+    result = await run(engine(up), request(min_candidates=3), 1.0)
     await up.aclose()
     assert 0.85 <= time.monotonic() - started < 1.0
     assert sorted(c.index for c in result.ranked) == [0, 2, 3]
-    assert result.dropped == ["deadline: the request deadline passed during the call"]
+    assert result.dropped == [Dropped("deadline", "the request deadline passed during the call")]
     hung = [c for c in fault.calls if c.body["seed"] == 1]
     assert fault.wait_until(lambda: all(c.closed_by_client is not None for c in hung))
 
@@ -363,10 +365,10 @@ async def test_a_bad_prompt_does_not_mark_an_upstream_as_ignoring_n(fault: Fault
     fault.rule = lambda body: Reply(400, {"error": {"message": "prompt too long"}})
     up = client(fault.url, mode="auto")
     with pytest.raises(InvalidRequest):
-        await up.generate(request())
+        await up.generate(request(), Deadline.after(30))
     assert up.endpoints[0].honours_n is None  # still unknown: probed again next time
     fault.rule = None
     fault.honours_n = True
-    await up.generate(request())
+    await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert up.endpoints[0].honours_n is True

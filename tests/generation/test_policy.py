@@ -10,7 +10,8 @@ import pytest
 
 from bon_gateway.generation.balancer import Balancer
 from bon_gateway.generation.payload import BadResponse, build_payload, error_message, parse_choices
-from bon_gateway.generation.retry import RetryPolicy, client_fault, parse_retry_after, retryable_status
+from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status
+from bon_gateway.retry import RetryPolicy
 from bon_gateway.types import BonRequest, Message, SamplingParams
 
 

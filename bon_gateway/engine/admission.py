@@ -1,0 +1,161 @@
+"""Admission: the one place a request is checked before any work is done for it.
+
+Both fronts convert their wire format into a `BonRequest` / `ScoreRequest` and
+hand it to `Admission`; whatever is wrong with it (sizes over `server.limits`,
+values out of range, unknown roles, an unknown reward model) is an
+InvalidRequest naming the field, before an upstream call or a worker sees it.
+Field names are the HTTP API's (`temperature`, `max_tokens`, `model` for the
+scoring model); the gRPC front renames the few that differ in its own module.
+
+Pure: no I/O, no clock. The engine owns one `Admission` and exposes it as
+`engine.admit(...)` / `engine.admit_score(...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bon_gateway.config import LimitsConfig, ServerConfig
+from bon_gateway.errors import InvalidRequest, Unavailable
+from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest
+
+__all__ = ["ROLES", "Admission", "AdmittedBon", "AdmittedScore"]
+
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedBon:
+    """A Best-of-N request that passed admission: what `Engine.run` takes."""
+
+    request: BonRequest
+    reward_model: str
+    # What the reward model scores the candidates against: the chat, or the
+    # plain prompt as one user turn.
+    scoring_messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmittedScore:
+    """A scoring request that passed admission: what `Engine.score` takes."""
+
+    request: ScoreRequest
+    reward_model: str
+    texts: tuple[str, ...]  # one per answer (explicit steps joined)
+
+
+class Admission:
+    """Checks requests against the server's bounds and the served reward models."""
+
+    def __init__(self, server: ServerConfig, reward_models: Callable[[], Sequence[str]]) -> None:
+        self.server = server
+        self._reward_models = reward_models
+
+    def reward_model(self, name: str | None, *, param: str = "reward_model") -> str:
+        """The reward model a request uses; unknown names are a 400, none configured a 503."""
+        names = list(self._reward_models())
+        if name:
+            if name not in names:
+                raise InvalidRequest(
+                    f"unknown {param} {name!r}; available: {', '.join(names) or 'none'}", param=param
+                )
+            return name
+        if not names:
+            raise Unavailable("no reward model is configured")
+        return names[0]
+
+    def admit_bon(self, request: BonRequest) -> AdmittedBon:
+        max_best_of = self.server.max_best_of
+        if not 1 <= request.best_of <= max_best_of:
+            raise InvalidRequest(f"best_of must be between 1 and {max_best_of}", param="best_of")
+        if not 1 <= request.n <= request.best_of:
+            raise InvalidRequest("n must be between 1 and best_of", param="n")
+        if request.min_candidates is not None and not 1 <= request.min_candidates <= request.best_of:
+            raise InvalidRequest("min_candidates must be between 1 and best_of", param="min_candidates")
+        limits = self.server.limits
+        if request.prompt is None:
+            _check_messages(request.messages)
+        _check_sizes(request.messages, request.prompt, limits)
+        _check_sampling(request.sampling, limits)
+        reward_model = self.reward_model(request.reward_model)
+        scoring = (Message("user", request.prompt),) if request.prompt is not None else request.messages
+        return AdmittedBon(request, reward_model, scoring)
+
+    def admit_score(self, request: ScoreRequest) -> AdmittedScore:
+        _check_messages(request.messages)
+        if not request.candidates and not request.steps:
+            raise InvalidRequest("candidates must be a non-empty list", param="candidates")
+        if request.candidates and request.steps:
+            raise InvalidRequest("give either candidates or steps, not both", param="steps")
+        limits = self.server.limits
+        _check_sizes(request.messages, None, limits)
+        count = max(len(request.candidates), len(request.steps))
+        if count > limits.max_candidates:
+            raise InvalidRequest(
+                f"candidates: {count} answers, at most {limits.max_candidates} allowed "
+                "(server.limits.max_candidates)",
+                param="candidates",
+            )
+        texts = request.candidates or tuple("".join(steps) for steps in request.steps)
+        answer_chars = sum(len(t) for t in texts)
+        if answer_chars > limits.max_prompt_chars * 4:
+            # Answers are scored with the prompt, so they share its budget (several answers' worth).
+            raise InvalidRequest(
+                f"candidates: {answer_chars} characters in all, at most {limits.max_prompt_chars * 4} "
+                "allowed (4 x server.limits.max_prompt_chars)",
+                param="candidates",
+            )
+        reward_model = self.reward_model(request.reward_model, param="model")
+        return AdmittedScore(request, reward_model, texts)
+
+
+def _check_messages(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise InvalidRequest("messages must be a non-empty list", param="messages")
+    for i, message in enumerate(messages):
+        if not message.role:
+            raise InvalidRequest(f"messages[{i}].role is required", param=f"messages[{i}].role")
+        if message.role not in ROLES:
+            raise InvalidRequest(
+                f"messages[{i}].role must be {', '.join(ROLES[:-1])} or {ROLES[-1]}",
+                param=f"messages[{i}].role",
+            )
+
+
+def _check_sizes(messages: Sequence[Message], prompt: str | None, limits: LimitsConfig) -> None:
+    if len(messages) > limits.max_messages:
+        raise InvalidRequest(
+            f"messages: {len(messages)} messages, at most {limits.max_messages} allowed "
+            "(server.limits.max_messages)",
+            param="messages",
+        )
+    chars = sum(len(m.content) + len(m.role) for m in messages) + len(prompt or "")
+    if chars > limits.max_prompt_chars:
+        param = "prompt" if prompt is not None else "messages"
+        raise InvalidRequest(
+            f"{param}: {chars} characters, at most {limits.max_prompt_chars} allowed "
+            "(server.limits.max_prompt_chars)",
+            param=param,
+        )
+
+
+def _check_sampling(sampling: SamplingParams, limits: LimitsConfig) -> None:
+    # Out-of-range values would fail every upstream call and come back as a 503:
+    # they are the client's mistake, so a 400 before any call.
+    if sampling.temperature is not None and not sampling.temperature >= 0:
+        raise InvalidRequest("temperature must be >= 0", param="temperature")
+    if sampling.top_p is not None and not 0 < sampling.top_p <= 1:
+        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+    max_tokens = sampling.max_tokens
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise InvalidRequest("max_tokens must be >= 1", param="max_tokens")
+        if max_tokens > limits.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens: {max_tokens} is over the limit of {limits.max_tokens} "
+                "(server.limits.max_tokens)",
+                param="max_tokens",
+            )
+    if sum(len(s) for s in sampling.stop) > limits.max_prompt_chars:
+        raise InvalidRequest("stop: too long (server.limits.max_prompt_chars)", param="stop")
