@@ -43,5 +43,10 @@ def test_ready_turns_off_while_the_only_upstream_is_ejected_and_back_after_coold
             while httpx.get(f"{gateway.http_url}/ready", timeout=5).status_code != 200:
                 assert time.monotonic() < deadline, "/ready never came back after the cooldown"
                 time.sleep(0.05)
+            # gRPC health too, with no request in between: the cooldown's end wakes it
+            # (health is not polled; nothing else happens that could).
+            while _health(gateway.grpc_target) != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "gRPC health never came back after the cooldown"
+                time.sleep(0.05)
             reply = httpx.post(f"{gateway.http_url}/v1/chat/completions", json=body, timeout=10)
             assert reply.status_code == 200

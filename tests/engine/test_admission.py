@@ -1,0 +1,95 @@
+"""Admission: every check a request gets, once, before any work; field names are the HTTP API's."""
+
+from __future__ import annotations
+
+import pytest
+
+from bon_gateway.config import ServerConfig
+from bon_gateway.engine.admission import Admission
+from bon_gateway.errors import InvalidRequest, Unavailable
+from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest
+
+USER = (Message("user", "What is 2 + 2?"),)
+
+
+def admission(models: tuple[str, ...] = ("rm", "prm"), **server: object) -> Admission:
+    config = ServerConfig.model_validate(
+        {"max_best_of": 8, "limits": {"max_messages": 3, "max_prompt_chars": 100, "max_tokens": 64}, **server}
+    )
+    return Admission(config, lambda: models)
+
+
+def refused(request: BonRequest) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as caught:
+        admission().admit_bon(request)
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (BonRequest(USER, best_of=0), "best_of"),
+        (BonRequest(USER, best_of=9), "best_of"),
+        (BonRequest(USER, best_of=2, n=3), "n"),
+        (BonRequest(USER, best_of=2, min_candidates=3), "min_candidates"),
+        (BonRequest((), best_of=2), "messages"),
+        (BonRequest((Message("robot", "hi"),)), "messages[0].role"),
+        (BonRequest((Message("", "hi"),)), "messages[0].role"),
+        (BonRequest(USER * 4), "messages"),
+        (BonRequest((Message("user", "x" * 200),)), "messages"),
+        (BonRequest((), prompt="x" * 200), "prompt"),
+        (BonRequest(USER, sampling=SamplingParams(temperature=-0.1)), "temperature"),
+        (BonRequest(USER, sampling=SamplingParams(temperature=float("nan"))), "temperature"),
+        (BonRequest(USER, sampling=SamplingParams(top_p=0.0)), "top_p"),
+        (BonRequest(USER, sampling=SamplingParams(top_p=1.5)), "top_p"),
+        (BonRequest(USER, sampling=SamplingParams(max_tokens=0)), "max_tokens"),
+        (BonRequest(USER, sampling=SamplingParams(max_tokens=65)), "max_tokens"),
+        (BonRequest(USER, sampling=SamplingParams(stop=("s" * 101,))), "stop"),
+        (BonRequest(USER, reward_model="nope"), "reward_model"),
+    ],
+)
+def test_bad_best_of_n_requests_name_the_field(request_: BonRequest, param: str) -> None:
+    assert refused(request_).param == param
+
+
+def test_limits_errors_name_the_config_key() -> None:
+    assert (
+        "server.limits.max_tokens"
+        in refused(BonRequest(USER, sampling=SamplingParams(max_tokens=65))).message
+    )
+    assert "server.limits.max_messages" in refused(BonRequest(USER * 4)).message
+
+
+def test_an_admitted_request_carries_its_reward_model_and_scoring_messages() -> None:
+    chat = admission().admit_bon(BonRequest(USER, best_of=4, reward_model="prm"))
+    assert chat.reward_model == "prm" and chat.scoring_messages == USER
+    plain = admission().admit_bon(BonRequest((), prompt="Once upon", best_of=2))
+    assert plain.reward_model == "rm"  # the first configured model by default
+    assert plain.scoring_messages == (Message("user", "Once upon"),)
+
+
+def test_no_reward_model_configured_is_unavailable() -> None:
+    with pytest.raises(Unavailable):
+        admission(models=()).admit_bon(BonRequest(USER))
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (ScoreRequest(USER), "candidates"),
+        (ScoreRequest((), candidates=("a",)), "messages"),
+        (ScoreRequest(USER, candidates=("a",), steps=(("a",),)), "steps"),
+        (ScoreRequest(USER, candidates=("a",) * 300), "candidates"),
+        (ScoreRequest(USER, candidates=("x" * 401,)), "candidates"),
+        (ScoreRequest(USER, candidates=("a",), reward_model="nope"), "model"),
+    ],
+)
+def test_bad_scoring_requests_name_the_field(request_: ScoreRequest, param: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        admission().admit_score(request_)
+    assert caught.value.param == param
+
+
+def test_explicit_steps_are_scored_as_their_joined_text() -> None:
+    admitted = admission().admit_score(ScoreRequest(USER, steps=(("a\n\n", "b"), ("c",))))
+    assert admitted.texts == ("a\n\nb", "c") and admitted.reward_model == "rm"
