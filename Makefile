@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install demo test lint proto promtool bench clean
+.PHONY: install demo test test-fast lint proto promtool bench clean
 
 install: $(STAMP)
 
@@ -35,11 +35,17 @@ promtool:
 demo: $(STAMP)
 	$(BIN)/bon-gateway demo
 
-test: $(STAMP) promtool
+# The full suite, after the lint (CI runs this through .ci/run).
+test: $(STAMP) promtool lint
 	$(BIN)/python -m pytest -q
+
+# Unit tests only: no servers, no subprocesses (tests/conftest.py enforces it), under 2 minutes.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check bon_gateway tests bench scripts
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 proto: $(STAMP)

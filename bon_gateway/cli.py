@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"bon-gateway: {err.message}", file=sys.stderr)
         code = 2
+    except OSError as err:  # a port taken, a file that cannot be read: one line, no traceback
+        print(f"bon-gateway: {err}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     sys.exit(code)

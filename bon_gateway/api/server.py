@@ -131,8 +131,13 @@ def build_grpc_server(
     max_message = server_config.limits.max_body_bytes
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(guard, metrics)],
-        # Bigger messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before decoding.
-        options=[("grpc.max_receive_message_length", max_message)],
+        options=[
+            # Bigger messages are refused by gRPC itself (RESOURCE_EXHAUSTED) before decoding.
+            ("grpc.max_receive_message_length", max_message),
+            # gRPC turns SO_REUSEPORT on by default: a second gateway on the same port would
+            # start and take part of the traffic. Off, a taken port fails start-up.
+            ("grpc.so_reuseport", 0),
+        ],
     )
     # The generated registration helper carries no annotations.
     pb_grpc.add_BestOfNServicer_to_server(BestOfNService(engine, metrics), server)  # type: ignore[no-untyped-call]
@@ -143,6 +148,8 @@ def build_grpc_server(
         server,
     )
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if port:
+        _check_port_free(host, port)
     try:
         if server_config.tls.enabled:
             bound = server.add_secure_port(address, _server_credentials(server_config.tls))
@@ -151,6 +158,19 @@ def build_grpc_server(
     except RuntimeError as err:
         raise OSError(f"cannot listen for gRPC on {address}: {err}") from None
     return GrpcFront(server=server, port=bound, engine=engine, health=health_servicer)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Raise OSError naming server.grpc_port when host:port is taken (before gRPC logs its own error)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise OSError(
+                f"cannot listen for gRPC on {host}:{port}: {err.strerror} (server.grpc_port / --grpc-port)"
+            ) from None
 
 
 class _UvicornServer(uvicorn.Server):

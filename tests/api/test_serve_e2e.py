@@ -205,3 +205,40 @@ def test_a_pool_that_cannot_start_stops_the_gateway(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "phase=workers_failed" in result.stderr
     assert "phase=closed" in result.stderr  # both fronts were shut down on the way out
+
+
+def test_a_taken_grpc_port_fails_start_up_with_one_line(tmp_path: Path) -> None:
+    # gRPC's default SO_REUSEPORT would let a second gateway bind the same port and
+    # take part of its traffic; the taken port must stop start-up instead.
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bon_gateway",
+                "serve",
+                "--generator-url",
+                "http://127.0.0.1:9/v1",
+                "--host",
+                "127.0.0.1",
+                "--http-port",
+                "0",
+                "--grpc-port",
+                str(port),
+            ],  # fmt: skip
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("bon-gateway: "))
+    assert f"cannot listen for gRPC on 127.0.0.1:{port}" in line and "grpc_port" in line
