@@ -231,7 +231,7 @@ def test_a_taken_grpc_port_fails_start_up_with_one_line(tmp_path: Path) -> None:
                 "0",
                 "--grpc-port",
                 str(port),
-            ],  # fmt: skip
+            ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             capture_output=True,
