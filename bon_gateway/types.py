@@ -65,6 +65,8 @@ class Dropped:
 
     reason: DropReason
     detail: str
+    # rate_limited: how long the upstream asked callers to wait (its Retry-After).
+    retry_after_s: float | None = None
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}"

@@ -25,7 +25,7 @@ from bon_gateway.engine.protocols import (
 )
 from bon_gateway.engine.selection import SelectionResult, select
 from bon_gateway.engine.steps import aggregate_steps
-from bon_gateway.errors import DeadlineExceeded, Unavailable
+from bon_gateway.errors import DeadlineExceeded, Overloaded, Unavailable
 from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import (
@@ -209,6 +209,12 @@ class Engine:
         )
         if any(d.reason == "deadline" for d in outcome.dropped):
             raise DeadlineExceeded(message)
+        if outcome.dropped and all(d.reason == "rate_limited" for d in outcome.dropped):
+            # The generator is shedding load: the client gets a 429 too, told when to come back.
+            waits = [d.retry_after_s for d in outcome.dropped if d.retry_after_s is not None]
+            raise Overloaded(
+                message, retry_after_s=max(waits, default=self.config.server.limits.retry_after_s)
+            )
         raise Unavailable(message)
 
     # -- scoring only ---------------------------------------------------

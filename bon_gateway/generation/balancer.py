@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bon_gateway.logs import log_phase
 from bon_gateway.metrics import upstream_label
@@ -29,6 +29,9 @@ class Endpoint:
     label: str  # bounded metrics label (host:port)
     outstanding: int = 0
     consecutive_failures: int = 0
+    # The requests whose calls failed since the last success: ejection needs
+    # `eject_after_failures` different ones (one request retrying counts once).
+    failing_requests: set[object] = field(default_factory=set)
     ejected_until: float = 0.0
     # Whether a call with n=N returned N choices; None until probed (mode "auto").
     honours_n: bool | None = None
@@ -85,21 +88,25 @@ class Balancer:
     def started(self, endpoint: Endpoint) -> None:
         endpoint.outstanding += 1
 
-    def finished(self, endpoint: Endpoint, ok: bool | None) -> None:
+    def finished(self, endpoint: Endpoint, ok: bool | None, request: object = None) -> None:
         """Record a call's end: `ok` False for failures that say the upstream is unwell,
-        None when the call was cancelled (which says nothing about the upstream)."""
+        None when the call was cancelled (which says nothing about the upstream).
+        `request` is the client request the call served (None: a request of its own)."""
         endpoint.outstanding -= 1
         if ok is None:
             return
         if ok:
             was_ejected = endpoint.consecutive_failures >= self.eject_after_failures
             endpoint.consecutive_failures = 0
+            endpoint.failing_requests.clear()
             endpoint.ejected_until = 0.0
             if was_ejected:
                 log_phase(log, "upstream_recovered", upstream=endpoint.label)
                 self._changed(endpoint)
             return
-        endpoint.consecutive_failures += 1
+        if len(endpoint.failing_requests) < self.eject_after_failures:  # bounded: enough to decide
+            endpoint.failing_requests.add(object() if request is None else request)
+        endpoint.consecutive_failures = len(endpoint.failing_requests)
         if endpoint.consecutive_failures >= self.eject_after_failures:
             now = self._clock()
             newly = endpoint.ejected_until <= now

@@ -12,7 +12,7 @@ from typing import Any
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.balancer import Balancer, Endpoint
 from bon_gateway.generation.payload import error_message
-from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status
+from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
 from bon_gateway.generation.transport import HttpResponse, ProtocolError, UpstreamHttp
 from bon_gateway.metrics import Metrics
 from bon_gateway.retry import GaveUp, RetryPolicy, retry_call
@@ -26,13 +26,14 @@ log = logging.getLogger("bon_gateway.generation")
 class CandidateFailed(Exception):
     """A call failed for good; `reason` is a bounded word (a metrics label suffix)."""
 
-    def __init__(self, reason: DropReason, detail: str) -> None:
+    def __init__(self, reason: DropReason, detail: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason: DropReason = reason
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
     def dropped(self) -> Dropped:
-        return Dropped(self.reason, self.detail)
+        return Dropped(self.reason, self.detail, self.retry_after_s)
 
 
 class UpstreamRejected(Exception):
@@ -105,13 +106,23 @@ class UpstreamCaller:
         )
 
     async def call(
-        self, path: str, body: dict[str, Any], deadline: Deadline, endpoint: Endpoint | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        deadline: Deadline,
+        endpoint: Endpoint | None = None,
+        *,
+        request_key: object = None,
     ) -> tuple[Any, Endpoint]:
         """The decoded JSON reply and the endpoint that gave it.
 
         Raises CandidateFailed when retries are spent or the deadline leaves no
         time for another attempt, UpstreamRejected on a client-fault 4xx.
+        `request_key` names the client request the call serves: an upstream is
+        ejected only after failures across different requests, so one request's
+        candidates and retries failing together count once.
         """
+        key = object() if request_key is None else request_key
         payload = json.dumps(body, separators=(",", ":")).encode()
         avoid: list[Endpoint] = []
         cause: _Attempt | None = None  # the last real failure, when retrying
@@ -128,7 +139,7 @@ class UpstreamCaller:
                     healthy=True,
                 )
             try:
-                return await self._attempt(chosen, path, payload, deadline.remaining()), chosen
+                return await self._attempt(chosen, path, payload, deadline.remaining(), key), chosen
             except _Attempt as failed:
                 if failed.reason != "deadline":
                     cause = failed
@@ -151,10 +162,14 @@ class UpstreamCaller:
                 raise _deadline_failure(last.detail, cause) from None
             if gave_up.why == "deadline":
                 # Waiting would only end in the deadline: fail now, with the real cause.
-                raise CandidateFailed(last.reason, f"{last.detail} (no time left to retry)") from None
-            raise CandidateFailed(last.reason, last.detail) from None
+                raise CandidateFailed(
+                    last.reason, f"{last.detail} (no time left to retry)", last.retry_after_s
+                ) from None
+            raise CandidateFailed(last.reason, last.detail, last.retry_after_s) from None
 
-    async def _attempt(self, endpoint: Endpoint, path: str, payload: bytes, remaining: float | None) -> Any:
+    async def _attempt(
+        self, endpoint: Endpoint, path: str, payload: bytes, remaining: float | None, request_key: object
+    ) -> Any:
         cfg = self.config
         cut_by_deadline = remaining is not None and remaining < cfg.timeout_s
         limit = cfg.timeout_s if remaining is None else min(cfg.timeout_s, remaining)
@@ -207,7 +222,7 @@ class UpstreamCaller:
             self.metrics.upstream_duration.observe(elapsed)
             self.metrics.child(self.metrics.upstream_call_duration, endpoint.label).observe(elapsed)
             self.metrics.child(self.metrics.upstream_requests, status).inc()
-            self.balancer.finished(endpoint, healthy)
+            self.balancer.finished(endpoint, healthy, request_key)
 
     @staticmethod
     def _check_status(response: HttpResponse) -> bool:
@@ -215,17 +230,21 @@ class UpstreamCaller:
         code = response.status
         if code == 200:
             return True
+        message = error_message(response.content)
         if client_fault(code):
-            raise UpstreamRejected(code, error_message(response.content))
+            raise UpstreamRejected(code, message)
+        if validation_failure(code, message):
+            raise UpstreamRejected(400, message)
         kind = "http_5xx" if code >= 500 else "http_4xx"
-        detail = f"HTTP {code}: {error_message(response.content)[:200]}"
+        detail = f"HTTP {code}: {message[:200]}"
         if retryable_status(code):
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             reason: DropReason = "rate_limited" if code == 429 else "upstream_error"
             # A 429 is load, not sickness: retry elsewhere, but do not eject for it.
             raise _Attempt(reason, kind, detail, retry=True, healthy=code == 429, retry_after_s=retry_after)
-        # 401/403/404...: the gateway's configuration (key, model, path) is wrong.
-        raise _Attempt("upstream_error", kind, detail, retry=False, healthy=False)
+        # 401/403...: the gateway's configuration (its key) is wrong: nothing a retry or
+        # another request changes, and nothing about the upstream's health either.
+        raise _Attempt("upstream_error", kind, detail, retry=False, healthy=True)
 
     async def aclose(self) -> None:
         await self._http.aclose()

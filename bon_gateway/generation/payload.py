@@ -7,6 +7,7 @@ becomes candidates.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from bon_gateway.types import BonRequest, Generation
@@ -15,7 +16,7 @@ __all__ = ["BadResponse", "build_payload", "error_message", "parse_choices"]
 
 # Upstream error text returned to clients is cut here: a 400 body can echo the
 # whole prompt back, and the client already has that.
-MAX_ERROR_MESSAGE = 500
+MAX_ERROR_MESSAGE = 300
 
 
 class BadResponse(Exception):
@@ -83,12 +84,33 @@ def parse_choices(data: Any, first_index: int, limit: int) -> list[Generation]:
 
 
 def error_message(body: bytes) -> str:
-    """The human message of an upstream error body (OpenAI, vLLM, llama.cpp and TGI shapes)."""
-    text = body.decode("utf-8", errors="replace")
+    """The human message of an upstream error body (OpenAI, vLLM, llama.cpp and TGI shapes),
+    cleaned for clients: its first paragraph, no traceback, no server file paths."""
+    return _clean(_raw_error_message(body))
+
+
+# A path of two or more components (/srv/app/x.py, C:\\app\\x.py): server internals.
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][\w.@+-]+){2,}")
+_TRACEBACK = re.compile(r"\n\s*(?:File \"|Traceback \(most recent call last\))")
+
+
+def _clean(message: str) -> str:
+    cut = _TRACEBACK.search(message)
+    if cut is not None:
+        message = message[: cut.start()]
+    message = _PATH.sub("<path>", message)
+    message = " ".join(message.split())  # one line
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[: MAX_ERROR_MESSAGE - 3] + "..."
+    return message or "no message"
+
+
+def _raw_error_message(body: bytes) -> str:
+    text = body[:65536].decode("utf-8", errors="replace")
     try:
         data = json.loads(text)
     except ValueError:
-        return text.strip()[:MAX_ERROR_MESSAGE] or "no message"
+        return text
     message: Any = None
     if isinstance(data, dict):
         error = data.get("error")
@@ -97,6 +119,4 @@ def error_message(body: bytes) -> str:
         elif isinstance(error, str):  # TGI: {"error": "...", "error_type": ...}
             message = error
         message = message or data.get("message") or data.get("detail")
-    if not isinstance(message, str):
-        message = text.strip()
-    return message[:MAX_ERROR_MESSAGE] or "no message"
+    return message if isinstance(message, str) else text

@@ -9,14 +9,25 @@ sets the floor; no wait runs past the request's deadline).
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 
-__all__ = ["client_fault", "parse_retry_after", "retryable_status"]
+__all__ = ["client_fault", "parse_retry_after", "retryable_status", "validation_failure"]
 
 # The upstream's 4xx that mean "this request is wrong" (too long a prompt, bad
-# parameter values): the client gets them as a 400. 401/403/404 mean the
-# gateway's own configuration is wrong (key, model name, path) and stay 503s.
-CLIENT_FAULT_STATUSES = frozenset({400, 413, 422})
+# parameter values, a model it does not serve): the client gets them as its own
+# 4xx. 401/403 mean the gateway's configuration (its key) is wrong: a 503. No 4xx
+# counts against the upstream's health: it answered, and correctly.
+CLIENT_FAULT_STATUSES = frozenset({400, 404, 413, 422})
+# llama-cpp-python answers a request that fails its own validation (top_p > 1, an
+# unknown role, a bad response_format) with a 500 whose message is pydantic's
+# "N validation error(s)": the client's fault, not the upstream's.
+_VALIDATION_MESSAGE = re.compile(r"^\s*\d+ validation errors?\b")
+
+
+def validation_failure(status: int, message: str) -> bool:
+    """A 5xx that is really the upstream refusing the request's fields (llama-cpp-python)."""
+    return status == 500 and _VALIDATION_MESSAGE.match(message) is not None
 
 
 def retryable_status(status: int) -> bool:

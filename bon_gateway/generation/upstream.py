@@ -21,7 +21,7 @@ from typing import Any
 
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.engine.protocols import OnGenerated, ReadinessListener
-from bon_gateway.errors import InvalidRequest
+from bon_gateway.errors import BonError, InvalidRequest, UpstreamError
 from bon_gateway.generation.balancer import Endpoint
 from bon_gateway.generation.caller import CandidateFailed, UpstreamCaller, UpstreamRejected
 from bon_gateway.generation.payload import BadResponse, build_payload, parse_choices
@@ -148,7 +148,7 @@ class _FanOut:
                     self._tasks.discard(task)
                     task.result()  # a client-fault rejection ends the whole request
         except UpstreamRejected as err:
-            raise InvalidRequest(f"the generator rejected the request: {err.message}") from None
+            raise self._rejected(err) from None
         finally:
             # Cancelled (deadline, hang-up) or failed: close every call still open,
             # which closes their connections so the upstream stops generating.
@@ -160,6 +160,20 @@ class _FanOut:
                 await asyncio.wait(self._tasks)
         self.result.generations.sort(key=lambda g: g.index)
         return self.result
+
+    def _rejected(self, err: UpstreamRejected) -> BonError:
+        """The client's error for a request the upstream refused."""
+        if err.status == 404:
+            if self.request.model is None:
+                # The operator's configured model: not the client's fault, nor the upstream's health.
+                return UpstreamError(
+                    f"the generator does not serve the configured model {self.model!r} "
+                    f"(generator.model): {err.message}"
+                )
+            return InvalidRequest(
+                f"the generator does not serve model {self.model!r}: {err.message}", param="model"
+            )
+        return InvalidRequest(f"the generator rejected the request: {err.message}")
 
     def _spawn_singles(self, first: int, end: int) -> None:
         for index in range(first, end):
@@ -177,7 +191,7 @@ class _FanOut:
     async def _single(self, index: int) -> None:
         path, body = build_payload(self.request, self.model, self.base_seed + index, 1)
         try:
-            data, answered = await self.client.caller.call(path, body, self.deadline)
+            data, answered = await self.client.caller.call(path, body, self.deadline, request_key=self)
             generations = parse_choices(data, index, 1)
         except CandidateFailed as err:
             self._drop(1, err)
@@ -193,7 +207,9 @@ class _FanOut:
         """One call with n=count; what it does not return is topped up with parallel calls."""
         path, body = build_payload(self.request, self.model, self.base_seed, count)
         try:
-            data, answered = await self.client.caller.call(path, body, self.deadline, endpoint)
+            data, answered = await self.client.caller.call(
+                path, body, self.deadline, endpoint, request_key=self
+            )
             generations = parse_choices(data, 0, count)
         except UpstreamRejected:
             if endpoint.honours_n:

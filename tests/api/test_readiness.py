@@ -31,7 +31,11 @@ def test_ready_turns_off_while_the_only_upstream_is_ejected_and_back_after_coold
             body = {"messages": QUESTION, "best_of": 2}
             reply = httpx.post(f"{gateway.http_url}/v1/chat/completions", json=body, timeout=10)
             assert reply.status_code == 503
-            # Two failed calls ejected the only upstream: not ready, on both fronts.
+            # One request's failures count once: the upstream is not ejected for them alone.
+            assert httpx.get(f"{gateway.http_url}/ready", timeout=5).status_code == 200
+            reply = httpx.post(f"{gateway.http_url}/v1/chat/completions", json=body, timeout=10)
+            assert reply.status_code == 503
+            # Two failed requests ejected the only upstream: not ready, on both fronts.
             assert httpx.get(f"{gateway.http_url}/ready", timeout=5).status_code == 503
             deadline = time.monotonic() + 5
             while _health(gateway.grpc_target) != health_pb2.HealthCheckResponse.NOT_SERVING:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -10,7 +11,7 @@ import pytest
 
 from bon_gateway.generation.balancer import Balancer
 from bon_gateway.generation.payload import BadResponse, build_payload, error_message, parse_choices
-from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status
+from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
 from bon_gateway.retry import RetryPolicy
 from bon_gateway.types import BonRequest, Message, SamplingParams
 
@@ -42,8 +43,17 @@ def test_parse_retry_after() -> None:
 def test_status_classes() -> None:
     assert all(retryable_status(s) for s in (429, 500, 502, 503, 504, 408))
     assert not any(retryable_status(s) for s in (400, 401, 404, 422))
-    assert client_fault(400) and client_fault(413) and client_fault(422)
-    assert not client_fault(401) and not client_fault(404) and not client_fault(429)
+    assert client_fault(400) and client_fault(404) and client_fault(413) and client_fault(422)
+    assert not client_fault(401) and not client_fault(403) and not client_fault(429)
+
+
+def test_llama_cpp_validation_500s_are_the_clients_fault() -> None:
+    # What llama-cpp-python answers for top_k = -5 (seen on the real server).
+    message = "1 validation error:\n  {'type': 'greater_than_equal', 'loc': ('body', 'top_k')}"
+    assert validation_failure(500, message)
+    assert validation_failure(500, "7 validation errors:\n ...")
+    assert not validation_failure(500, "CUDA out of memory")
+    assert not validation_failure(503, message)
 
 
 def test_payload_chat_and_completion() -> None:
@@ -78,7 +88,18 @@ def test_error_message_shapes() -> None:
     assert error_message(b'{"error": "tgi says no"}') == "tgi says no"
     assert error_message(b'{"detail": "fastapi says no"}') == "fastapi says no"
     assert error_message(b"plain") == "plain"
-    assert len(error_message(b"x" * 5000)) == 500
+    assert len(error_message(b"x" * 5000)) == 300
+
+
+def test_error_messages_reach_clients_without_tracebacks_or_server_paths() -> None:
+    raw = (
+        "1 validation error:\n  {'loc': ('body', 'top_p'), 'msg': 'Input should be <= 1'}\n\n"
+        '  File "/work/.venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in f\n'
+        "    raise\n"
+    )
+    cleaned = error_message(json.dumps({"error": {"message": raw}}).encode())
+    assert cleaned == "1 validation error: {'loc': ('body', 'top_p'), 'msg': 'Input should be <= 1'}"
+    assert error_message(b"crashed in /srv/app/model.py") == "crashed in <path>"
 
 
 class Clock:
