@@ -103,6 +103,9 @@ class GeneratorConfig(_Strict):
     timeout_s: float = Field(300.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     max_connections: int = Field(256, ge=1)
+    # One upstream reply (or stream) bigger than this is cut and its candidate dropped
+    # ("too_large"): a runaway or hostile upstream cannot fill the gateway's memory.
+    max_response_bytes: int = Field(8 << 20, ge=1024)
     # parallel: N calls with n=1 and distinct seeds (works everywhere);
     # n: one call with n=N, topped up with parallel calls when fewer choices come back;
     # auto: probe each upstream once with n=N and remember whether it honours n.

@@ -21,7 +21,9 @@ ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid", "softmax")
 
 # Why a candidate was dropped: a bounded set (the suffix of the
 # bon_candidates_total{outcome="dropped_<reason>"} label).
-DropReason = Literal["deadline", "timeout", "connect_error", "bad_response", "upstream_error", "rate_limited"]
+DropReason = Literal[
+    "deadline", "timeout", "connect_error", "bad_response", "upstream_error", "rate_limited", "too_large"
+]
 DROP_REASONS: tuple[str, ...] = (
     "deadline",
     "timeout",
@@ -29,6 +31,7 @@ DROP_REASONS: tuple[str, ...] = (
     "bad_response",
     "upstream_error",
     "rate_limited",
+    "too_large",  # the reply passed generator.max_response_bytes
 )
 
 

@@ -7,13 +7,14 @@ import json
 import logging
 import random
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.balancer import Balancer, Endpoint
 from bon_gateway.generation.payload import error_message
 from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
-from bon_gateway.generation.transport import HttpResponse, ProtocolError, UpstreamHttp
+from bon_gateway.generation.transport import HttpResponse, ProtocolError, ResponseTooLarge, UpstreamHttp
 from bon_gateway.metrics import Metrics
 from bon_gateway.retry import GaveUp, RetryPolicy, retry_call
 from bon_gateway.types import Deadline, Dropped, DropReason
@@ -21,6 +22,8 @@ from bon_gateway.types import Deadline, Dropped, DropReason
 __all__ = ["CandidateFailed", "UpstreamCaller", "UpstreamRejected"]
 
 log = logging.getLogger("bon_gateway.generation")
+
+T = TypeVar("T")
 
 
 class CandidateFailed(Exception):
@@ -57,14 +60,30 @@ class _Attempt(Exception):
         retry: bool,
         healthy: bool,
         retry_after_s: float | None = None,
+        status: str | None = None,
     ) -> None:
         super().__init__(detail)
+        self.status = status  # bon_upstream_requests_total{status}: the HTTP code, when one came
         self.reason = reason  # drop reason, if it is the last attempt
         self.kind = kind  # bon_upstream_errors_total{kind}
         self.detail = detail
         self.retry = retry
         self.healthy = healthy  # False: counts towards ejecting the endpoint
         self.retry_after_s = retry_after_s
+
+
+class _BrokenStream(Exception):
+    """A stream that failed after delivering events that cannot be taken back."""
+
+    def __init__(self, error: BaseException, delivered: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.delivered = delivered
+
+    def describe(self) -> str:
+        if isinstance(self.error, _Attempt):
+            return self.error.detail
+        return type(self.error).__name__
 
 
 def _retry_after(error: Exception) -> float | None:
@@ -122,12 +141,88 @@ class UpstreamCaller:
         ejected only after failures across different requests, so one request's
         candidates and retries failing together count once.
         """
-        key = object() if request_key is None else request_key
         payload = json.dumps(body, separators=(",", ":")).encode()
+
+        async def exchange(chosen: Endpoint, limit: float) -> Any:
+            response = await self._http.post(
+                chosen.url + path, payload, timeout_s=limit, max_bytes=self.config.max_response_bytes
+            )
+            self._check_status(response)
+            try:
+                return json.loads(response.content)
+            except ValueError:
+                raise _Attempt(
+                    "bad_response", "bad_response", "upstream body is not JSON", retry=True, healthy=False
+                ) from None
+
+        return await self._with_retries(exchange, deadline, endpoint, request_key)
+
+    async def stream(
+        self,
+        path: str,
+        body: dict[str, Any],
+        deadline: Deadline,
+        on_chunk: Callable[[Any], Awaitable[None]],
+        endpoint: Endpoint | None = None,
+        *,
+        request_key: object = None,
+        restartable: Callable[[], bool] = lambda: False,
+    ) -> Endpoint:
+        """Stream an SSE call, `await on_chunk(json)` for every event; the endpoint that served it.
+
+        Failures are retried as for `call` while no chunk was delivered; after
+        that only when `restartable()` says the chunks delivered so far may be
+        forgotten (the consumer starts the candidate over). Otherwise the
+        stream's failure is final: CandidateFailed.
+        """
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        delivered = 0
+
+        async def on_event(data: str) -> None:
+            nonlocal delivered
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise _Attempt(
+                    "bad_response", "bad_response", "an upstream event is not JSON", retry=True, healthy=False
+                ) from None
+            delivered += 1
+            await on_chunk(chunk)
+
+        async def exchange(chosen: Endpoint, limit: float) -> None:
+            nonlocal delivered
+            delivered = 0
+            try:
+                response = await self._http.stream(
+                    chosen.url + path,
+                    payload,
+                    on_event,
+                    timeout_s=limit,
+                    max_bytes=self.config.max_response_bytes,
+                )
+            except (_Attempt, TimeoutError, ProtocolError, OSError) as err:
+                if delivered and not restartable():
+                    raise _BrokenStream(err, delivered) from None
+                raise
+            if response is not None:
+                self._check_status(response)
+
+        _, served = await self._with_retries(exchange, deadline, endpoint, request_key)
+        return served
+
+    async def _with_retries(
+        self,
+        exchange: Callable[[Endpoint, float], Awaitable[T]],
+        deadline: Deadline,
+        endpoint: Endpoint | None,
+        request_key: object,
+    ) -> tuple[T, Endpoint]:
+        """The one retry loop of upstream calls: replica choice, deadline, cause of the failure."""
+        key = object() if request_key is None else request_key
         avoid: list[Endpoint] = []
         cause: _Attempt | None = None  # the last real failure, when retrying
 
-        async def attempt(number: int) -> tuple[Any, Endpoint]:
+        async def attempt(number: int) -> tuple[T, Endpoint]:
             nonlocal cause
             chosen = endpoint if endpoint is not None and number == 1 else self.balancer.pick(avoid)
             if deadline.expired():
@@ -139,7 +234,7 @@ class UpstreamCaller:
                     healthy=True,
                 )
             try:
-                return await self._attempt(chosen, path, payload, deadline.remaining(), key), chosen
+                return await self._attempt(chosen, deadline.remaining(), key, exchange), chosen
             except _Attempt as failed:
                 if failed.reason != "deadline":
                     cause = failed
@@ -168,18 +263,34 @@ class UpstreamCaller:
             raise CandidateFailed(last.reason, last.detail, last.retry_after_s) from None
 
     async def _attempt(
-        self, endpoint: Endpoint, path: str, payload: bytes, remaining: float | None, request_key: object
-    ) -> Any:
+        self,
+        endpoint: Endpoint,
+        remaining: float,
+        request_key: object,
+        exchange: Callable[[Endpoint, float], Awaitable[T]],
+    ) -> T:
+        """One attempt on `endpoint`: its failure classified, its metrics and health recorded."""
         cfg = self.config
-        cut_by_deadline = remaining is not None and remaining < cfg.timeout_s
-        limit = cfg.timeout_s if remaining is None else min(cfg.timeout_s, remaining)
+        cut_by_deadline = remaining < cfg.timeout_s
+        limit = min(cfg.timeout_s, remaining)
         self.balancer.started(endpoint)
         started = time.perf_counter()
         healthy: bool | None = None  # None: cancelled, says nothing about the upstream
         status = "cancelled"
         try:
             try:
-                response = await self._http.post(endpoint.url + path, payload, timeout_s=limit)
+                result = await exchange(endpoint, limit)
+                status, healthy = "200", True
+                return result
+            except _BrokenStream as broken:
+                status, healthy = "broken_stream", False
+                raise _Attempt(
+                    "connect_error" if not isinstance(broken.error, TimeoutError) else "timeout",
+                    "broken_stream",
+                    f"the stream broke after {broken.delivered} events: {broken.describe()}",
+                    retry=False,
+                    healthy=isinstance(broken.error, TimeoutError) and cut_by_deadline,
+                ) from None
             except TimeoutError as err:
                 status, healthy = "timeout", False
                 if cut_by_deadline:
@@ -191,6 +302,9 @@ class UpstreamCaller:
                         healthy=False,
                     ) from None
                 raise _Attempt("timeout", "timeout", type(err).__name__, retry=True, healthy=False) from None
+            except ResponseTooLarge as err:
+                status, healthy = "too_large", True
+                raise _Attempt("too_large", "too_large", str(err), retry=False, healthy=True) from None
             except ProtocolError as err:
                 status, healthy = "bad_response", False
                 raise _Attempt("bad_response", "bad_response", str(err), retry=True, healthy=False) from None
@@ -199,21 +313,14 @@ class UpstreamCaller:
                 raise _Attempt(
                     "connect_error", "connect_error", type(err).__name__, retry=True, healthy=False
                 ) from None
-            status = str(response.status)
-            healthy = self._check_status(response)
-            try:
-                data = json.loads(response.content)
-            except ValueError:
-                healthy = False
-                raise _Attempt(
-                    "bad_response", "bad_response", "upstream body is not JSON", retry=True, healthy=False
-                ) from None
-            return data
         except _Attempt as failed:
+            if status == "cancelled":  # raised by the exchange itself (a status or body problem)
+                status = failed.status or failed.kind
             healthy = failed.healthy
             self.metrics.child(self.metrics.upstream_errors, endpoint.label, failed.kind).inc()
             raise
-        except UpstreamRejected:
+        except UpstreamRejected as rejected:
+            status = str(rejected.status)
             healthy = True  # it answered, and correctly: the request was wrong
             self.metrics.child(self.metrics.upstream_errors, endpoint.label, "http_4xx").inc()
             raise
@@ -241,10 +348,18 @@ class UpstreamCaller:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             reason: DropReason = "rate_limited" if code == 429 else "upstream_error"
             # A 429 is load, not sickness: retry elsewhere, but do not eject for it.
-            raise _Attempt(reason, kind, detail, retry=True, healthy=code == 429, retry_after_s=retry_after)
+            raise _Attempt(
+                reason,
+                kind,
+                detail,
+                retry=True,
+                healthy=code == 429,
+                retry_after_s=retry_after,
+                status=str(code),
+            )
         # 401/403...: the gateway's configuration (its key) is wrong: nothing a retry or
         # another request changes, and nothing about the upstream's health either.
-        raise _Attempt("upstream_error", kind, detail, retry=False, healthy=True)
+        raise _Attempt("upstream_error", kind, detail, retry=False, healthy=True, status=str(code))
 
     async def aclose(self) -> None:
         await self._http.aclose()

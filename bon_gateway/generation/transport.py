@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 
-__all__ = ["ConnectError", "HttpResponse", "ProtocolError", "UpstreamHttp"]
+from bon_gateway.generation.sse import DONE, SseDecoder
+
+__all__ = ["ConnectError", "HttpResponse", "ProtocolError", "ResponseTooLarge", "UpstreamHttp"]
 
 # Idle keep-alive connections are dropped after this: shorter than the usual
 # upstream servers' own idle timeout (uvicorn under vLLM/SGLang, llama.cpp: 5 s),
@@ -33,6 +36,7 @@ KEEP_ALIVE_S = 4.0
 DNS_CACHE_S = 60
 
 _HEADERS = {"content-type": "application/json", "accept": "application/json"}
+_SSE_HEADERS = {"accept": "text/event-stream"}
 # Identity bodies, as before: small JSON on a local network is cheaper sent than compressed.
 _SKIP_AUTO_HEADERS = ("accept-encoding", "user-agent")
 
@@ -43,6 +47,22 @@ class ConnectError(OSError):
 
 class ProtocolError(Exception):
     """The peer does not speak HTTP/1.1 as expected."""
+
+
+class ResponseTooLarge(Exception):
+    """The reply passed the configured size bound (generator.max_response_bytes)."""
+
+
+async def _read_capped(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """A reply's whole body, at most `max_bytes` (past that it is not read on: the connection is closed)."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await response.content.read(1 << 16):  # b"" at the end of the body
+        total += len(chunk)
+        if total > max_bytes:
+            raise ResponseTooLarge(f"the upstream reply passed {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @dataclass(slots=True)
@@ -91,11 +111,14 @@ class UpstreamHttp:
         )
         return self._session
 
-    async def post(self, url: str, body: bytes, *, timeout_s: float | None = None) -> HttpResponse:
+    async def post(
+        self, url: str, body: bytes, *, timeout_s: float | None = None, max_bytes: int = 8 << 20
+    ) -> HttpResponse:
         """POST `body` (JSON) to `url` and read the whole reply within `timeout_s`.
 
-        Raises TimeoutError, ConnectError (refused, reset, closed early) or
-        ProtocolError (not HTTP); any status comes back as a response.
+        Raises TimeoutError, ConnectError (refused, reset, closed early),
+        ProtocolError (not HTTP) or ResponseTooLarge (over `max_bytes`); any
+        status comes back as a response.
         """
         if self._closed:
             raise ConnectError("the client is closed")
@@ -105,12 +128,13 @@ class UpstreamHttp:
                 # Cancelled while sending or reading the head: aiohttp closes the connection.
                 response = await session.post(url, data=body)
                 try:
-                    content = await response.read()  # releases the connection to the pool
+                    content = await _read_capped(response, max_bytes)
+                    response.release()  # a complete reply: the connection may be pooled
                 except BaseException:
                     # Cancelled or failed mid-body: close it, never pool it, so the upstream sees it.
                     response.close()
                     raise
-        except TimeoutError:
+        except (TimeoutError, ResponseTooLarge):
             raise  # asyncio.timeout's and aiohttp's own (connect) alike
         except (aiohttp.ClientResponseError, HttpProcessingError) as err:
             raise ProtocolError(f"{type(err).__name__}: {err}") from None
@@ -120,6 +144,68 @@ class UpstreamHttp:
         except (aiohttp.ClientError, OSError) as err:
             raise ConnectError(f"{type(err).__name__}: {err}") from None
         return HttpResponse(response.status, response.headers, content)
+
+    async def stream(
+        self,
+        url: str,
+        body: bytes,
+        on_event: Callable[[str], Awaitable[None]],
+        *,
+        timeout_s: float | None = None,
+        max_bytes: int = 8 << 20,
+    ) -> HttpResponse | None:
+        """POST `body` and read an SSE reply, calling `on_event(data)` for each event.
+
+        Returns None once the stream ended ([DONE] or EOF), or the response (its
+        body read, at most `max_bytes`) when the status is not 200. Raises as
+        `post` does, and ResponseTooLarge past `max_bytes` (the stream is cut).
+        Leaving early (cancelled, timed out, `on_event` raising) closes the
+        connection, so the upstream sees the client go and stops generating.
+        """
+        if self._closed:
+            raise ConnectError("the client is closed")
+        session = self._session or self._open()
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await session.post(url, data=body, headers=_SSE_HEADERS)
+                clean = False
+                try:
+                    if response.status != 200:
+                        content = await _read_capped(response, max_bytes)
+                        clean = True
+                        return HttpResponse(response.status, response.headers, content)
+                    decoder = SseDecoder()
+                    received = 0
+                    async for chunk in response.content.iter_any():
+                        received += len(chunk)
+                        if received > max_bytes:
+                            raise ResponseTooLarge(f"the upstream stream passed {max_bytes} bytes")
+                        for data in decoder.feed(chunk):
+                            if data == DONE:
+                                # The body's end follows at once (vLLM, llama.cpp): read it, so
+                                # the connection goes back to the pool instead of being closed.
+                                await response.content.read()
+                                clean = True
+                                return None
+                            await on_event(data)
+                    for data in decoder.close():
+                        if data != DONE:
+                            await on_event(data)
+                    clean = True
+                    return None
+                finally:
+                    if clean:
+                        response.release()  # a complete reply: the connection may be pooled
+                    else:
+                        response.close()  # cut short: close it, so the upstream sees it
+        except (TimeoutError, ResponseTooLarge):
+            raise
+        except (aiohttp.ClientResponseError, HttpProcessingError) as err:
+            raise ProtocolError(f"{type(err).__name__}: {err}") from None
+        except aiohttp.ClientPayloadError as err:
+            raise ConnectError(f"{type(err).__name__}: {err}") from None
+        except (aiohttp.ClientError, OSError) as err:
+            raise ConnectError(f"{type(err).__name__}: {err}") from None
 
     async def aclose(self) -> None:
         self._closed = True
