@@ -7,6 +7,14 @@ protocol. An entry with both spawns `workers` and shares the load with the
 remote ones (least outstanding groups first). One request's candidates go to
 one worker as one group; the worker batches groups across requests.
 
+A remote address may name several workers (`dns:///reward-workers:50061`
+resolves to every pod, `ipv4:10.0.0.1:50061,10.0.0.2:50061`): its channel
+spreads calls over all of them (gRPC round robin) and stops sending to one
+that goes away.
+
+A spawned worker says on a pipe when it serves (or why it cannot start), and
+only then does the pool open its channel: see worker/status.py.
+
 This module runs in the front process: it must not import torch.
 """
 
@@ -23,26 +31,46 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 import bon_gateway
 from bon_gateway.config import GatewayConfig, RewardModelConfig
-from bon_gateway.errors import InvalidRequest, Overloaded, WorkerError
+from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, WorkerError
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import CandidateScore, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY, Serving, StartFailed, decode_status
+from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
 from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2, reward_worker_pb2_grpc
+
+if TYPE_CHECKING:
+    from bon_gateway.engine.protocols import RewardScorer
 
 log = logging.getLogger("bon_gateway.scoring")
 
 __all__ = ["WorkerPool"]
 
-#: what the worker prints before a fatal start-up error (see worker/__main__.py)
-_ERROR_PREFIX = "bon-gateway worker: error: "
-# gRPC codes that mean "this worker is gone", worth one retry elsewhere.
 _DYING_WAIT_S = 0.5  # how long a failed call waits to see whether its worker process died
+_INFO_TIMEOUT_S = 30.0  # Info of a spawned worker that has said it serves: answered at once
+
+_MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+# gRPC's default reconnect backoff (1 s, x1.6 per try, up to 2 min) made a remote worker
+# that came back, or one still loading when the channel opened, wait out the backoff:
+# a gateway was seen ready 20-27 s after its worker served. Retry at least every second.
+_BACKOFF_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+# A remote address may resolve to several workers: pick_first (gRPC's default) would send
+# every call to one of them.
+_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def channel_options(target: str) -> list[tuple[str, int | str]]:
+    """Options of the channel to one worker target (unix:PATH spawned, else remote)."""
+    options: list[tuple[str, int | str]] = [*_MESSAGE_OPTIONS, *_BACKOFF_OPTIONS]
+    if not target.startswith("unix:"):
+        options.append(("grpc.service_config", _ROUND_ROBIN))
+    return options
 
 
 def _channel_closed() -> grpc.aio.AioRpcError:
@@ -66,12 +94,12 @@ def _remove_stale_socket(path: str) -> None:
         os.unlink(path)
 
 
-def _field_of(details: str) -> str:
-    """The request field a worker's INVALID_ARGUMENT message starts with (its convention)."""
-    word = details.split(" ", 1)[0]
-    if word.startswith(("candidates", "steps", "messages")):
-        return word
-    return "activation" if word == "activation" else "candidates"
+def _error_param(err: grpc.aio.AioRpcError) -> str | None:
+    """The request field a worker's INVALID_ARGUMENT names in its trailing metadata."""
+    for key, value in err.trailing_metadata() or ():
+        if key == ERROR_PARAM_KEY and isinstance(value, str):
+            return value
+    return None
 
 
 def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
@@ -94,6 +122,8 @@ class _Worker:
         self.argv = argv  # None: remote, not ours to spawn
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
+        self.status: asyncio.StreamReader | None = None  # the spawned worker's status pipe
+        self._status_transport: asyncio.ReadTransport | None = None
         self.channel: grpc.aio.Channel | None = None
         self.stub: reward_worker_pb2_grpc.RewardWorkerStub | None = None
         self.up = False
@@ -113,59 +143,101 @@ class _Worker:
         if self.target.startswith("unix:"):
             _remove_stale_socket(self.target[5:])
         self.tail.clear()
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
+        self._close_status()
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                "--status-fd",
+                str(write_fd),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env=self.env,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            # Only the child holds the write end: the pipe closes when the child exits.
+            os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
         )
+        self.status = reader
+        self._status_transport = transport
         self.tasks.append(asyncio.create_task(self._read_stderr(self.proc)))
 
+    def _close_status(self) -> None:
+        if self._status_transport is not None:
+            self._status_transport.close()
+            self._status_transport = None
+        self.status = None
+
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        # Forward the worker's log lines (never prompt text) and keep the last ones for errors.
+        # Forward the worker's log lines (never prompt text) and keep the last ones for a crash.
         assert proc.stderr is not None
         while line := await proc.stderr.readline():
             text = line.decode("utf-8", "replace").rstrip()
             self.tail.append(text)
             log.info("worker %s: %s", self.entry.name, text)
 
-    def failure(self) -> str:
-        for line in reversed(self.tail):
-            if _ERROR_PREFIX in line:
-                return line.split(_ERROR_PREFIX, 1)[1]
-        return " | ".join(list(self.tail)[-5:]) or "no output"
+    async def _wait_serving(self, timeout_s: float) -> Serving:
+        """The spawned worker's status: Serving, else WorkerError with its own reason."""
+        assert self.status is not None and self.proc is not None
+        try:
+            line = await asyncio.wait_for(self.status.readline(), timeout_s)
+        except TimeoutError:
+            raise WorkerError(
+                f"reward model {self.entry.name!r}: worker {self.target} not serving after {timeout_s:.0f} s"
+            ) from None
+        finally:
+            self._close_status()
+        status = None
+        with contextlib.suppress(ValueError):
+            status = decode_status(line) if line else None
+        if isinstance(status, Serving):
+            return status
+        code = await self.proc.wait()
+        if isinstance(status, StartFailed):
+            raise WorkerError(f"reward model {self.entry.name!r}: worker failed to start: {status.error}")
+        await asyncio.sleep(0.1)  # let the stderr reader catch the last lines: the only clue of a crash
+        last = " | ".join(list(self.tail)[-5:]) or "no output"
+        raise WorkerError(
+            f"reward model {self.entry.name!r}: worker exited with code {code} before serving "
+            f"(last output: {last})"
+        )
 
     async def connect(self, timeout_s: float) -> None:
-        """Wait until the worker answers Info (its models are loaded)."""
+        """Wait until the worker serves, then until it answers Info."""
         await self.close_channel()
-        self.channel = grpc.aio.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-            ],
-        )
+        started = time.monotonic()
+        if self.argv is not None:
+            await self._wait_serving(timeout_s)
+        self.channel = grpc.aio.insecure_channel(self.target, options=channel_options(self.target))
         self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)  # type: ignore[no-untyped-call]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc is not None and self.proc.returncode is not None:
-                await asyncio.sleep(0.1)  # let the stderr reader catch the last lines
-                raise WorkerError(
-                    f"reward model {self.entry.name!r}: worker exited with code "
-                    f"{self.proc.returncode}: {self.failure()}"
+        left = max(0.1, timeout_s - (time.monotonic() - started))
+        try:
+            if self.argv is not None:
+                # It said it listens: the first connection succeeds, or the worker is gone.
+                self.info = await self.stub.Info(
+                    reward_worker_pb2.WorkerInfoRequest(), timeout=min(left, _INFO_TIMEOUT_S)
                 )
-            try:
-                self.info = await self.stub.Info(reward_worker_pb2.WorkerInfoRequest(), timeout=2.0)
-                self.up = True
-                return
-            except grpc.aio.AioRpcError as err:
-                if time.monotonic() > deadline:
-                    raise WorkerError(
-                        f"reward model {self.entry.name!r}: worker {self.target} not ready after "
-                        f"{timeout_s:.0f} s: {err.details()}"
-                    ) from None
-            await asyncio.sleep(0.2)
+            else:
+                # A remote worker may still be starting: wait for the channel to connect
+                # (bounded backoff, so it is seen within a second of serving).
+                self.info = await self.stub.Info(
+                    reward_worker_pb2.WorkerInfoRequest(), timeout=left, wait_for_ready=True
+                )
+        except grpc.aio.AioRpcError as err:
+            await self.close_channel()
+            raise WorkerError(
+                f"reward model {self.entry.name!r}: worker {self.target} not ready after "
+                f"{time.monotonic() - started:.0f} s: {err.code().name}: {err.details()}"
+            ) from None
 
     async def close_channel(self) -> None:
         if self.channel is not None:
@@ -175,6 +247,7 @@ class _Worker:
     async def stop(self, grace_s: float = 5.0) -> None:
         self.up = False
         await self.close_channel()
+        self._close_status()
         proc = self.proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -198,19 +271,18 @@ class WorkerPool:
         metrics: Metrics,
         *,
         start_timeout_s: float = 600.0,
-        request_timeout_s: float | None = None,
         restart: bool = True,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.start_timeout_s = start_timeout_s
-        self.request_timeout_s = request_timeout_s or config.server.request_timeout_s
         self.restart = restart
         self._workers: dict[str, list[_Worker]] = {}
         self._entries = {m.name: m for m in config.reward_models}
         self._dir: str | None = None
         self._closing = False
         self._up_changed = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
         self._supervisors: list[asyncio.Task[None]] = []
         # Groups outstanding per model (waiting for a worker or being scored):
         # bounded so overload is shed with 429 instead of piling up in memory.
@@ -240,21 +312,25 @@ class WorkerPool:
             for w in all_workers:
                 if w.argv is not None:
                     await w.spawn()
-            await asyncio.gather(*(w.connect(self.start_timeout_s) for w in all_workers))
+            await asyncio.gather(*(self._bring_up(w) for w in all_workers))
         except BaseException:
             await self.aclose()
             raise
         for name, workers in self._workers.items():
-            self._set_up_gauge(name)
+            self.metrics.workers_up.labels(name).set(sum(w.up for w in workers))
             for w in workers:
-                log.info(
-                    "phase=worker-ready model=%s target=%s device=%s",
-                    name,
-                    w.target,
-                    w.info.device if w.info else "?",
-                )
                 if w.argv is not None:
                     self._supervisors.append(asyncio.create_task(self._supervise(w)))
+
+    async def _bring_up(self, worker: _Worker) -> None:
+        await worker.connect(self.start_timeout_s)
+        log.info(
+            "phase=worker-ready model=%s target=%s device=%s",
+            worker.entry.name,
+            worker.target,
+            worker.info.device if worker.info else "?",
+        )
+        self._mark(worker, up=True)
 
     def _argv(self, entry: RewardModelConfig, sock: str, threads: int) -> list[str]:
         argv = [
@@ -296,8 +372,7 @@ class WorkerPool:
             code = await worker.proc.wait()
             if self._closing:
                 return
-            worker.up = False
-            self._set_up_gauge(worker.entry.name)
+            self._mark(worker, up=False)
             log.warning(
                 "phase=worker-died model=%s target=%s code=%s", worker.entry.name, worker.target, code
             )
@@ -310,19 +385,34 @@ class WorkerPool:
                     break
                 except WorkerError as err:
                     log.error("phase=worker-restart-failed model=%s: %s", worker.entry.name, err.message)
+                    await worker.stop()  # one that is alive but not serving is not kept
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
             if self._closing:
                 return
             delay = 0.5
             self.metrics.worker_restarts.labels(worker.entry.name).inc()
-            self._set_up_gauge(worker.entry.name)
+            self._mark(worker, up=True)
             log.info("phase=worker-restarted model=%s target=%s", worker.entry.name, worker.target)
 
-    def _set_up_gauge(self, model: str) -> None:
+    def _mark(self, worker: _Worker, *, up: bool) -> None:
+        """Set whether `worker` takes calls; a change wakes waiting calls and the listeners."""
+        if worker.up == up:
+            return
+        worker.up = up
+        model = worker.entry.name
         self.metrics.workers_up.labels(model).set(sum(w.up for w in self._workers.get(model, ())))
         self._up_changed.set()
         self._up_changed = asyncio.Event()
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # one broken listener must not stop the pool's bookkeeping
+                log.exception("readiness listener failed")
+
+    def on_readiness_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever the set of up workers changes."""
+        self._listeners.append(listener)
 
     async def aclose(self) -> None:
         """Stop every spawned worker (SIGTERM, then SIGKILL) and remove the sockets."""
@@ -331,7 +421,10 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         self._supervisors.clear()
-        await asyncio.gather(*(w.stop() for ws in self._workers.values() for w in ws))
+        workers = [w for ws in self._workers.values() for w in ws]
+        for w in workers:
+            self._mark(w, up=False)
+        await asyncio.gather(*(w.stop() for w in workers))
         for name in self._workers:
             self.metrics.workers_up.labels(name).set(0)
         if self._dir is not None:
@@ -374,8 +467,7 @@ class WorkerPool:
         """Groups answered per worker target (unix:... spawned, HOST:PORT remote)."""
         return {w.target: w.served for w in self._workers.get(model, [])}
 
-    @staticmethod
-    async def _await_if_dying(worker: _Worker) -> None:
+    async def _await_if_dying(self, worker: _Worker) -> None:
         """After a failed call, let a spawned worker that is dying be seen as dead.
 
         A killed process closes its socket before asyncio reaps it; until then the
@@ -390,21 +482,24 @@ class WorkerPool:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), _DYING_WAIT_S)
             except TimeoutError:
                 return  # alive: the failure was something else
-        worker.up = False
+        self._mark(worker, up=False)
 
-    async def _pick(self, model: str, exclude: set[int]) -> _Worker:
-        """The least-loaded live worker, preferring ones not tried yet; waits for a restart."""
-        deadline = time.monotonic() + self.start_timeout_s
+    async def _pick(self, model: str, exclude: set[int], deadline: Deadline) -> _Worker:
+        """The least-loaded live worker, preferring ones not tried yet; waits for a restart
+        (within the request's deadline and the start timeout)."""
+        until = min(time.monotonic() + self.start_timeout_s, deadline.at)
         while True:
             live = [w for w in self._workers[model] if w.up]
             fresh = [w for w in live if id(w) not in exclude] or live
             if fresh:
                 return min(fresh, key=lambda w: w.inflight)
-            if self._closing or time.monotonic() > deadline:
+            if deadline.expired():
+                raise DeadlineExceeded(f"no reward worker for {model!r} came up before the deadline")
+            if self._closing or time.monotonic() >= until:
                 raise WorkerError(f"no reward worker for {model!r} is up")
             waiter = self._up_changed
             try:
-                await asyncio.wait_for(waiter.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(waiter.wait(), max(0.0, until - time.monotonic()))
             except TimeoutError:
                 pass
 
@@ -414,12 +509,16 @@ class WorkerPool:
         messages: Sequence[Message],
         candidates: Sequence[str],
         *,
+        deadline: Deadline,
         steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",
     ) -> ScoreBatchResult:
+        """Scores in input order; each worker call gets the time left before `deadline`."""
         if model not in self._workers:
             raise InvalidRequest(f"unknown reward model {model!r}", param="reward_model")
+        if deadline.expired():
+            raise DeadlineExceeded(f"no time left to score with {model!r}")
         outstanding = self._outstanding.get(model, 0)
         if outstanding >= self._queue_capacity:
             raise Overloaded(
@@ -429,7 +528,9 @@ class WorkerPool:
             )
         self._set_outstanding(model, outstanding + 1)
         try:
-            return await self._score_group(model, messages, candidates, steps, activation, request_id)
+            return await self._score_group(
+                model, messages, candidates, steps, activation, request_id, deadline
+            )
         finally:
             self._set_outstanding(model, self._outstanding[model] - 1)
 
@@ -445,6 +546,7 @@ class WorkerPool:
         steps: Sequence[Sequence[str]],
         activation: str | None,
         request_id: str,
+        deadline: Deadline,
     ) -> ScoreBatchResult:
         request = reward_worker_pb2.WorkerScoreRequest(
             request_id=request_id,
@@ -456,13 +558,15 @@ class WorkerPool:
         )
         tried: set[int] = set()
         for attempt in range(2):  # a group whose worker died is retried once
-            worker = await self._pick(model, tried)
+            worker = await self._pick(model, tried, deadline)
             tried.add(id(worker))
+            if deadline.expired():
+                raise DeadlineExceeded(f"no time left to score with {model!r}")
             worker.inflight += 1
             try:
                 assert worker.stub is not None
                 try:
-                    reply = await worker.stub.Score(request, timeout=self.request_timeout_s)
+                    reply = await worker.stub.Score(request, timeout=deadline.remaining())
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
@@ -473,10 +577,13 @@ class WorkerPool:
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    details = err.details() or "invalid input"
-                    raise InvalidRequest(details, param=_field_of(details)) from None
+                    raise InvalidRequest(err.details() or "invalid input", param=_error_param(err)) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise Overloaded(err.details() or f"reward model {model!r} is overloaded") from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(
+                        f"reward model {model!r} did not answer before the deadline"
+                    ) from None
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
                     log.warning(
                         "phase=score-retry model=%s id=%s worker=%s code=%s",
@@ -487,8 +594,6 @@ class WorkerPool:
                     )
                     await self._await_if_dying(worker)
                     continue
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise WorkerError(f"reward model {model!r} timed out") from None
                 raise WorkerError(f"reward model {model!r} failed: {code.name}: {err.details()}") from None
             finally:
                 worker.inflight -= 1
@@ -509,3 +614,10 @@ class WorkerPool:
         # Batch figures ride on one group per batch (zero on the others), so they are
         # counted once per forward batch; queue and compute times are per group.
         self.metrics.observe_worker_stats(model, reply.stats, scored_tokens=reply.total_tokens)
+
+
+if TYPE_CHECKING:
+
+    def _is_a_reward_scorer(pool: WorkerPool) -> RewardScorer:
+        """mypy checks here that the pool implements the engine's RewardScorer."""
+        return pool
