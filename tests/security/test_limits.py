@@ -16,7 +16,7 @@ from bon_gateway.config import GatewayConfig
 from bon_gateway.errors import Overloaded
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
-from bon_gateway.types import Message
+from bon_gateway.types import Deadline, Message
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
@@ -177,11 +177,13 @@ async def test_scoring_queue_is_bounded_per_model() -> None:
     pool = WorkerPool(config, metrics, start_timeout_s=30)
     # No worker is up: the first group waits for one; the second finds the queue full.
     pool._workers["rm"] = []
-    waiting = asyncio.create_task(pool.score("rm", [Message("user", "q")], ["a"]))
+    waiting = asyncio.create_task(
+        pool.score("rm", [Message("user", "q")], ["a"], deadline=Deadline.after(60))
+    )
     await asyncio.sleep(0.05)
     started = time.perf_counter()
     with pytest.raises(Overloaded) as shed:
-        await pool.score("rm", [Message("user", "q")], ["b"])
+        await pool.score("rm", [Message("user", "q")], ["b"], deadline=Deadline.after(60))
     assert time.perf_counter() - started < 0.1
     assert shed.value.retry_after_s == 2
     assert "max_queued_groups" in shed.value.message
