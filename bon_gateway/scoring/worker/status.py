@@ -18,7 +18,15 @@ import json
 import os
 from dataclasses import dataclass
 
-__all__ = ["ERROR_PARAM_KEY", "Serving", "StartFailed", "WorkerStatus", "decode_status", "write_status"]
+__all__ = [
+    "ERROR_PARAM_KEY",
+    "Serving",
+    "StartFailed",
+    "WorkerStatus",
+    "decode_status",
+    "encode_status",
+    "write_status",
+]
 
 ERROR_PARAM_KEY = "bon-error-param"
 
