@@ -10,10 +10,7 @@ one worker as one group; the worker batches groups across requests.
 A remote address may name several workers (`dns:///reward-workers:50061`
 resolves to every pod, `ipv4:10.0.0.1:50061,10.0.0.2:50061`): its channel
 spreads calls over all of them (gRPC round robin) and stops sending to one
-that goes away.
-
-A spawned worker says on a pipe when it serves (or why it cannot start), and
-only then does the pool open its channel: see worker/status.py.
+that goes away. How one worker is spawned and reached: handle.py.
 
 This module runs in the front process: it must not import torch.
 """
@@ -21,16 +18,13 @@ This module runs in the front process: it must not import torch.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,9 +35,10 @@ import bon_gateway
 from bon_gateway.config import GatewayConfig, RewardModelConfig
 from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, WorkerError
 from bon_gateway.metrics import Metrics
-from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY, Serving, StartFailed, decode_status
+from bon_gateway.scoring.handle import WorkerHandle
+from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
-from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2, reward_worker_pb2_grpc
+from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2
 
 if TYPE_CHECKING:
     from bon_gateway.engine.protocols import RewardScorer
@@ -53,24 +48,6 @@ log = logging.getLogger("bon_gateway.scoring")
 __all__ = ["WorkerPool"]
 
 _DYING_WAIT_S = 0.5  # how long a failed call waits to see whether its worker process died
-_INFO_TIMEOUT_S = 30.0  # Info of a spawned worker that has said it serves: answered at once
-
-_MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-# gRPC's default reconnect backoff (1 s, x1.6 per try, up to 2 min) made a remote worker
-# that came back, or one still loading when the channel opened, wait out the backoff:
-# a gateway was seen ready 20-27 s after its worker served. Retry at least every second.
-_BACKOFF_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
-# A remote address may resolve to several workers: pick_first (gRPC's default) would send
-# every call to one of them.
-_ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
-
-
-def channel_options(target: str) -> list[tuple[str, int | str]]:
-    """Options of the channel to one worker target (unix:PATH spawned, else remote)."""
-    options: list[tuple[str, int | str]] = [*_MESSAGE_OPTIONS, *_BACKOFF_OPTIONS]
-    if not target.startswith("unix:"):
-        options.append(("grpc.service_config", _ROUND_ROBIN))
-    return options
 
 
 def _channel_closed() -> grpc.aio.AioRpcError:
@@ -86,12 +63,6 @@ _RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
 }
-
-
-def _remove_stale_socket(path: str) -> None:
-    # A restarted worker binds the same path; a socket file left by a killed one blocks it.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
 
 
 def _error_param(err: grpc.aio.AioRpcError) -> str | None:
@@ -111,157 +82,6 @@ def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
     return ",".join(str(first + k) for k in range(entry.gpus_per_worker))
 
 
-class _Worker:
-    """One RewardWorker: a spawned process on a Unix socket, or a remote address."""
-
-    def __init__(
-        self, entry: RewardModelConfig, target: str, argv: list[str] | None, env: dict[str, str] | None
-    ) -> None:
-        self.entry = entry
-        self.target = target
-        self.argv = argv  # None: remote, not ours to spawn
-        self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.status: asyncio.StreamReader | None = None  # the spawned worker's status pipe
-        self._status_transport: asyncio.ReadTransport | None = None
-        self.channel: grpc.aio.Channel | None = None
-        self.stub: reward_worker_pb2_grpc.RewardWorkerStub | None = None
-        self.up = False
-        self.inflight = 0
-        self.served = 0  # groups this worker answered
-        self.info: reward_worker_pb2.WorkerInfoResponse | None = None
-        self.tail: deque[str] = deque(maxlen=40)
-        self.tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def name(self) -> str:
-        pid = self.proc.pid if self.proc else None
-        return f"{self.entry.name}@{self.target}" + (f"(pid {pid})" if pid else "")
-
-    async def spawn(self) -> None:
-        assert self.argv is not None
-        if self.target.startswith("unix:"):
-            _remove_stale_socket(self.target[5:])
-        self.tail.clear()
-        self._close_status()
-        read_fd, write_fd = os.pipe()
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv,
-                "--status-fd",
-                str(write_fd),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                env=self.env,
-                pass_fds=(write_fd,),
-            )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            # Only the child holds the write end: the pipe closes when the child exits.
-            os.close(write_fd)
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", buffering=0)
-        )
-        self.status = reader
-        self._status_transport = transport
-        self.tasks.append(asyncio.create_task(self._read_stderr(self.proc)))
-
-    def _close_status(self) -> None:
-        if self._status_transport is not None:
-            self._status_transport.close()
-            self._status_transport = None
-        self.status = None
-
-    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        # Forward the worker's log lines (never prompt text) and keep the last ones for a crash.
-        assert proc.stderr is not None
-        while line := await proc.stderr.readline():
-            text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            log.info("worker %s: %s", self.entry.name, text)
-
-    async def _wait_serving(self, timeout_s: float) -> Serving:
-        """The spawned worker's status: Serving, else WorkerError with its own reason."""
-        assert self.status is not None and self.proc is not None
-        try:
-            line = await asyncio.wait_for(self.status.readline(), timeout_s)
-        except TimeoutError:
-            raise WorkerError(
-                f"reward model {self.entry.name!r}: worker {self.target} not serving after {timeout_s:.0f} s"
-            ) from None
-        finally:
-            self._close_status()
-        status = None
-        with contextlib.suppress(ValueError):
-            status = decode_status(line) if line else None
-        if isinstance(status, Serving):
-            return status
-        code = await self.proc.wait()
-        if isinstance(status, StartFailed):
-            raise WorkerError(f"reward model {self.entry.name!r}: worker failed to start: {status.error}")
-        await asyncio.sleep(0.1)  # let the stderr reader catch the last lines: the only clue of a crash
-        last = " | ".join(list(self.tail)[-5:]) or "no output"
-        raise WorkerError(
-            f"reward model {self.entry.name!r}: worker exited with code {code} before serving "
-            f"(last output: {last})"
-        )
-
-    async def connect(self, timeout_s: float) -> None:
-        """Wait until the worker serves, then until it answers Info."""
-        await self.close_channel()
-        started = time.monotonic()
-        if self.argv is not None:
-            await self._wait_serving(timeout_s)
-        self.channel = grpc.aio.insecure_channel(self.target, options=channel_options(self.target))
-        self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)  # type: ignore[no-untyped-call]
-        left = max(0.1, timeout_s - (time.monotonic() - started))
-        try:
-            if self.argv is not None:
-                # It said it listens: the first connection succeeds, or the worker is gone.
-                self.info = await self.stub.Info(
-                    reward_worker_pb2.WorkerInfoRequest(), timeout=min(left, _INFO_TIMEOUT_S)
-                )
-            else:
-                # A remote worker may still be starting: wait for the channel to connect
-                # (bounded backoff, so it is seen within a second of serving).
-                self.info = await self.stub.Info(
-                    reward_worker_pb2.WorkerInfoRequest(), timeout=left, wait_for_ready=True
-                )
-        except grpc.aio.AioRpcError as err:
-            await self.close_channel()
-            raise WorkerError(
-                f"reward model {self.entry.name!r}: worker {self.target} not ready after "
-                f"{time.monotonic() - started:.0f} s: {err.code().name}: {err.details()}"
-            ) from None
-
-    async def close_channel(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        self.up = False
-        await self.close_channel()
-        self._close_status()
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), grace_s)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks.clear()
-
-
 class WorkerPool:
     """Implements the engine's RewardScorer over RewardWorker processes."""
 
@@ -277,7 +97,7 @@ class WorkerPool:
         self.metrics = metrics
         self.start_timeout_s = start_timeout_s
         self.restart = restart
-        self._workers: dict[str, list[_Worker]] = {}
+        self._workers: dict[str, list[WorkerHandle]] = {}
         self._entries = {m.name: m for m in config.reward_models}
         self._dir: str | None = None
         self._closing = False
@@ -300,12 +120,12 @@ class WorkerPool:
         threads = max(1, (os.cpu_count() or 1) // max(1, local_count))
         for entry in self.config.reward_models:
             # `workers` co-located processes and the remote `addresses`, one pool per model
-            workers: list[_Worker] = []
+            workers: list[WorkerHandle] = []
             for i in range(entry.workers):
                 sock = f"unix:{self._dir}/{len(self._workers)}-{i}.sock"
                 argv = self._argv(entry, sock, threads)
-                workers.append(_Worker(entry, sock, argv, self._env(entry, i)))
-            workers += [_Worker(entry, addr, None, None) for addr in entry.addresses]
+                workers.append(WorkerHandle(entry, sock, argv, self._env(entry, i)))
+            workers += [WorkerHandle(entry, addr, None, None) for addr in entry.addresses]
             self._workers[entry.name] = workers
         try:
             all_workers = [w for ws in self._workers.values() for w in ws]
@@ -322,7 +142,7 @@ class WorkerPool:
                 if w.argv is not None:
                     self._supervisors.append(asyncio.create_task(self._supervise(w)))
 
-    async def _bring_up(self, worker: _Worker) -> None:
+    async def _bring_up(self, worker: WorkerHandle) -> None:
         await worker.connect(self.start_timeout_s)
         log.info(
             "phase=worker-ready model=%s target=%s device=%s",
@@ -364,7 +184,7 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = gpus
         return env
 
-    async def _supervise(self, worker: _Worker) -> None:
+    async def _supervise(self, worker: WorkerHandle) -> None:
         """Restart the worker whenever its process dies (until the pool closes)."""
         delay = 0.5
         while not self._closing:
@@ -395,7 +215,7 @@ class WorkerPool:
             self._mark(worker, up=True)
             log.info("phase=worker-restarted model=%s target=%s", worker.entry.name, worker.target)
 
-    def _mark(self, worker: _Worker, *, up: bool) -> None:
+    def _mark(self, worker: WorkerHandle, *, up: bool) -> None:
         """Set whether `worker` takes calls; a change wakes waiting calls and the listeners."""
         if worker.up == up:
             return
@@ -467,7 +287,7 @@ class WorkerPool:
         """Groups answered per worker target (unix:... spawned, HOST:PORT remote)."""
         return {w.target: w.served for w in self._workers.get(model, [])}
 
-    async def _await_if_dying(self, worker: _Worker) -> None:
+    async def _await_if_dying(self, worker: WorkerHandle) -> None:
         """After a failed call, let a spawned worker that is dying be seen as dead.
 
         A killed process closes its socket before asyncio reaps it; until then the
@@ -484,7 +304,7 @@ class WorkerPool:
                 return  # alive: the failure was something else
         self._mark(worker, up=False)
 
-    async def _pick(self, model: str, exclude: set[int], deadline: Deadline) -> _Worker:
+    async def _pick(self, model: str, exclude: set[int], deadline: Deadline) -> WorkerHandle:
         """The least-loaded live worker, preferring ones not tried yet; waits for a restart
         (within the request's deadline and the start timeout)."""
         until = min(time.monotonic() + self.start_timeout_s, deadline.at)
