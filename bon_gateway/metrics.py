@@ -3,19 +3,25 @@
 Names are a public API (dashboards and alerts use them): prefix `bon_`, base
 units, `_total` counters, bounded labels only (never prompt text or request ids).
 A `Metrics` object owns its registry, so nothing is created at import time and
-tests can build as many as they like.
+tests can build as many as they like. `Metrics.initialise(config)` creates every
+series whose labels are known up front at 0: an absent series makes
+rate()/increase() miss its first event, and panels show "No data".
 """
 
 from __future__ import annotations
 
 import platform
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from bon_gateway import __version__
+from bon_gateway.types import DROP_REASONS
+
+if TYPE_CHECKING:
+    from bon_gateway.config import GatewayConfig
 
 # LLM requests take from milliseconds (cached scoring) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
@@ -27,6 +33,25 @@ WORKER_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 RATIO_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# --- label values known before any traffic (Metrics.initialise creates them at 0) ---
+# `api` of bon_requests_total & co: the HTTP routes (api/http_app.py API_LABELS) and the
+# BestOfN RPCs (api/grpc_guard.py: "grpc_" + the method in snake case); a test checks
+# that the fronts use exactly these.
+HTTP_API_LABELS = ("chat_completions", "completions", "rewards", "models")
+GRPC_API_LABELS = ("grpc_generate", "grpc_generate_stream", "grpc_score", "grpc_list_models")
+# `status` values the alerts select (server errors, shedding) besides success: HTTP codes
+# for the HTTP API, gRPC code names for the gRPC API.
+HTTP_STATUSES = ("200", "429", "500", "503", "504")
+GRPC_STATUSES = ("OK", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+PHASES = ("generate", "score", "select")
+# bon_candidates_total{outcome}: generated, scored, or dropped_<types.DROP_REASONS>.
+CANDIDATE_OUTCOMES = ("generated", "scored", *(f"dropped_{reason}" for reason in DROP_REASONS))
+# bon_upstream_errors_total{kind} (generation/caller.py).
+UPSTREAM_ERROR_KINDS = ("timeout", "connect_error", "http_4xx", "http_5xx", "bad_response")
+# bon_upstream_requests_total{status}: 200, the failures the caller names itself, and the
+# HTTP codes of a sick or overloaded upstream (others appear as they happen).
+UPSTREAM_STATUSES = ("200", "timeout", "connect_error", "bad_response", "429", "500", "502", "503", "504")
 
 _Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
@@ -196,6 +221,50 @@ class Metrics:
             ["model"],
             registry=r,
         )
+
+    def initialise(self, config: GatewayConfig) -> None:
+        """Create every series whose labels are known from `config` and the constants above.
+
+        Counters and histograms start at 0; gauges are created without being set, so
+        calling this after the pool has set them (or twice) changes no value.
+        """
+        for api, statuses in (
+            *((api, HTTP_STATUSES) for api in HTTP_API_LABELS),
+            *((api, GRPC_STATUSES) for api in GRPC_API_LABELS),
+        ):
+            self.child(self.requests_in_flight, api)
+            self.child(self.request_duration, api)
+            for status in statuses:
+                self.child(self.requests, api, status)
+        for phase in PHASES:
+            self.child(self.phase_duration, phase)
+        for outcome in CANDIDATE_OUTCOMES:
+            self.child(self.candidates, outcome)
+        for status in UPSTREAM_STATUSES:
+            self.child(self.upstream_requests, status)
+        for index, url in enumerate(config.generator.base_urls):
+            upstream = upstream_label(url, index)
+            self.child(self.upstream_call_duration, upstream)
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.child(self.upstream_errors, upstream, kind)
+        per_model: tuple[Counter | Gauge | Histogram, ...] = (
+            self.score_batch_size,
+            self.score_batch_tokens,
+            self.scored_tokens,
+            self.reused_prompt_tokens,
+            self.rewards,
+            self.workers_up,
+            self.worker_restarts,
+            self.score_queue_depth,
+            self.score_queue_capacity,
+            self.score_queue_wait,
+            self.score_compute_duration,
+            self.score_padding_ratio,
+            self.workers_configured,
+        )
+        for entry in config.reward_models:
+            for metric in per_model:
+                metric.labels(entry.name)
 
     def child(self, metric: _Metric, *values: str) -> _Metric:
         """`metric.labels(*values)`, looked up once (labels are bounded, so is the cache)."""

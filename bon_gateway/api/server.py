@@ -211,6 +211,7 @@ async def serve_gateway(
     both fronts accept connections. In-flight requests get a bounded grace at
     shutdown. The engine is not closed here: whoever built it closes it.
     """
+    metrics.initialise(config)  # every series with known labels at 0 before the first scrape
     stop = stop or asyncio.Event()
     host = config.server.host
     tls = config.server.tls

@@ -1,22 +1,15 @@
-"""Reasoning steps for process reward models: splitting and aggregation. No I/O."""
+"""Reasoning steps for process reward models: aggregation (splitting lives in the
+leaf `bon_gateway.steps`, re-exported here). No I/O."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+from bon_gateway.steps import DEFAULT_STEP_DELIMITER, split_steps
 from bon_gateway.types import AGGREGATIONS, Aggregation
 
 __all__ = ["DEFAULT_STEP_DELIMITER", "aggregate_steps", "split_steps"]
-
-DEFAULT_STEP_DELIMITER = "\n\n"
-
-
-def split_steps(text: str, delimiter: str = DEFAULT_STEP_DELIMITER) -> list[str]:
-    """Steps of a solution: split on `delimiter`, stripped, empty ones dropped."""
-    if not delimiter:
-        raise ValueError("the step delimiter must be a non-empty string")
-    return [step.strip() for step in text.split(delimiter) if step.strip()]
 
 
 def aggregate_steps(step_rewards: Sequence[float], how: Aggregation = "last") -> float:

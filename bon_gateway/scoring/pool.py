@@ -7,42 +7,46 @@ protocol. An entry with both spawns `workers` and shares the load with the
 remote ones (least outstanding groups first). One request's candidates go to
 one worker as one group; the worker batches groups across requests.
 
+A remote address may name several workers (`dns:///reward-workers:50061`
+resolves to every pod, `ipv4:10.0.0.1:50061,10.0.0.2:50061`): its channel
+spreads calls over all of them (gRPC round robin) and stops sending to one
+that goes away. How one worker is spawned and reached: handle.py.
+
 This module runs in the front process: it must not import torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
 import bon_gateway
 from bon_gateway.config import GatewayConfig, RewardModelConfig
-from bon_gateway.engine.protocols import ReadinessListener
-from bon_gateway.errors import InvalidRequest, Overloaded, WorkerError
+from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, WorkerError
 from bon_gateway.metrics import Metrics
+from bon_gateway.scoring.handle import WorkerHandle
+from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
-from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2, reward_worker_pb2_grpc
+from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2
+
+if TYPE_CHECKING:
+    from bon_gateway.engine.protocols import RewardScorer
 
 log = logging.getLogger("bon_gateway.scoring")
 
 __all__ = ["WorkerPool"]
 
-#: what the worker prints before a fatal start-up error (see worker/__main__.py)
-_ERROR_PREFIX = "bon-gateway worker: error: "
-# gRPC codes that mean "this worker is gone", worth one retry elsewhere.
 _DYING_WAIT_S = 0.5  # how long a failed call waits to see whether its worker process died
 
 
@@ -61,18 +65,12 @@ _RETRYABLE = {
 }
 
 
-def _remove_stale_socket(path: str) -> None:
-    # A restarted worker binds the same path; a socket file left by a killed one blocks it.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-def _field_of(details: str) -> str:
-    """The request field a worker's INVALID_ARGUMENT message starts with (its convention)."""
-    word = details.split(" ", 1)[0]
-    if word.startswith(("candidates", "steps", "messages")):
-        return word
-    return "activation" if word == "activation" else "candidates"
+def _error_param(err: grpc.aio.AioRpcError) -> str | None:
+    """The request field a worker's INVALID_ARGUMENT names in its trailing metadata."""
+    for key, value in err.trailing_metadata() or ():
+        if key == ERROR_PARAM_KEY and isinstance(value, str):
+            return value
+    return None
 
 
 def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
@@ -84,112 +82,6 @@ def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
     return ",".join(str(first + k) for k in range(entry.gpus_per_worker))
 
 
-class _Worker:
-    """One RewardWorker: a spawned process on a Unix socket, or a remote address."""
-
-    def __init__(
-        self, entry: RewardModelConfig, target: str, argv: list[str] | None, env: dict[str, str] | None
-    ) -> None:
-        self.entry = entry
-        self.target = target
-        self.argv = argv  # None: remote, not ours to spawn
-        self.env = env
-        self.proc: asyncio.subprocess.Process | None = None
-        self.channel: grpc.aio.Channel | None = None
-        self.stub: reward_worker_pb2_grpc.RewardWorkerStub | None = None
-        self.up = False
-        self.inflight = 0
-        self.served = 0  # groups this worker answered
-        self.info: reward_worker_pb2.WorkerInfoResponse | None = None
-        self.tail: deque[str] = deque(maxlen=40)
-        self.tasks: list[asyncio.Task[None]] = []
-
-    @property
-    def name(self) -> str:
-        pid = self.proc.pid if self.proc else None
-        return f"{self.entry.name}@{self.target}" + (f"(pid {pid})" if pid else "")
-
-    async def spawn(self) -> None:
-        assert self.argv is not None
-        if self.target.startswith("unix:"):
-            _remove_stale_socket(self.target[5:])
-        self.tail.clear()
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=self.env,
-        )
-        self.tasks.append(asyncio.create_task(self._read_stderr(self.proc)))
-
-    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        # Forward the worker's log lines (never prompt text) and keep the last ones for errors.
-        assert proc.stderr is not None
-        while line := await proc.stderr.readline():
-            text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            log.info("worker %s: %s", self.entry.name, text)
-
-    def failure(self) -> str:
-        for line in reversed(self.tail):
-            if _ERROR_PREFIX in line:
-                return line.split(_ERROR_PREFIX, 1)[1]
-        return " | ".join(list(self.tail)[-5:]) or "no output"
-
-    async def connect(self, timeout_s: float) -> None:
-        """Wait until the worker answers Info (its models are loaded)."""
-        await self.close_channel()
-        self.channel = grpc.aio.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.max_send_message_length", 64 << 20),
-            ],
-        )
-        self.stub = reward_worker_pb2_grpc.RewardWorkerStub(self.channel)  # type: ignore[no-untyped-call]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc is not None and self.proc.returncode is not None:
-                await asyncio.sleep(0.1)  # let the stderr reader catch the last lines
-                raise WorkerError(
-                    f"reward model {self.entry.name!r}: worker exited with code "
-                    f"{self.proc.returncode}: {self.failure()}"
-                )
-            try:
-                self.info = await self.stub.Info(reward_worker_pb2.WorkerInfoRequest(), timeout=2.0)
-                self.up = True
-                return
-            except grpc.aio.AioRpcError as err:
-                if time.monotonic() > deadline:
-                    raise WorkerError(
-                        f"reward model {self.entry.name!r}: worker {self.target} not ready after "
-                        f"{timeout_s:.0f} s: {err.details()}"
-                    ) from None
-            await asyncio.sleep(0.2)
-
-    async def close_channel(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-            self.channel = None
-
-    async def stop(self, grace_s: float = 5.0) -> None:
-        self.up = False
-        await self.close_channel()
-        proc = self.proc
-        if proc is not None and proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), grace_s)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        self.tasks.clear()
-
-
 class WorkerPool:
     """Implements the engine's RewardScorer over RewardWorker processes."""
 
@@ -199,21 +91,19 @@ class WorkerPool:
         metrics: Metrics,
         *,
         start_timeout_s: float = 600.0,
-        request_timeout_s: float | None = None,
         restart: bool = True,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.start_timeout_s = start_timeout_s
-        self.request_timeout_s = request_timeout_s or config.server.request_timeout_s
         self.restart = restart
-        self._workers: dict[str, list[_Worker]] = {}
+        self._workers: dict[str, list[WorkerHandle]] = {}
         self._entries = {m.name: m for m in config.reward_models}
         self._dir: str | None = None
         self._closing = False
         self._up_changed = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
         self._supervisors: list[asyncio.Task[None]] = []
-        self._listeners: list[ReadinessListener] = []
         # Groups outstanding per model (waiting for a worker or being scored):
         # bounded so overload is shed with 429 instead of piling up in memory.
         self._queue_capacity = config.server.limits.max_queued_groups
@@ -230,33 +120,37 @@ class WorkerPool:
         threads = max(1, (os.cpu_count() or 1) // max(1, local_count))
         for entry in self.config.reward_models:
             # `workers` co-located processes and the remote `addresses`, one pool per model
-            workers: list[_Worker] = []
+            workers: list[WorkerHandle] = []
             for i in range(entry.workers):
                 sock = f"unix:{self._dir}/{len(self._workers)}-{i}.sock"
                 argv = self._argv(entry, sock, threads)
-                workers.append(_Worker(entry, sock, argv, self._env(entry, i)))
-            workers += [_Worker(entry, addr, None, None) for addr in entry.addresses]
+                workers.append(WorkerHandle(entry, sock, argv, self._env(entry, i)))
+            workers += [WorkerHandle(entry, addr, None, None) for addr in entry.addresses]
             self._workers[entry.name] = workers
         try:
             all_workers = [w for ws in self._workers.values() for w in ws]
             for w in all_workers:
                 if w.argv is not None:
                     await w.spawn()
-            await asyncio.gather(*(w.connect(self.start_timeout_s) for w in all_workers))
+            await asyncio.gather(*(self._bring_up(w) for w in all_workers))
         except BaseException:
             await self.aclose()
             raise
         for name, workers in self._workers.items():
-            self._set_up_gauge(name)
+            self.metrics.workers_up.labels(name).set(sum(w.up for w in workers))
             for w in workers:
-                log.info(
-                    "phase=worker-ready model=%s target=%s device=%s",
-                    name,
-                    w.target,
-                    w.info.device if w.info else "?",
-                )
                 if w.argv is not None:
                     self._supervisors.append(asyncio.create_task(self._supervise(w)))
+
+    async def _bring_up(self, worker: WorkerHandle) -> None:
+        await worker.connect(self.start_timeout_s)
+        log.info(
+            "phase=worker-ready model=%s target=%s device=%s",
+            worker.entry.name,
+            worker.target,
+            worker.info.device if worker.info else "?",
+        )
+        self._mark(worker, up=True)
 
     def _argv(self, entry: RewardModelConfig, sock: str, threads: int) -> list[str]:
         argv = [
@@ -290,7 +184,7 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = gpus
         return env
 
-    async def _supervise(self, worker: _Worker) -> None:
+    async def _supervise(self, worker: WorkerHandle) -> None:
         """Restart the worker whenever its process dies (until the pool closes)."""
         delay = 0.5
         while not self._closing:
@@ -298,8 +192,7 @@ class WorkerPool:
             code = await worker.proc.wait()
             if self._closing:
                 return
-            worker.up = False
-            self._set_up_gauge(worker.entry.name)
+            self._mark(worker, up=False)
             log.warning(
                 "phase=worker-died model=%s target=%s code=%s", worker.entry.name, worker.target, code
             )
@@ -312,24 +205,34 @@ class WorkerPool:
                     break
                 except WorkerError as err:
                     log.error("phase=worker-restart-failed model=%s: %s", worker.entry.name, err.message)
+                    await worker.stop()  # one that is alive but not serving is not kept
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
             if self._closing:
                 return
             delay = 0.5
             self.metrics.worker_restarts.labels(worker.entry.name).inc()
-            self._set_up_gauge(worker.entry.name)
+            self._mark(worker, up=True)
             log.info("phase=worker-restarted model=%s target=%s", worker.entry.name, worker.target)
 
-    def on_readiness_change(self, listener: ReadinessListener) -> None:
-        self._listeners.append(listener)
-
-    def _set_up_gauge(self, model: str) -> None:
+    def _mark(self, worker: WorkerHandle, *, up: bool) -> None:
+        """Set whether `worker` takes calls; a change wakes waiting calls and the listeners."""
+        if worker.up == up:
+            return
+        worker.up = up
+        model = worker.entry.name
         self.metrics.workers_up.labels(model).set(sum(w.up for w in self._workers.get(model, ())))
-        for listener in self._listeners:
-            listener()
         self._up_changed.set()
         self._up_changed = asyncio.Event()
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # one broken listener must not stop the pool's bookkeeping
+                log.exception("readiness listener failed")
+
+    def on_readiness_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (on the event loop) whenever the set of up workers changes."""
+        self._listeners.append(listener)
 
     async def aclose(self) -> None:
         """Stop every spawned worker (SIGTERM, then SIGKILL) and remove the sockets."""
@@ -338,7 +241,10 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         self._supervisors.clear()
-        await asyncio.gather(*(w.stop() for ws in self._workers.values() for w in ws))
+        workers = [w for ws in self._workers.values() for w in ws]
+        for w in workers:
+            self._mark(w, up=False)
+        await asyncio.gather(*(w.stop() for w in workers))
         for name in self._workers:
             self.metrics.workers_up.labels(name).set(0)
         if self._dir is not None:
@@ -381,8 +287,7 @@ class WorkerPool:
         """Groups answered per worker target (unix:... spawned, HOST:PORT remote)."""
         return {w.target: w.served for w in self._workers.get(model, [])}
 
-    @staticmethod
-    async def _await_if_dying(worker: _Worker) -> None:
+    async def _await_if_dying(self, worker: WorkerHandle) -> None:
         """After a failed call, let a spawned worker that is dying be seen as dead.
 
         A killed process closes its socket before asyncio reaps it; until then the
@@ -397,21 +302,24 @@ class WorkerPool:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), _DYING_WAIT_S)
             except TimeoutError:
                 return  # alive: the failure was something else
-        worker.up = False
+        self._mark(worker, up=False)
 
-    async def _pick(self, model: str, exclude: set[int]) -> _Worker:
-        """The least-loaded live worker, preferring ones not tried yet; waits for a restart."""
-        deadline = time.monotonic() + self.start_timeout_s
+    async def _pick(self, model: str, exclude: set[int], deadline: Deadline) -> WorkerHandle:
+        """The least-loaded live worker, preferring ones not tried yet; waits for a restart
+        (within the request's deadline and the start timeout)."""
+        until = min(time.monotonic() + self.start_timeout_s, deadline.at)
         while True:
             live = [w for w in self._workers[model] if w.up]
             fresh = [w for w in live if id(w) not in exclude] or live
             if fresh:
                 return min(fresh, key=lambda w: w.inflight)
-            if self._closing or time.monotonic() > deadline:
+            if deadline.expired():
+                raise DeadlineExceeded(f"no reward worker for {model!r} came up before the deadline")
+            if self._closing or time.monotonic() >= until:
                 raise WorkerError(f"no reward worker for {model!r} is up")
             waiter = self._up_changed
             try:
-                await asyncio.wait_for(waiter.wait(), max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(waiter.wait(), max(0.0, until - time.monotonic()))
             except TimeoutError:
                 pass
 
@@ -421,13 +329,16 @@ class WorkerPool:
         messages: Sequence[Message],
         candidates: Sequence[str],
         *,
-        steps: Sequence[Sequence[str]] = (),
         deadline: Deadline,
+        steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",
     ) -> ScoreBatchResult:
+        """Scores in input order; each worker call gets the time left before `deadline`."""
         if model not in self._workers:
             raise InvalidRequest(f"unknown reward model {model!r}", param="reward_model")
+        if deadline.expired():
+            raise DeadlineExceeded(f"no time left to score with {model!r}")
         outstanding = self._outstanding.get(model, 0)
         if outstanding >= self._queue_capacity:
             raise Overloaded(
@@ -467,8 +378,10 @@ class WorkerPool:
         )
         tried: set[int] = set()
         for attempt in range(2):  # a group whose worker died is retried once
-            worker = await self._pick(model, tried)
+            worker = await self._pick(model, tried, deadline)
             tried.add(id(worker))
+            if deadline.expired():
+                raise DeadlineExceeded(f"no time left to score with {model!r}")
             worker.inflight += 1
             try:
                 assert worker.stub is not None
@@ -484,10 +397,13 @@ class WorkerPool:
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    details = err.details() or "invalid input"
-                    raise InvalidRequest(details, param=_field_of(details)) from None
+                    raise InvalidRequest(err.details() or "invalid input", param=_error_param(err)) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise Overloaded(err.details() or f"reward model {model!r} is overloaded") from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(
+                        f"reward model {model!r} did not answer before the deadline"
+                    ) from None
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
                     log.warning(
                         "phase=score-retry model=%s id=%s worker=%s code=%s",
@@ -498,8 +414,6 @@ class WorkerPool:
                     )
                     await self._await_if_dying(worker)
                     continue
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise WorkerError(f"reward model {model!r} timed out") from None
                 raise WorkerError(f"reward model {model!r} failed: {code.name}: {err.details()}") from None
             finally:
                 worker.inflight -= 1
@@ -520,3 +434,10 @@ class WorkerPool:
         # Batch figures ride on one group per batch (zero on the others), so they are
         # counted once per forward batch; queue and compute times are per group.
         self.metrics.observe_worker_stats(model, reply.stats, scored_tokens=reply.total_tokens)
+
+
+if TYPE_CHECKING:
+
+    def _is_a_reward_scorer(pool: WorkerPool) -> RewardScorer:
+        """mypy checks here that the pool implements the engine's RewardScorer."""
+        return pool

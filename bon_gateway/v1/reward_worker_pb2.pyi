@@ -78,11 +78,13 @@ class WorkerModel(_message.Message):
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class WorkerInfoResponse(_message.Message):
-    __slots__ = ("models", "device", "pid")
+    __slots__ = ("models", "device", "pid", "groups_scored")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_SCORED_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[WorkerModel]
     device: str
     pid: int
-    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    groups_scored: int
+    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., groups_scored: _Optional[int] = ...) -> None: ...

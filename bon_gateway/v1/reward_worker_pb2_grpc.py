@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class RewardWorkerStub:
-    """Missing associated documentation comment in .proto file."""
+    """INVALID_ARGUMENT from Score names the offending request field (candidates[i],
+    activation, ...) in the trailing metadata key "bon-error-param".
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -47,7 +49,9 @@ class RewardWorkerStub:
 
 
 class RewardWorkerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """INVALID_ARGUMENT from Score names the offending request field (candidates[i],
+    activation, ...) in the trailing metadata key "bon-error-param".
+    """
 
     def Score(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -83,7 +87,9 @@ def add_RewardWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardWorker:
-    """Missing associated documentation comment in .proto file."""
+    """INVALID_ARGUMENT from Score names the offending request field (candidates[i],
+    activation, ...) in the trailing metadata key "bon-error-param".
+    """
 
     @staticmethod
     def Score(request,

@@ -1,8 +1,10 @@
 """Every PromQL expression in the Grafana dashboard and the alert rules refers
-only to metrics that bon_gateway/metrics.py defines.
+only to metrics that bon_gateway/metrics.py defines, and a fresh gateway, before
+any traffic, already exposes a series for every selector they use.
 
 Names are a public API: renaming a metric must fail here rather than leave a
-dashboard panel empty or an alert that can never fire.
+dashboard panel empty or an alert that can never fire. A series that only
+appears with its first event makes rate()/increase() miss that event.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bon_gateway.metrics import Metrics
 
@@ -91,6 +96,58 @@ def metric_names_in(expr: str) -> set[str]:
         if name.lower() in PROMQL_KEYWORDS:
             continue
         found.add(name)
+    return found
+
+
+# Labels Prometheus attaches to every series of a target at scrape time.
+TARGET_LABELS = frozenset({"job", "instance"})
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+@dataclass(frozen=True)
+class Selector:
+    """One vector selector: a metric name and its label matchers (label, op, value)."""
+
+    name: str
+    matchers: tuple[tuple[str, str, str], ...]
+
+    def matches(self, sample_name: str, labels: dict[str, str]) -> bool:
+        if sample_name != self.name:
+            return False
+        for label, op, value in self.matchers:
+            have = labels.get(label, "")
+            if op == "=" and have != value:
+                return False
+            if op == "!=" and have == value:
+                return False
+            if op in ("=~", "!~") and (re.fullmatch(value, have) is not None) != (op == "=~"):
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return self.name + "{" + ", ".join(f'{k}{op}"{v}"' for k, op, v in self.matchers) + "}"
+
+
+def selectors_in(expr: str) -> list[Selector]:
+    """The vector selectors of an expression: each metric `metric_names_in` finds, with the
+    matchers written after it. Matchers on target labels are dropped (the scrape has none)
+    and Grafana variables match anything."""
+    match = _LABEL_VALUES.match(expr)
+    if match:
+        expr = match.group("expr") or ""
+    # Same offsets, strings blanked: a metric name is never looked for inside a string.
+    masked = _STRING.sub(lambda m: '"' + " " * (len(m.group(0)) - 2) + '"', expr)
+    found: list[Selector] = []
+    for name in sorted(metric_names_in(expr)):
+        for at in re.finditer(rf"(?<![\w:]){re.escape(name)}(?![\w:])", masked):
+            rest = expr[at.end() :]
+            braces = re.match(r"\s*\{((?:[^{}\"]|\"(?:[^\"\\]|\\.)*\")*)\}", rest)
+            matchers = []
+            for label, op, value in _MATCHER.findall(braces.group(1) if braces else ""):
+                if label in TARGET_LABELS:
+                    continue
+                matchers.append((label, op, _GRAFANA_VAR.sub(".*", value)))
+            found.append(Selector(name, tuple(matchers)))
     return found
 
 
@@ -237,3 +294,58 @@ def test_dashboard_shape() -> None:
             assert "$job" in target["expr"], f"{panel['title']}: not filtered by $job"
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert {"datasource", "job", "model"} <= variables
+
+
+@pytest.mark.parametrize(
+    ("expr", "selectors"),
+    [
+        ("up == 0", ["up{}"]),
+        (
+            'sum(rate(bon_candidates_total{job=~"$job", outcome=~"dropped_.*"}[5m])) / '
+            'sum(rate(bon_candidates_total{outcome="generated"}[5m]))',
+            ['bon_candidates_total{outcome=~"dropped_.*"}', 'bon_candidates_total{outcome="generated"}'],
+        ),
+        (
+            'bon_workers_up{model=~"$model"} < bon_workers_configured',
+            ["bon_workers_configured{}", 'bon_workers_up{model=~".*"}'],
+        ),
+        ('label_values(bon_workers_up{job=~"$job"}, model)', ["bon_workers_up{}"]),
+        ('rate(x_total{status!="200", kind="a,b"}[5m])', ['x_total{status!="200", kind="a,b"}']),
+    ],
+)
+def test_selectors_in(expr: str, selectors: list[str]) -> None:
+    assert sorted(str(s) for s in selectors_in(expr)) == sorted(selectors)
+
+
+def test_selector_matching() -> None:
+    (dropped,) = selectors_in('bon_candidates_total{outcome=~"dropped_.*", api!="x"}')
+    assert dropped.matches("bon_candidates_total", {"outcome": "dropped_timeout"})
+    assert not dropped.matches("bon_candidates_total", {"outcome": "generated"})
+    assert not dropped.matches("bon_candidates_total", {"outcome": "dropped_timeout", "api": "x"})
+    assert not dropped.matches("bon_candidates", {"outcome": "dropped_timeout"})
+
+
+def _scrape_fresh_gateway() -> list[tuple[str, dict[str, str]]]:
+    """(sample name, labels) of /metrics on a gateway that has served nothing yet."""
+    from tests.fakes import FakeScorer, ServedGateway, gateway_config
+
+    config = gateway_config(
+        "http://127.0.0.1:9/v1", reward_models=[{"name": "fake-rm", "path": "/nonexistent"}]
+    )
+    with ServedGateway(config, FakeScorer(models=["fake-rm"])) as gateway:
+        text = httpx.get(f"{gateway.http_url}/metrics", timeout=10).text
+    return [
+        (s.name, dict(s.labels)) for family in text_string_to_metric_families(text) for s in family.samples
+    ]
+
+
+def test_fresh_gateway_has_a_series_for_every_selector() -> None:
+    samples = _scrape_fresh_gateway()
+    missing = set()
+    for where, expr in _all_exprs():
+        for selector in selectors_in(expr):
+            if selector.name in PROMETHEUS_SERIES:
+                continue
+            if not any(selector.matches(name, labels) for name, labels in samples):
+                missing.add(f"{where}: {selector}")
+    assert not missing, "no series before the first event:\n" + "\n".join(sorted(missing))

@@ -106,8 +106,8 @@ def test_pad_equals_eos_pools_before_trailing_im_end(tiny_llama_rm: Path) -> Non
     pad = adapter.config.pad_token_id
     # SmolLM2: pad == eos == <|im_end|>; a sequence ending in it is read one token earlier,
     # exactly as LlamaForSequenceClassification does.
-    assert adapter.positions([5, 6, pad]) == [1]
-    assert adapter.positions([5, 6, 7]) == [2]
+    assert adapter.pooled_index([5, 6, pad]) == 1
+    assert adapter.pooled_index([5, 6, 7]) == 2
 
 
 def test_group_above_budget_split_in_length_order() -> None:

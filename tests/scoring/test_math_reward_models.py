@@ -22,7 +22,7 @@ import torch
 
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
-from bon_gateway.types import Message
+from bon_gateway.types import Deadline, Message
 from tests.fixtures import checkpoints, reward_checkpoints
 from tests.scoring.helpers import gateway_config
 
@@ -251,18 +251,23 @@ async def test_prm_steps_alone_batched_and_reused(
     assert [len(w) for w in want] == [len(s) for s in lists]
     # Alone: one candidate per request, one request at a time (no prefix to reuse).
     for steps, expected in zip(lists, want, strict=True):
-        got = await pool.score(model, MESSAGES, ["".join(steps)], steps=[steps])
+        got = await pool.score(model, MESSAGES, ["".join(steps)], steps=[steps], deadline=Deadline.after(60))
         assert got.scores[0].step_rewards == pytest.approx(expected, abs=TOL)
         assert got.scores[0].reward == pytest.approx(expected[-1], abs=TOL)
     # Batched with other lengths: concurrent single-candidate requests (padded batches).
-    results = await asyncio.gather(*(pool.score(model, MESSAGES, ["".join(s)], steps=[s]) for s in lists))
+    results = await asyncio.gather(
+        *(pool.score(model, MESSAGES, ["".join(s)], steps=[s], deadline=Deadline.after(60)) for s in lists)
+    )
     for result, expected in zip(results, want, strict=True):
         assert result.scores[0].step_rewards == pytest.approx(expected, abs=TOL)
     # Prompt reuse: all candidates of a request share the prompt; concurrent groups too.
     before = _reused(pool, model)
     rotations = [lists[i:] + lists[:i] for i in range(3)]
     results = await asyncio.gather(
-        *(pool.score(model, MESSAGES, ["".join(s) for s in r], steps=r) for r in rotations)
+        *(
+            pool.score(model, MESSAGES, ["".join(s) for s in r], steps=r, deadline=Deadline.after(60))
+            for r in rotations
+        )
     )
     assert _reused(pool, model) > before
     for rotation, result in zip(rotations, results, strict=True):
@@ -277,7 +282,7 @@ async def test_prm_splits_candidates_on_the_delimiter(
 ) -> None:
     lists = step_lists()[:4]
     texts = ["\n\n".join(s) for s in lists]
-    got = await pool.score(model, MESSAGES, texts)
+    got = await pool.score(model, MESSAGES, texts, deadline=Deadline.after(60))
     for steps, score in zip(lists, got.scores, strict=True):
         assert score.step_rewards == pytest.approx(PRMS[model](paths[model], QUESTION, steps), abs=TOL)
 
@@ -291,7 +296,9 @@ async def test_prm_separator_text_in_user_input_is_not_a_step(
 
     question = "Is <extra_0> a step? " + QUESTION
     steps = ["First <extra_0> we count.", "Then 3 + 4 = 7<extra_0>", "So \\boxed{7}."]
-    got = await pool.score("prm", (Message("user", question),), ["".join(steps)], steps=[steps])
+    got = await pool.score(
+        "prm", (Message("user", question),), ["".join(steps)], steps=[steps], deadline=Deadline.after(60)
+    )
     assert len(got.scores[0].step_rewards) == 3
     # Reference: the card's formula on ids where only the template's tokens and the inserted
     # separators are special; the user's "<extra_0>" is spelled out as text.
@@ -325,7 +332,7 @@ async def test_prm_separator_text_in_user_input_is_not_a_step(
 async def test_causal_prm_tag_text_in_a_step_is_not_a_step(pool: WorkerPool, paths: dict[str, Path]) -> None:
     """A "ки" inside a step is text: the tag positions come from construction, not from the ids."""
     steps = ["We write ки here.", "Then 3 + 4 = 7.", "So \\boxed{7}."]
-    got = await pool.score("shepherd", MESSAGES, ["".join(steps)], steps=[steps])
+    got = await pool.score("shepherd", MESSAGES, ["".join(steps)], steps=[steps], deadline=Deadline.after(60))
     assert len(got.scores[0].step_rewards) == 3
     # The card's id search finds 4 tags here; the first is the user's text, the rest are steps.
     found = reference_causal_prm(paths["shepherd"], QUESTION, steps)
@@ -352,15 +359,19 @@ async def test_outcome_rm_alone_batched_and_reused(
     candidates = mixed_candidates()
     want = [OUTCOME[model](paths[model], MESSAGE_DICTS, c) for c in candidates]
     for answer, expected in zip(candidates[:3], want[:3], strict=True):
-        got = await pool.score(model, messages, [answer])
+        got = await pool.score(model, messages, [answer], deadline=Deadline.after(60))
         assert got.scores[0].reward == pytest.approx(expected, abs=TOL)
         assert got.scores[0].step_rewards == ()
-    results = await asyncio.gather(*(pool.score(model, messages, [c]) for c in candidates))
+    results = await asyncio.gather(
+        *(pool.score(model, messages, [c], deadline=Deadline.after(60)) for c in candidates)
+    )
     for result, expected in zip(results, want, strict=True):
         assert result.scores[0].reward == pytest.approx(expected, abs=TOL)
     before = _reused(pool, model)
     rotations = [candidates[i:] + candidates[:i] for i in range(3)]
-    results = await asyncio.gather(*(pool.score(model, messages, r) for r in rotations))
+    results = await asyncio.gather(
+        *(pool.score(model, messages, r, deadline=Deadline.after(60)) for r in rotations)
+    )
     assert _reused(pool, model) > before
     for rotation, result in zip(rotations, results, strict=True):
         for answer, score in zip(rotation, result.scores, strict=True):

@@ -13,6 +13,7 @@ import pytest_asyncio
 from bon_gateway.errors import InvalidRequest
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
+from bon_gateway.types import Deadline
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
 
 TOL = 1e-4
@@ -50,7 +51,7 @@ async def test_scores_equal_reference(
 ) -> None:
     path = Path(pool.config.reward_model(model).path)
     candidates = mixed_candidates()
-    result = await pool.score(model, MESSAGES, candidates, request_id="t")
+    result = await pool.score(model, MESSAGES, candidates, request_id="t", deadline=Deadline.after(60))
     assert result.model == model
     assert len(result.scores) == len(candidates)
     refs = {"outcome": reference_outcome_reward, "judge": reference_judge_reward}
@@ -84,7 +85,9 @@ async def test_concurrent_requests_batched_still_exact(
     registry = pool.metrics.registry
     small_before = registry.get_sample_value("bon_score_batch_size_bucket", {"model": "llama", "le": "8.0"})
     count_before = registry.get_sample_value("bon_score_batch_size_count", {"model": "llama"})
-    results = await asyncio.gather(*(pool.score("llama", MESSAGES, g) for g in groups))
+    results = await asyncio.gather(
+        *(pool.score("llama", MESSAGES, g, deadline=Deadline.after(60)) for g in groups)
+    )
     small = registry.get_sample_value("bon_score_batch_size_bucket", {"model": "llama", "le": "8.0"})
     count = registry.get_sample_value("bon_score_batch_size_count", {"model": "llama"})
     # Every batch observed once; at least one held several requests' groups (> 8 rows).
@@ -101,13 +104,15 @@ async def test_concurrent_requests_batched_still_exact(
 async def test_cancelled_request_then_next_request_exact(
     pool: WorkerPool, reference_outcome_reward: object
 ) -> None:
-    task = asyncio.create_task(pool.score("qwen3", MESSAGES, mixed_candidates() * 4))
+    task = asyncio.create_task(
+        pool.score("qwen3", MESSAGES, mixed_candidates() * 4, deadline=Deadline.after(60))
+    )
     await asyncio.sleep(0.05)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     path = Path(pool.config.reward_model("qwen3").path)
-    got = await pool.score("qwen3", MESSAGES, ["391"], activation="sigmoid")
+    got = await pool.score("qwen3", MESSAGES, ["391"], activation="sigmoid", deadline=Deadline.after(60))
     raw = reference_outcome_reward(path, MESSAGE_DICTS, "391")  # type: ignore[operator]
     assert got.scores[0].reward == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-5)
 
@@ -115,5 +120,5 @@ async def test_cancelled_request_then_next_request_exact(
 @pytest.mark.asyncio(loop_scope="module")
 async def test_bad_activation_is_invalid_request(pool: WorkerPool) -> None:
     with pytest.raises(InvalidRequest) as info:
-        await pool.score("qwen2", MESSAGES, ["x"], activation="relu")
+        await pool.score("qwen2", MESSAGES, ["x"], activation="relu", deadline=Deadline.after(60))
     assert "activation" in info.value.message and info.value.param == "activation"

@@ -16,7 +16,7 @@ import pytest
 from bon_gateway.errors import Overloaded
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
-from bon_gateway.types import ScoreBatchResult
+from bon_gateway.types import Deadline, ScoreBatchResult
 from tests.fixtures import checkpoints
 from tests.scoring.helpers import (
     MESSAGE_DICTS,
@@ -49,7 +49,10 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
         before = set(pool.worker_pids())
         assert len(before) == 2
         tasks = [
-            asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}")) for i in range(12)
+            asyncio.create_task(
+                pool.score("rm", MESSAGES, candidates, request_id=f"r{i}", deadline=Deadline.after(60))
+            )
+            for i in range(12)
         ]
         # Kill a worker while it holds in-flight requests.
         victim = None
@@ -76,7 +79,7 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
         assert len(after) == 2 and after != before
         assert metrics.worker_restarts.labels("rm")._value.get() == 1
         assert metrics.workers_up.labels("rm")._value.get() == 2
-        again = await pool.score("rm", MESSAGES, candidates)
+        again = await pool.score("rm", MESSAGES, candidates, deadline=Deadline.after(60))
         assert [s.reward for s in again.scores] == pytest.approx(want, abs=TOL)
     finally:
         await pool.aclose()
@@ -88,12 +91,18 @@ async def test_only_worker_killed_inflight_requests_wait_for_its_restart(tiny_ll
     # instead of failing with "no worker is up".
     metrics = Metrics()
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 1}), metrics)
+    seen: list[bool] = []  # pool.ready() at each readiness change the listener is told of
+    pool.on_readiness_change(lambda: seen.append(pool.ready()))
     await pool.start()
+    assert seen == [True]
     try:
         candidates, want = _candidates_and_reference(tiny_llama_rm)
         (worker,) = pool._workers["rm"]
         tasks = [
-            asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}")) for i in range(6)
+            asyncio.create_task(
+                pool.score("rm", MESSAGES, candidates, request_id=f"r{i}", deadline=Deadline.after(60))
+            )
+            for i in range(6)
         ]
         deadline = time.monotonic() + 10
         while worker.inflight == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -106,8 +115,10 @@ async def test_only_worker_killed_inflight_requests_wait_for_its_restart(tiny_ll
             assert [s.reward for s in result.scores] == pytest.approx(want, abs=TOL)
         assert pool.worker_pids() != [killed] and len(pool.worker_pids()) == 1
         assert metrics.worker_restarts.labels("rm")._value.get() == 1
+        assert seen == [True, False, True]  # died, restarted
     finally:
         await pool.aclose()
+    assert seen == [True, False, True, False]  # closed
 
 
 @pytest.mark.asyncio
@@ -120,7 +131,10 @@ async def test_channel_closed_under_inflight_call_is_retried_not_cancelled(tiny_
     try:
         candidates, want = _candidates_and_reference(tiny_llama_rm)
         tasks = [
-            asyncio.create_task(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}")) for i in range(6)
+            asyncio.create_task(
+                pool.score("rm", MESSAGES, candidates, request_id=f"r{i}", deadline=Deadline.after(60))
+            )
+            for i in range(6)
         ]
         busy = []
         deadline = time.monotonic() + 10
@@ -155,18 +169,22 @@ async def test_remote_worker_over_tcp(
         assert pool.worker_pids() == []  # nothing spawned
         assert [m.architecture for m in pool.models()] == ["Qwen2ForSequenceClassification"]
         candidates = mixed_candidates()[:4]
-        got = await pool.score("remote", MESSAGES, candidates)
+        got = await pool.score("remote", MESSAGES, candidates, deadline=Deadline.after(60))
         for answer, score in zip(candidates, got.scores, strict=True):
             want = checkpoints.reference_outcome_reward(tiny_qwen2_rm, MESSAGE_DICTS, answer)
             assert score.reward == pytest.approx(want, abs=TOL)
         # A queue bound of one token: while one group runs and one waits, more are shed.
         outcomes = await asyncio.gather(
-            *(pool.score("remote", MESSAGES, mixed_candidates()) for _ in range(6)), return_exceptions=True
+            *(
+                pool.score("remote", MESSAGES, mixed_candidates(), deadline=Deadline.after(60))
+                for _ in range(6)
+            ),
+            return_exceptions=True,
         )
         shed = [o for o in outcomes if isinstance(o, Overloaded)]
         assert shed and "overloaded" in shed[0].message
         assert all(isinstance(o, (Overloaded, ScoreBatchResult)) for o in outcomes)
-        again = await pool.score("remote", MESSAGES, candidates)
+        again = await pool.score("remote", MESSAGES, candidates, deadline=Deadline.after(60))
         assert [s.reward for s in again.scores] == [s.reward for s in got.scores]
     finally:
         await pool.aclose()
@@ -194,7 +212,10 @@ async def test_co_located_and_remote_worker_share_the_load(tiny_llama_rm: Path) 
             assert len(pool.worker_pids()) == 1 and proc.pid not in pool.worker_pids()
             assert metrics.workers_up.labels("rm")._value.get() == 2
             results = await asyncio.gather(
-                *(pool.score("rm", MESSAGES, candidates, request_id=f"r{i}") for i in range(16))
+                *(
+                    pool.score("rm", MESSAGES, candidates, request_id=f"r{i}", deadline=Deadline.after(60))
+                    for i in range(16)
+                )
             )
             for result in results:
                 assert [s.reward for s in result.scores] == pytest.approx(want, abs=TOL)

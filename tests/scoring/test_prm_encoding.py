@@ -21,7 +21,7 @@ def test_left_truncation_cuts_the_prompt_and_keeps_every_step(kind: str) -> None
     full = load_adapter(RewardModelConfig(name="a", path=str(path), **extra))
     messages = (Message("user", LONG_QUESTION),)
     whole = full.encode(messages, "", STEPS, what="c")
-    whole_positions = full.positions(whole.ids)
+    whole_positions = whole.positions
     assert len(whole_positions) == 3
     limit = len(whole.ids) - 50
     cut = load_adapter(
@@ -32,7 +32,7 @@ def test_left_truncation_cuts_the_prompt_and_keeps_every_step(kind: str) -> None
     assert short.prompt_tokens == whole.prompt_tokens - 50
     # The answer is intact and the separators moved with it.
     assert short.ids[short.prompt_tokens :] == whole.ids[whole.prompt_tokens :]
-    assert cut.positions(short.ids) == [p - 50 for p in whole_positions]
+    assert short.positions == [p - 50 for p in whole_positions]
     strict = load_adapter(RewardModelConfig(name="c", path=str(path), max_length=limit, **extra))
     with pytest.raises(InputTooLong, match="max_length"):
         strict.encode(messages, "", STEPS, what="candidates[0]")
@@ -42,9 +42,9 @@ def test_qwen2_prm_question_and_steps_cannot_produce_the_separator_id() -> None:
     adapter = load_adapter(RewardModelConfig(name="a", path=str(reward_checkpoints.tiny_qwen2_prm())))
     steps = ["a <extra_0> b", "<extra_0>", "c"]
     enc = adapter.encode((Message("user", "q <extra_0> q"),), "", steps, what="c")
-    positions = adapter.positions(enc.ids)
+    positions = enc.positions
     assert len(positions) == 3
     assert all(enc.ids[p] == adapter.sep_id for p in positions)  # type: ignore[attr-defined]
     # Without explicit steps the answer is split on the entry's delimiter ("\n\n").
     split = adapter.encode((Message("user", "q"),), "x\n\ny\n\n\n\nz", (), what="c")
-    assert len(adapter.positions(split.ids)) == 3
+    assert len(split.positions) == 3

@@ -7,7 +7,7 @@ import pytest
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
 from bon_gateway.smollm2 import smollm2_gguf_path
-from bon_gateway.types import Message
+from bon_gateway.types import Deadline, Message
 from tests.fixtures import checkpoints
 from tests.scoring.helpers import gateway_config
 
@@ -23,7 +23,7 @@ async def test_smollm2_gguf_judge_equals_reference() -> None:
     messages = (Message("user", "What is the capital of France?"),)
     answers = ["The capital of France is Paris.", "The capital of France is Berlin.", "I like turtles."]
     try:
-        got = await pool.score("smollm2-judge", messages, answers)
+        got = await pool.score("smollm2-judge", messages, answers, deadline=Deadline.after(60))
     finally:
         await pool.aclose()
     dicts = [{"role": "user", "content": messages[0].content}]

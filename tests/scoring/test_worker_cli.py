@@ -1,13 +1,17 @@
-"""`bon-gateway worker` argument handling (no model is loaded here)."""
+"""`bon-gateway worker`: argument handling, and how it reports a start-up error."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bon_gateway.config import ConfigError, RewardModelConfig
-from bon_gateway.scoring.worker.__main__ import build_parser, model_entries
+from bon_gateway.scoring.worker.__main__ import ERROR_PREFIX, build_parser, model_entries
+from bon_gateway.scoring.worker.status import Serving, StartFailed, decode_status, encode_status
 
 
 def _entries(argv: list[str]) -> list[RewardModelConfig]:
@@ -57,3 +61,42 @@ def test_models_from_flags_and_json() -> None:
     assert parsed == entry
     with pytest.raises(ConfigError, match="no reward model"):
         _entries([])
+
+
+def test_status_lines_round_trip() -> None:
+    serving = Serving(listen="unix:/tmp/w.sock", pid=42, models=("rm", "prm"))
+    assert decode_status(encode_status(serving)) == serving
+    failed = StartFailed("unsupported architecture ['X']; supported: ...")
+    assert decode_status(encode_status(failed)) == failed
+    with pytest.raises(ValueError):
+        decode_status(b'{"ready": true}\n')
+
+
+def test_start_up_error_on_the_status_pipe_and_one_line_on_stderr(tmp_path: Path) -> None:
+    """What the pool reads (a typed status) and what an operator reads (one stderr line)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bon_gateway.scoring.worker",
+                "--listen",
+                f"unix:{tmp_path}/w.sock",
+                "--reward-model",
+                f"rm={tmp_path / 'missing'}",
+                "--status-fd",
+                str(write_fd),
+            ],
+            pass_fds=(write_fd,),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        status = decode_status(pipe.read())
+    assert proc.returncode == 2
+    assert isinstance(status, StartFailed) and "missing" in status.error
+    assert f"{ERROR_PREFIX}{status.error}" in proc.stderr

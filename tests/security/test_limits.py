@@ -178,12 +178,12 @@ async def test_scoring_queue_is_bounded_per_model() -> None:
     # No worker is up: the first group waits for one; the second finds the queue full.
     pool._workers["rm"] = []
     waiting = asyncio.create_task(
-        pool.score("rm", [Message("user", "q")], ["a"], deadline=Deadline.after(30))
+        pool.score("rm", [Message("user", "q")], ["a"], deadline=Deadline.after(60))
     )
     await asyncio.sleep(0.05)
     started = time.perf_counter()
     with pytest.raises(Overloaded) as shed:
-        await pool.score("rm", [Message("user", "q")], ["b"], deadline=Deadline.after(30))
+        await pool.score("rm", [Message("user", "q")], ["b"], deadline=Deadline.after(60))
     assert time.perf_counter() - started < 0.1
     assert shed.value.retry_after_s == 2
     assert "max_queued_groups" in shed.value.message

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from bon_gateway.config import ConfigError, RewardModelConfig, load_config, parse_reward_model_flag
 from bon_gateway.logs import configure_logging
+from bon_gateway.scoring.worker.status import Serving, StartFailed, write_status
 
 log = logging.getLogger("bon_gateway.worker")
 
-#: printed before the message of a fatal start-up error; the pool looks for it
+#: printed before the message of a fatal start-up error, for an operator reading stderr
+#: (the pool that spawned the worker gets the error on its status pipe instead)
 ERROR_PREFIX = "bon-gateway worker: error: "
 
 
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-reuse", action="store_true", help="always recompute the shared prompt")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    p.add_argument(
+        "--status-fd",
+        type=int,
+        help="inherited pipe: write one JSON status line there (serving, or the start-up error)",
+    )
     p.add_argument("--log-level", default="INFO")
     p.add_argument(
         "--log-format",
@@ -115,6 +122,9 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
         runtime.batcher.start()
     server = await build_server(runtimes, args.listen)
     log.info("phase=serving listen=%s models=%s pid=%d", args.listen, ",".join(runtimes), os.getpid())
+    if args.status_fd is not None:
+        write_status(args.status_fd, Serving(args.listen, os.getpid(), tuple(runtimes)))
+        args.status_fd = None  # one status per process: a later failure is a crash, seen by the pool
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,6 +147,10 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.status_fd is not None:
+        # Only this process holds the pipe: a child it might start must not keep it open,
+        # or the pool would not see it close when this process dies.
+        os.set_inheritable(args.status_fd, False)
     configure_logging(args.log_level, args.log_format, sys.stderr)
     try:
         entries = model_entries(args)
@@ -147,11 +161,13 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(args, entries))
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as err:  # start-up failures: one clear line for the operator / the pool
+    except Exception as err:  # start-up failures: the pool's status pipe, one clear line for the operator
         from bon_gateway.errors import BonError
 
         message = err.message if isinstance(err, BonError) else str(err) or type(err).__name__
         log.debug("start-up failure", exc_info=True)
+        if args.status_fd is not None:
+            write_status(args.status_fd, StartFailed(message))
         print(ERROR_PREFIX + message.replace("\n", " "), file=sys.stderr, flush=True)
         sys.exit(2)
 

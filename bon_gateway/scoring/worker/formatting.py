@@ -2,6 +2,8 @@
 
 The reward model must see exactly the token sequence it was trained on: the
 model's own chat template, one BOS (never two), and the answer never cut.
+Every adapter's `encode()` ends in `Tokenizing.fit`, the one place that
+left-truncates an over-long prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +16,20 @@ from bon_gateway.types import Message
 
 
 class InputTooLong(ValueError):
-    """An input exceeds the model's max_length (mapped to INVALID_ARGUMENT)."""
+    """An input exceeds the model's max_length (mapped to INVALID_ARGUMENT on `param`)."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param  # the request field: candidates[i]
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Token ids of one candidate's input, before fitting them to max_length."""
+
+    ids: list[int]
+    # Number of leading tokens that belong to the prompt (everything before the answer).
+    prompt_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +39,20 @@ class Encoded:
     ids: list[int]
     # Number of leading tokens that belong to the prompt (everything before the answer).
     prompt_tokens: int
+    # Where the head reads hidden states: the last or pooled token, or one per step separator.
+    positions: list[int]
 
 
 def as_dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def last_user_message(messages: Sequence[Message]) -> str:
+    """The question a judge or a PRM grades: the last user turn (else the last message)."""
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.content
+    return messages[-1].content if messages else ""
 
 
 class Tokenizing:
@@ -41,10 +66,14 @@ class Tokenizing:
         probe = tokenizer("a")["input_ids"]
         # Some tokenizers (Llama 3, Gemma) add a BOS themselves and their chat template also
         # writes one: the template's copy is stripped so the sequence holds exactly one.
-        self._strip_bos = (
-            bos is not None and tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
-        )
+        self.adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+        self._strip_bos = bos is not None and self.adds_bos
         self._bos = bos or ""
+
+    @property
+    def bos_id(self) -> int | None:
+        bos: int | None = self.tokenizer.bos_token_id
+        return bos
 
     def render_chat(self, conversation: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
         text: str = self.tokenizer.apply_chat_template(
@@ -52,46 +81,55 @@ class Tokenizing:
         )
         return text
 
-    def encode(self, text: str, answer_start: int, *, what: str = "input") -> Encoded:
-        """Tokenize `text`; characters before `answer_start` are the prompt.
-
-        Over-long input is left-truncated in the prompt when configured, else rejected;
-        the answer is never cut.
-        """
+    def tokenize(self, text: str, answer_start: int) -> Tokens:
+        """Tokenize `text`; characters before `answer_start` are the prompt."""
         if self._strip_bos and self._bos and text.startswith(self._bos):
             text = text[len(self._bos) :]
             answer_start -= len(self._bos)
         enc = self.tokenizer(text, return_offsets_mapping=True)
         ids: list[int] = list(enc["input_ids"])
-        offsets = enc["offset_mapping"]
         # A token belongs to the prompt when it ends before the answer starts.
         prompt_tokens = 0
-        for i, (_, end) in enumerate(offsets):
-            if end <= answer_start or (i == 0 and self._strip_bos and ids[0] == self.tokenizer.bos_token_id):
+        for i, (_, end) in enumerate(enc["offset_mapping"]):
+            if end <= answer_start or (i == 0 and self._strip_bos and ids[0] == self.bos_id):
                 prompt_tokens = i + 1
             else:
                 break
-        if len(ids) > self.max_length:
-            excess = len(ids) - self.max_length
-            # Keep a leading BOS: the model was trained with it in first position.
-            keep_head = 1 if ids and ids[0] == self.tokenizer.bos_token_id else 0
-            if not self.truncate_prompt or excess > prompt_tokens - keep_head:
-                raise InputTooLong(
-                    f"{what} has {len(ids)} tokens, above the reward model's max_length of "
-                    f"{self.max_length} tokens"
-                    + ("" if self.truncate_prompt else " (set truncate_prompt to left-truncate the prompt)")
-                )
-            ids = ids[:keep_head] + ids[keep_head + excess :]
-            prompt_tokens -= excess
-        return Encoded(ids=ids, prompt_tokens=prompt_tokens)
+        return Tokens(ids=ids, prompt_tokens=prompt_tokens)
 
-    def encode_chat(self, messages: Sequence[Message], answer: str, *, what: str) -> Encoded:
+    def chat_tokens(self, messages: Sequence[Message], answer: str) -> Tokens:
         """The chat template of [*messages, assistant answer], tokenized."""
         text = self.render_chat([*as_dicts(messages), {"role": "assistant", "content": answer}])
         start = text.rfind(answer) if answer else len(text)
         if start < 0:  # the template rewrote the answer (e.g. stripped it): treat it all as answer
             start = 0
-        return self.encode(text, start, what=what)
+        return self.tokenize(text, start)
+
+    def fit(self, tokens: Tokens, positions: Sequence[int], *, what: str) -> Encoded:
+        """`tokens` within max_length, read at `positions` (indices into `tokens.ids`).
+
+        Over-long input is left-truncated in the prompt when configured (a leading BOS
+        is kept: the model was trained with it in first position), else rejected; the
+        answer and every position read are never cut, positions after the cut shift.
+        """
+        ids, prompt_tokens = tokens.ids, tokens.prompt_tokens
+        excess = len(ids) - self.max_length
+        if excess <= 0:
+            return Encoded(ids=ids, prompt_tokens=prompt_tokens, positions=list(positions))
+        keep_head = 1 if ids and ids[0] == self.bos_id else 0
+        cut = range(keep_head, keep_head + excess)
+        if not self.truncate_prompt or excess > prompt_tokens - keep_head or any(p in cut for p in positions):
+            raise InputTooLong(
+                f"{what} has {len(ids)} tokens, above the reward model's max_length of "
+                f"{self.max_length} tokens"
+                + ("" if self.truncate_prompt else " (set truncate_prompt to left-truncate the prompt)"),
+                param=what,
+            )
+        return Encoded(
+            ids=ids[:keep_head] + ids[keep_head + excess :],
+            prompt_tokens=prompt_tokens - excess,
+            positions=[p - excess if p >= cut.stop else p for p in positions],
+        )
 
     def first_token(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]

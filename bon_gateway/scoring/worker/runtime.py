@@ -80,7 +80,7 @@ class ModelRuntime:
         for i, answer in enumerate(candidates):
             enc = self.adapter.encode(messages, answer, steps[i] if steps else (), what=f"candidates[{i}]")
             seqs.append(enc.ids)
-            positions.append(self.adapter.positions(enc.ids))
+            positions.append(enc.positions)
             prompt_tokens = max(prompt_tokens, enc.prompt_tokens)
         prefix = common_prefix(seqs) if self.prefix_reuse else 0
         return Group(seqs=seqs, positions=positions, prefix=prefix), prompt_tokens

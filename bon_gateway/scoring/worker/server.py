@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection
 
 from bon_gateway.scoring.worker.formatting import InputTooLong
 from bon_gateway.scoring.worker.runtime import ModelRuntime
+from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
 from bon_gateway.types import ACTIVATIONS, Message
 from bon_gateway.v1 import reward_worker_pb2 as pb
 from bon_gateway.v1 import reward_worker_pb2_grpc as pb_grpc
@@ -21,9 +22,17 @@ log = logging.getLogger("bon_gateway.worker")
 SERVICE_NAME = "bon_gateway.v1.RewardWorker"
 
 
+async def _invalid(context: grpc.aio.ServicerContext, param: str, message: str) -> None:
+    """INVALID_ARGUMENT with the field in the trailing metadata (the pool reads it there)."""
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=((ERROR_PARAM_KEY, param),)
+    )
+
+
 class RewardWorkerService(pb_grpc.RewardWorkerServicer):
     def __init__(self, runtimes: dict[str, ModelRuntime]) -> None:
         self.runtimes = runtimes
+        self.groups_scored = 0
 
     async def _runtime(self, name: str, context: grpc.aio.ServicerContext) -> ModelRuntime:
         if not name and len(self.runtimes) == 1:
@@ -43,20 +52,21 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
         runtime = await self._runtime(request.model, context)
         activation = request.activation or runtime.entry.activation
         if activation not in ACTIVATIONS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await _invalid(
+                context,
+                "activation",
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}",
             )
         messages = [Message(m.role, m.content) for m in request.messages]
         steps = [tuple(s.steps) for s in request.steps]
         candidates = list(request.candidates) or [request_steps_text(s) for s in steps]
         if not candidates:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "candidates must be a non-empty list")
+            await _invalid(context, "candidates", "candidates must be a non-empty list")
         runtime.batcher.announce()
         try:
             group, prompt_tokens = await asyncio.to_thread(runtime.prepare, messages, candidates, steps)
         except InputTooLong as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await _invalid(context, err.param, str(err))
         finally:
             runtime.batcher.withdraw()
         if runtime.overloaded(group):
@@ -72,6 +82,7 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
             compute_seconds=outcome.compute_seconds,
             reused_prompt_tokens=outcome.reused_tokens,
         )
+        self.groups_scored += 1
         if outcome.figures is not None:
             stats.batch_size = outcome.figures.rows
             stats.batch_tokens = outcome.figures.batch_tokens
@@ -99,7 +110,9 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
             for name, rt in self.runtimes.items()
         ]
         device = next(iter(self.runtimes.values())).device if self.runtimes else ""
-        return pb.WorkerInfoResponse(models=models, device=device, pid=os.getpid())
+        return pb.WorkerInfoResponse(
+            models=models, device=device, pid=os.getpid(), groups_scored=self.groups_scored
+        )
 
 
 def request_steps_text(steps: tuple[str, ...]) -> str:

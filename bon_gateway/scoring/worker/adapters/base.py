@@ -7,8 +7,9 @@ positions -> head. An adapter supplies the pieces that differ per family:
 - `backbone`: the module that maps input ids to last hidden states (after the
   final norm), e.g. `model.model`; it must accept `input_ids`, `attention_mask`,
   `position_ids`, `past_key_values`, `use_cache` like transformers' decoders;
-- `encode(...)`: the token ids of one candidate (chat template, reward token...);
-- `positions(ids)`: where to read hidden states (last token, step separators);
+- `encode(...)`: the token ids of one candidate (chat template, reward token...)
+  and the positions where the head reads hidden states (the pooled token, step
+  separators), which encode knows as it builds the sequence;
 - `head(hidden)`: fp32 logits from the gathered fp32 hidden states, with the
   checkpoint's own weights;
 - `reward(logits, activation)`: the candidate's reward and step rewards.
@@ -28,6 +29,17 @@ import torch
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.formatting import Encoded, Tokenizing
 from bon_gateway.types import Message
+
+
+def rightmost_non_pad(ids: Sequence[int], pad_id: int | None) -> int:
+    """The token transformers' *ForSequenceClassification pools: the rightmost non-pad id."""
+    if pad_id is None:
+        return len(ids) - 1
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] != pad_id:
+            return i
+    # All pad: transformers' argmax over an all-false mask picks position 0.
+    return 0
 
 
 def lm_logits_for(model: Any, config: Any, hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
@@ -83,18 +95,13 @@ class Adapter:
         return self.model.config
 
     def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
-        return self.tok.encode_chat(messages, answer, what=what)
+        """The candidate's ids within max_length and where the head reads them."""
+        tokens = self.tok.chat_tokens(messages, answer)
+        return self.tok.fit(tokens, [self.pooled_index(tokens.ids)], what=what)
 
-    def positions(self, ids: Sequence[int]) -> list[int]:
-        """The token transformers' *ForSequenceClassification pools: the rightmost non-pad id."""
-        pad = self.config.pad_token_id
-        if pad is None:
-            return [len(ids) - 1]
-        for i in range(len(ids) - 1, -1, -1):
-            if ids[i] != pad:
-                return [i]
-        # All pad: transformers' argmax over an all-false mask picks position 0.
-        return [0]
+    def pooled_index(self, ids: Sequence[int]) -> int:
+        """Where an outcome model reads its sequence (before truncation: the index shifts with it)."""
+        return rightmost_non_pad(ids, self.config.pad_token_id)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, num_labels] from fp32 hidden states [n, h]."""

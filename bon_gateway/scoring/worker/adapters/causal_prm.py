@@ -14,8 +14,6 @@ a "ки" that the question or a step contains is read as text and creates no ste
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -23,10 +21,8 @@ import torch
 
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters.base import Adapter, lm_logits_for
-from bon_gateway.scoring.worker.adapters.judge import last_user_message
-from bon_gateway.scoring.worker.adapters.markers import encode_pieces
-from bon_gateway.scoring.worker.adapters.qwen2_prm import candidate_steps
-from bon_gateway.scoring.worker.formatting import Encoded
+from bon_gateway.scoring.worker.adapters.markers import candidate_steps, encode_pieces
+from bon_gateway.scoring.worker.formatting import Encoded, last_user_message
 from bon_gateway.types import Message
 
 STEP_JOIN = "\n"  # between "... ки" and the next step, as in math-shepherd's data
@@ -35,7 +31,6 @@ STEP_JOIN = "\n"  # between "... ки" and the next step, as in math-shepherd's 
 class CausalPRMAdapter(Adapter):
     architectures: ClassVar[tuple[str, ...]] = ()  # chosen by kind="causal_prm", any *ForCausalLM
     kind: ClassVar[str] = "process"
-    _MEMO = 4096
 
     def __init__(self, model: Any, tokenizer: Any, entry: RewardModelConfig, *, architecture: str) -> None:
         super().__init__(model, tokenizer, entry, architecture=architecture)
@@ -43,11 +38,6 @@ class CausalPRMAdapter(Adapter):
         self.bad_id = self.tok.first_token(entry.steps.bad_token)
         if self.good_id == self.bad_id:
             raise ValueError("steps.good_token and steps.bad_token encode to the same token")
-        # Tag positions cannot be recovered from the ids (a tag is ordinary text), so encode()
-        # remembers them for positions(), keyed by the ids; prepare() may run in several
-        # threads at once, hence the lock.
-        self._memo: OrderedDict[tuple[int, ...], list[int]] = OrderedDict()
-        self._lock = threading.Lock()
 
     @classmethod
     def load_model(cls, entry: RewardModelConfig, load_kwargs: dict[str, Any]) -> Any:
@@ -72,21 +62,9 @@ class CausalPRMAdapter(Adapter):
         parts = candidate_steps(answer, steps, self.entry.steps.delimiter)
         text, answer_start, marks = self.build_text(last_user_message(messages), parts)
         # No trusted specials: the whole input is text, tokenized in one piece like the card
-        # (plus the tokenizer's own BOS when it adds one).
-        encoded, positions = encode_pieces(self.tok, text, [], marks, answer_start, what=what)
-        with self._lock:
-            self._memo[tuple(encoded.ids)] = positions
-            self._memo.move_to_end(tuple(encoded.ids))
-            while len(self._memo) > self._MEMO:
-                self._memo.popitem(last=False)
-        return encoded
-
-    def positions(self, ids: Sequence[int]) -> list[int]:
-        with self._lock:
-            found = self._memo.get(tuple(ids))
-        if found is None:
-            raise RuntimeError("positions() for ids that encode() did not produce")
-        return list(found)
+        # (plus the tokenizer's own BOS when it adds one). A tag is ordinary text, so its
+        # positions cannot be recovered from the ids: they come from where it was inserted.
+        return encode_pieces(self.tok, text, [], marks, answer_start, what=what)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits_for(self.model, self.config, hidden, (self.good_id, self.bad_id))

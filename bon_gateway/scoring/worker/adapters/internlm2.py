@@ -31,8 +31,8 @@ import torch
 
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters.base import Adapter
-from bon_gateway.scoring.worker.adapters.qwen2_rm import checkpoint_file, read_tensors
-from bon_gateway.scoring.worker.formatting import Encoded, Tokenizing
+from bon_gateway.scoring.worker.adapters.checkpoint import checkpoint_file, read_tensors
+from bon_gateway.scoring.worker.formatting import Encoded, Tokens
 from bon_gateway.types import Message
 
 
@@ -136,10 +136,6 @@ class InternLM2RewardAdapter(Adapter):
     def __init__(self, model: Any, tokenizer: Any, entry: RewardModelConfig, *, architecture: str) -> None:
         super().__init__(model, tokenizer, entry, architecture=architecture)
         self.reward_token_id = int(model.config.reward_token_id)
-        # The reward token is appended after tokenizing: the text gets one token less.
-        self.tok = Tokenizing(
-            tokenizer, max_length=self.max_length - 1, truncate_prompt=entry.truncate_prompt
-        )
 
     @classmethod
     def load_model(cls, entry: RewardModelConfig, load_kwargs: dict[str, Any]) -> Any:
@@ -175,11 +171,10 @@ class InternLM2RewardAdapter(Adapter):
     def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
         # The card tokenizes the template string with add_special_tokens=False; the template
         # writes the BOS itself, and Tokenizing keeps exactly one BOS either way.
-        encoded = self.tok.encode_chat(messages, answer, what=what)
-        return Encoded(ids=[*encoded.ids, self.reward_token_id], prompt_tokens=encoded.prompt_tokens)
-
-    def positions(self, ids: Sequence[int]) -> list[int]:
-        return [len(ids) - 1]  # the appended reward token
+        # The reward token is appended before fitting to max_length, and read there.
+        tokens = self.tok.chat_tokens(messages, answer)
+        ids = [*tokens.ids, self.reward_token_id]
+        return self.tok.fit(Tokens(ids=ids, prompt_tokens=tokens.prompt_tokens), [len(ids) - 1], what=what)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.v_head.weight.float()

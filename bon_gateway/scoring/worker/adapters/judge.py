@@ -15,15 +15,8 @@ import torch
 
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters.base import Adapter, lm_logits_for
-from bon_gateway.scoring.worker.formatting import Encoded
+from bon_gateway.scoring.worker.formatting import Encoded, last_user_message
 from bon_gateway.types import Message
-
-
-def last_user_message(messages: Sequence[Message]) -> str:
-    for message in reversed(messages):
-        if message.role == "user":
-            return message.content
-    return messages[-1].content if messages else ""
 
 
 class JudgeAdapter(Adapter):
@@ -50,10 +43,8 @@ class JudgeAdapter(Adapter):
         prefix = template.split("{answer}", 1)[0].format(question=last_user_message(messages))
         start = text.find(prefix)
         answer_start = start + len(prefix) if start >= 0 else 0
-        return self.tok.encode(text, answer_start, what=what)
-
-    def positions(self, ids: Sequence[int]) -> list[int]:
-        return [len(ids) - 1]
+        tokens = self.tok.tokenize(text, answer_start)
+        return self.tok.fit(tokens, [len(tokens.ids) - 1], what=what)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits_for(self.model, self.config, hidden, (self.yes_id, self.no_id))

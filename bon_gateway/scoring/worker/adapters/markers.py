@@ -1,4 +1,5 @@
-"""Token sequences with marker tokens placed by construction (PRM step separators).
+"""Token sequences with marker tokens placed by construction (PRM step separators),
+and the steps of a candidate.
 
 A process reward model reads its scores at separator tokens that the adapter
 inserts itself (`<extra_0>` for Qwen2.5-Math-PRM, the step tag for math-shepherd).
@@ -23,7 +24,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bon_gateway.scoring.worker.formatting import Encoded, InputTooLong, Tokenizing
+from bon_gateway.scoring.worker.formatting import Encoded, Tokenizing, Tokens
+from bon_gateway.steps import split_steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,13 @@ def template_specials(tok: Tokenizing, text: str, start: int, end: int) -> list[
     return [Special(m.start(), m.end(), vocab[m.group(0)]) for m in pattern.finditer(text, start, end)]
 
 
+def candidate_steps(answer: str, steps: Sequence[str], delimiter: str) -> list[str]:
+    """Explicit steps, else the answer split on the delimiter; at least one step."""
+    found = list(steps) if steps else split_steps(answer, delimiter)
+    # An empty answer is one empty step: every candidate gets a score.
+    return found or [answer.strip()]
+
+
 def encode_pieces(
     tok: Tokenizing,
     text: str,
@@ -53,23 +62,22 @@ def encode_pieces(
     answer_start: int,
     *,
     what: str,
-) -> tuple[Encoded, list[int]]:
+) -> Encoded:
     """Token ids of `text` with `specials` as ids and the rest as plain text.
 
     `marks` are character offsets where a marker ends; each maps to the token that
-    holds the character just before it (the last token starting before the offset).
-    Returns the encoding and one token index per mark.
+    holds the character just before it (the last token starting before the offset):
+    the encoding is read at those positions, known by construction.
     """
     tokenizer = tok.tokenizer
     ids: list[int] = []
     starts: list[int] = []
     ends: list[int] = []
     # The tokenizer's own BOS, when it adds one itself and the template did not write it:
-    # exactly one BOS, as in Tokenizing.encode.
-    probe = tokenizer("a")["input_ids"]
-    bos = tokenizer.bos_token_id
+    # exactly one BOS, as in Tokenizing.tokenize.
+    bos = tok.bos_id
     template_bos = bool(specials) and specials[0].start == 0 and specials[0].id == bos
-    if bos is not None and probe[:1] == [bos] and not template_bos:
+    if bos is not None and tok.adds_bos and not template_bos:
         ids.append(bos)
         starts.append(0)
         ends.append(0)
@@ -93,27 +101,12 @@ def encode_pieces(
             starts.append(special.start)
             ends.append(special.end)
         pos = special.end
-    positions: list[int] = []
-    for mark in marks:
-        index = max(i for i, s in enumerate(starts) if s < mark and ends[i] > s)
-        positions.append(index)
+    positions = [max(i for i, s in enumerate(starts) if s < mark and ends[i] > s) for mark in marks]
     prompt_tokens = 0
     for i, end in enumerate(ends):
         if end <= answer_start:
             prompt_tokens = i + 1
         else:
             break
-    if len(ids) > tok.max_length:
-        excess = len(ids) - tok.max_length
-        keep_head = 1 if ids and ids[0] == bos else 0
-        if not tok.truncate_prompt or excess > prompt_tokens - keep_head:
-            raise InputTooLong(
-                f"{what} has {len(ids)} tokens, above the reward model's max_length of "
-                f"{tok.max_length} tokens"
-                + ("" if tok.truncate_prompt else " (set truncate_prompt to left-truncate the prompt)")
-            )
-        ids = ids[:keep_head] + ids[keep_head + excess :]
-        prompt_tokens -= excess
-        # Markers sit in the answer, which truncation never touches: they only shift.
-        positions = [p - excess for p in positions]
-    return Encoded(ids=ids, prompt_tokens=prompt_tokens), positions
+    # Markers sit in the answer, which truncation never touches: they only shift.
+    return tok.fit(Tokens(ids=ids, prompt_tokens=prompt_tokens), positions, what=what)

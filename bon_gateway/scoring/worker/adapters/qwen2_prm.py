@@ -19,12 +19,15 @@ from typing import Any, ClassVar
 import torch
 
 from bon_gateway.config import RewardModelConfig
-from bon_gateway.engine.steps import split_steps
 from bon_gateway.scoring.worker.adapters.base import Adapter
-from bon_gateway.scoring.worker.adapters.judge import last_user_message
-from bon_gateway.scoring.worker.adapters.markers import Special, encode_pieces, template_specials
-from bon_gateway.scoring.worker.adapters.qwen2_rm import apply_mlp_head, load_qwen2_with_mlp_head
-from bon_gateway.scoring.worker.formatting import Encoded
+from bon_gateway.scoring.worker.adapters.markers import (
+    Special,
+    candidate_steps,
+    encode_pieces,
+    template_specials,
+)
+from bon_gateway.scoring.worker.adapters.mlp_head import apply_mlp_head, load_qwen2_with_mlp_head
+from bon_gateway.scoring.worker.formatting import Encoded, last_user_message
 from bon_gateway.types import Message
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -32,13 +35,6 @@ SEPARATOR = "<extra_0>"
 # Stand-ins rendered through the chat template to find where the question and the
 # answer go; private-use characters no template writes itself.
 _Q, _A = "\ue000Q\ue000", "\ue000A\ue000"
-
-
-def candidate_steps(answer: str, steps: Sequence[str], delimiter: str) -> list[str]:
-    """Explicit steps, else the answer split on the delimiter; at least one step."""
-    found = list(steps) if steps else split_steps(answer, delimiter)
-    # An empty answer is one empty step: every candidate gets a score.
-    return found or [answer.strip()]
 
 
 class Qwen2ProcessRewardAdapter(Adapter):
@@ -74,12 +70,8 @@ class Qwen2ProcessRewardAdapter(Adapter):
         return module
 
     def encode(self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str) -> Encoded:
-        encoded, _ = self.encode_steps(messages, answer, steps, what=what)
-        return encoded
-
-    def encode_steps(
-        self, messages: Sequence[Message], answer: str, steps: Sequence[str], *, what: str
-    ) -> tuple[Encoded, list[int]]:
+        """Read at each separator this method inserts (user text cannot produce its id:
+        it is tokenized with special tokens split, see markers.py)."""
         before, middle, after = self._skeleton
         question = last_user_message(messages)
         parts = candidate_steps(answer, steps, self.entry.steps.delimiter)
@@ -97,11 +89,6 @@ class Qwen2ProcessRewardAdapter(Adapter):
         text += after
         specials += template_specials(self.tok, text, tail, len(text))
         return encode_pieces(self.tok, text, specials, marks, answer_start, what=what)
-
-    def positions(self, ids: Sequence[int]) -> list[int]:
-        # Only the separators placed by encode() carry this id: user text is tokenized with
-        # special tokens split, so it cannot produce it (and the template never writes it).
-        return [i for i, t in enumerate(ids) if t == self.sep_id]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return apply_mlp_head(self.model.score, hidden)

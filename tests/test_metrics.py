@@ -1,0 +1,69 @@
+"""metrics.py: the label values it knows up front, and Metrics.initialise."""
+
+from __future__ import annotations
+
+from bon_gateway.api.grpc_guard import _api_label
+from bon_gateway.api.http_app import API_LABELS
+from bon_gateway.config import GatewayConfig
+from bon_gateway.metrics import (
+    CANDIDATE_OUTCOMES,
+    GRPC_API_LABELS,
+    HTTP_API_LABELS,
+    UPSTREAM_ERROR_KINDS,
+    Metrics,
+)
+from bon_gateway.types import DROP_REASONS
+from bon_gateway.v1 import best_of_n_pb2
+
+
+def test_api_labels_are_the_ones_the_fronts_use() -> None:
+    assert set(HTTP_API_LABELS) == set(API_LABELS.values())
+    methods = best_of_n_pb2.DESCRIPTOR.services_by_name["BestOfN"].methods
+    assert set(GRPC_API_LABELS) == {_api_label(m.name) for m in methods}
+
+
+def test_candidate_outcomes_cover_every_drop_reason() -> None:
+    assert {f"dropped_{r}" for r in DROP_REASONS} | {"generated", "scored"} == set(CANDIDATE_OUTCOMES)
+
+
+def _config() -> GatewayConfig:
+    return GatewayConfig.model_validate(
+        {
+            "generator": {"urls": ["http://gen-a:8000/v1", "http://user:secret@gen-b:8001/v1"]},
+            "reward_models": [{"name": "rm", "path": "/m"}, {"name": "prm", "path": "/p"}],
+        }
+    )
+
+
+def test_initialise_creates_every_known_series_at_zero() -> None:
+    metrics = Metrics()
+    get = metrics.registry.get_sample_value
+    assert get("bon_worker_restarts_total", {"model": "rm"}) is None  # absent before
+    metrics.initialise(_config())
+    for model in ("rm", "prm"):
+        assert get("bon_worker_restarts_total", {"model": model}) == 0
+        assert get("bon_workers_up", {"model": model}) == 0
+        assert get("bon_score_queue_wait_seconds_count", {"model": model}) == 0
+        assert get("bon_reward_bucket", {"model": model, "le": "+Inf"}) == 0
+    for upstream in ("gen-a:8000", "gen-b:8001"):  # host:port, never the credentials
+        for kind in UPSTREAM_ERROR_KINDS:
+            assert get("bon_upstream_errors_total", {"upstream": upstream, "kind": kind}) == 0
+        assert get("bon_upstream_call_duration_seconds_count", {"upstream": upstream}) == 0
+    assert "secret" not in metrics.render().decode()
+    for outcome in CANDIDATE_OUTCOMES:
+        assert get("bon_candidates_total", {"outcome": outcome}) == 0
+    assert get("bon_requests_total", {"api": "chat_completions", "status": "503"}) == 0
+    assert get("bon_requests_total", {"api": "grpc_generate", "status": "UNAVAILABLE"}) == 0
+    assert get("bon_requests_in_flight", {"api": "grpc_score"}) == 0
+    assert get("bon_phase_duration_seconds_count", {"phase": "score"}) == 0
+
+
+def test_initialise_keeps_values_already_recorded() -> None:
+    metrics = Metrics()
+    metrics.workers_up.labels("rm").set(2)
+    metrics.worker_restarts.labels("rm").inc()
+    metrics.initialise(_config())
+    metrics.initialise(_config())
+    get = metrics.registry.get_sample_value
+    assert get("bon_workers_up", {"model": "rm"}) == 2
+    assert get("bon_worker_restarts_total", {"model": "rm"}) == 1
