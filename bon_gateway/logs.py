@@ -32,13 +32,20 @@ def _text(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def log_phase(logger: logging.Logger, phase: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log `phase=NAME key=value ...`; the JSON formatter gets the fields as they are."""
+def log_phase(
+    logger: logging.Logger, phase: str, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any
+) -> None:
+    """Log `phase=NAME key=value ...`; the JSON formatter gets the fields as they are.
+
+    `exc_info` adds the exception being handled (its traceback) to the line.
+    """
     if not logger.isEnabledFor(level):
         return
     pairs = " ".join(f"{key}={_text(value)}" for key, value in fields.items())
     message = f"phase={phase} {pairs}" if pairs else f"phase={phase}"
-    logger.log(level, message, extra={FIELDS_ATTR: {"phase": phase, **fields}}, stacklevel=2)
+    logger.log(
+        level, message, exc_info=exc_info, extra={FIELDS_ATTR: {"phase": phase, **fields}}, stacklevel=2
+    )
 
 
 class JsonFormatter(_LibraryJsonFormatter):

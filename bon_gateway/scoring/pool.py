@@ -34,6 +34,7 @@ import grpc
 import bon_gateway
 from bon_gateway.config import GatewayConfig, RewardModelConfig
 from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, WorkerError
+from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.handle import WorkerHandle
 from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
@@ -144,11 +145,12 @@ class WorkerPool:
 
     async def _bring_up(self, worker: WorkerHandle) -> None:
         await worker.connect(self.start_timeout_s)
-        log.info(
-            "phase=worker-ready model=%s target=%s device=%s",
-            worker.entry.name,
-            worker.target,
-            worker.info.device if worker.info else "?",
+        log_phase(
+            log,
+            "worker-ready",
+            model=worker.entry.name,
+            target=worker.target,
+            device=worker.info.device if worker.info else "?",
         )
         self._mark(worker, up=True)
 
@@ -193,8 +195,8 @@ class WorkerPool:
             if self._closing:
                 return
             self._mark(worker, up=False)
-            log.warning(
-                "phase=worker-died model=%s target=%s code=%s", worker.entry.name, worker.target, code
+            log_phase(
+                log, "worker-died", logging.WARNING, model=worker.entry.name, target=worker.target, code=code
             )
             if not self.restart:
                 return
@@ -204,7 +206,13 @@ class WorkerPool:
                     await worker.connect(self.start_timeout_s)
                     break
                 except WorkerError as err:
-                    log.error("phase=worker-restart-failed model=%s: %s", worker.entry.name, err.message)
+                    log_phase(
+                        log,
+                        "worker-restart-failed",
+                        logging.ERROR,
+                        model=worker.entry.name,
+                        error=err.message,
+                    )
                     await worker.stop()  # one that is alive but not serving is not kept
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
@@ -213,7 +221,7 @@ class WorkerPool:
             delay = 0.5
             self.metrics.worker_restarts.labels(worker.entry.name).inc()
             self._mark(worker, up=True)
-            log.info("phase=worker-restarted model=%s target=%s", worker.entry.name, worker.target)
+            log_phase(log, "worker-restarted", model=worker.entry.name, target=worker.target)
 
     def _mark(self, worker: WorkerHandle, *, up: bool) -> None:
         """Set whether `worker` takes calls; a change wakes waiting calls and the listeners."""
@@ -405,12 +413,14 @@ class WorkerPool:
                         f"reward model {model!r} did not answer before the deadline"
                     ) from None
                 if code in _RETRYABLE and attempt == 0 and not self._closing:
-                    log.warning(
-                        "phase=score-retry model=%s id=%s worker=%s code=%s",
-                        model,
-                        request_id,
-                        worker.target,
-                        code.name,
+                    log_phase(
+                        log,
+                        "score-retry",
+                        logging.WARNING,
+                        model=model,
+                        id=request_id,
+                        worker=worker.target,
+                        code=code.name,
                     )
                     await self._await_if_dying(worker)
                     continue

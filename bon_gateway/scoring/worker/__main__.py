@@ -15,8 +15,15 @@ import signal
 import sys
 from pathlib import Path
 
-from bon_gateway.config import ConfigError, RewardModelConfig, load_config, parse_reward_model_flag
-from bon_gateway.logs import configure_logging
+from bon_gateway.config import (
+    ConfigError,
+    RewardModelConfig,
+    load_config,
+    parse_config,
+    parse_reward_model_flag,
+    with_overrides,
+)
+from bon_gateway.logs import configure_logging, log_phase
 from bon_gateway.scoring.worker.status import Serving, StartFailed, write_status
 
 log = logging.getLogger("bon_gateway.worker")
@@ -73,23 +80,26 @@ def model_entries(args: argparse.Namespace) -> list[RewardModelConfig]:
         missing = wanted - {m.name for m in entries}
         if missing:
             raise ConfigError(f"--model {sorted(missing)} not in {args.config}")
-    overrides = {
-        k: v
-        for k, v in {
-            "kind": args.kind,
-            "gguf_file": args.gguf_file,
-            "device": args.device,
-            "dtype": args.dtype,
-            "max_batch_tokens": args.max_batch_tokens,
-            "max_wait_ms": args.max_wait_ms,
-            "max_length": args.max_length,
-            "truncate_prompt": args.truncate_prompt,
-        }.items()
-        if v is not None
-    }
-    for flag in args.reward_model:
-        name, path = parse_reward_model_flag(flag)
-        entries.append(RewardModelConfig.model_validate({"name": name, "path": path, **overrides}))
+    if args.reward_model:
+        # --reward-model NAME=PATH entries, with the model flags laid over them (one place:
+        # config.with_overrides, as `serve` does; errors name the key).
+        flagged = [
+            dict(zip(("name", "path"), parse_reward_model_flag(f), strict=True)) for f in args.reward_model
+        ]
+        overrides = {
+            f"reward_models.*.{key}": getattr(args, key)
+            for key in (
+                "kind",
+                "gguf_file",
+                "device",
+                "dtype",
+                "max_batch_tokens",
+                "max_wait_ms",
+                "max_length",
+            )
+        }
+        overrides["reward_models.*.truncate_prompt"] = args.truncate_prompt
+        entries += with_overrides(parse_config({"reward_models": flagged}), overrides).reward_models
     for text in args.model_json:
         entries.append(RewardModelConfig.model_validate_json(text))
     if not entries:
@@ -101,7 +111,7 @@ async def _parent_watch(parent: int, stop: asyncio.Event) -> None:
     # Co-located workers must not outlive the gateway, even when it is killed with -9.
     while not stop.is_set():
         if os.getppid() != parent:
-            log.warning("phase=stop reason=parent-gone")
+            log_phase(log, "stop", logging.WARNING, reason="parent-gone")
             stop.set()
             return
         await asyncio.sleep(0.5)
@@ -121,7 +131,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
     for runtime in runtimes.values():
         runtime.batcher.start()
     server = await build_server(runtimes, args.listen)
-    log.info("phase=serving listen=%s models=%s pid=%d", args.listen, ",".join(runtimes), os.getpid())
+    log_phase(log, "serving", listen=args.listen, models=",".join(runtimes), pid=os.getpid())
     if args.status_fd is not None:
         write_status(args.status_fd, Serving(args.listen, os.getpid(), tuple(runtimes)))
         args.status_fd = None  # one status per process: a later failure is a crash, seen by the pool
@@ -131,13 +141,13 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
         loop.add_signal_handler(sig, stop.set)
     watch = asyncio.create_task(_parent_watch(args.parent_pid, stop)) if args.parent_pid else None
     await stop.wait()
-    log.info("phase=stopping")
+    log_phase(log, "stopping")
     await server.stop(grace=5.0)
     if watch is not None:
         watch.cancel()
     for runtime in runtimes.values():
         await runtime.batcher.aclose()
-    log.info("phase=stopped")
+    log_phase(log, "stopped")
     # The server has stopped and nothing is in flight: skip asyncio's and the interpreter's
     # teardown of torch and gRPC, which takes seconds and delays every shutdown and restart.
     logging.shutdown()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.forward import Group, batch_cost
 
 log = logging.getLogger("bon_gateway.worker")
@@ -126,7 +127,7 @@ class Batcher(Generic[R]):
             try:
                 results = await asyncio.to_thread(self._run, [item.group for item in items])
             except Exception as err:  # a failed batch fails its requests, not the worker
-                log.exception("phase=batch error")
+                log_phase(log, "batch", logging.ERROR, exc_info=True, error=type(err).__name__)
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(err)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from bon_gateway.config import RewardModelConfig
+from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.adapters import Adapter, adapter_for
 
 log = logging.getLogger("bon_gateway.worker")
@@ -57,7 +58,7 @@ def spread_over_gpus(model: Any) -> None:
     memory = get_balanced_memory(model, no_split_module_classes=no_split)
     device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split)
     dispatch_model(model, device_map=device_map)
-    log.info("phase=spread devices=%s", sorted({str(d) for d in device_map.values()}))
+    log_phase(log, "spread", devices=sorted({str(d) for d in device_map.values()}))
 
 
 def load_adapter(entry: RewardModelConfig) -> Adapter:
@@ -69,13 +70,14 @@ def load_adapter(entry: RewardModelConfig) -> Adapter:
     cls, architecture = adapter_for(architectures, entry.kind)
     device = resolve_device(entry.device)
     dtype = resolve_dtype(entry, device)
-    log.info(
-        "phase=load model=%s architecture=%s adapter=%s device=%s dtype=%s",
-        entry.name,
-        architecture,
-        cls.__name__,
-        device,
-        dtype,
+    log_phase(
+        log,
+        "load",
+        model=entry.name,
+        architecture=architecture,
+        adapter=cls.__name__,
+        device=device,
+        dtype=dtype,
     )
     common: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
     if entry.gguf_file:
@@ -88,10 +90,11 @@ def load_adapter(entry: RewardModelConfig) -> Adapter:
         model.to(device)
     model.eval()
     adapter = cls(model, tokenizer, entry, architecture=architecture)
-    log.info(
-        "phase=loaded model=%s params=%d seconds=%.1f",
-        entry.name,
-        sum(p.numel() for p in model.parameters()),
-        time.perf_counter() - started,
+    log_phase(
+        log,
+        "loaded",
+        model=entry.name,
+        params=sum(p.numel() for p in model.parameters()),
+        seconds=time.perf_counter() - started,
     )
     return adapter

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bon_gateway.config import RewardModelConfig
+from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.adapters import Adapter
 from bon_gateway.scoring.worker.batching import Batcher
 from bon_gateway.scoring.worker.forward import BatchFigures, Forward, Group, batch_cost, common_prefix
@@ -55,11 +56,12 @@ class ModelRuntime:
         device = next(adapter.model.parameters()).device
         self.forward = Forward(adapter, device)
         packed = self.forward.packed
-        log.info(
-            "phase=plan model=%s batches=%s linears=%s",
-            entry.name,
-            "packed" if packed else "transformers",
-            "onednn-fused" if packed and packed.linear.onednn else "torch",
+        log_phase(
+            log,
+            "plan",
+            model=entry.name,
+            batches="packed" if packed else "transformers",
+            linears="onednn-fused" if packed and packed.linear.onednn else "torch",
         )
         self.prefix_reuse = prefix_reuse and adapter.supports_prefix_reuse
         self.batcher: Batcher[GroupOutcome] = Batcher(
@@ -89,13 +91,15 @@ class ModelRuntime:
         started = time.perf_counter()
         logits, figures = self.forward.run(groups)
         seconds = time.perf_counter() - started
-        log.debug(
-            "phase=batch model=%s groups=%d rows=%d tokens=%d seconds=%.3f",
-            self.entry.name,
-            len(groups),
-            figures.rows,
-            figures.batch_tokens,
-            seconds,
+        log_phase(
+            log,
+            "batch",
+            logging.DEBUG,
+            model=self.entry.name,
+            groups=len(groups),
+            rows=figures.rows,
+            tokens=figures.batch_tokens,
+            seconds=seconds,
         )
         return [
             GroupOutcome(per, figures if i == 0 else None, (len(g.seqs) - 1) * g.prefix, seconds)
