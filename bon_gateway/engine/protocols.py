@@ -27,6 +27,7 @@ __all__ = [
     "OnScored",
     "ReadinessListener",
     "RewardScorer",
+    "ScoringGroup",
 ]
 
 OnGenerated = Callable[[Generation], Awaitable[None]]
@@ -67,6 +68,34 @@ class CandidateGenerator(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ScoringGroup(Protocol):
+    """One request's candidates on one worker: their prompt is computed once, as
+    soon as the group opens, and kept there until `close` (or the deadline)."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the prompt (0 until the worker has seen it)."""
+        ...
+
+    async def opened(self) -> None:
+        """Wait until the worker has the prompt tokenized and checked (not its keys and values,
+        which it computes on in the background). A prompt too long for the reward model raises
+        InvalidRequest naming `messages` here, before anything is generated."""
+        ...
+
+    async def score(self, candidates: Sequence[str], *, deadline: Deadline) -> ScoreBatchResult:
+        """Score these candidates (whole or partial texts) against the kept prompt; input order.
+
+        A text that extends one scored before in this group (a candidate's next
+        partial) reuses that work on the worker as well as the prompt's.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release the kept prompt (and partials) on the worker."""
+        ...
+
+
 class RewardScorer(Protocol):
     """Scores one group of candidates sharing a prompt on the worker pool."""
 
@@ -90,6 +119,12 @@ class RewardScorer(Protocol):
         request_id: str = "",
     ) -> ScoreBatchResult:
         """Scores in input order; the worker call gets the time left before `deadline`."""
+        ...
+
+    def open_group(
+        self, model: str, messages: Sequence[Message], *, deadline: Deadline, request_id: str = ""
+    ) -> ScoringGroup:
+        """A group for one request's candidates; its prompt goes to the worker at once."""
         ...
 
     async def aclose(self) -> None: ...
