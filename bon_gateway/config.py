@@ -6,8 +6,9 @@ environment.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -195,9 +196,41 @@ class RewardModelConfig(_Strict):
         return value
 
 
+def check_schedule(checkpoints: Sequence[int]) -> str | None:
+    """What is wrong with a checkpoint schedule (strictly increasing positive token counts), or None."""
+    if not checkpoints:
+        return "must list at least one token count"
+    if any(c < 1 for c in checkpoints):
+        return "token counts must be >= 1"
+    if any(b <= a for a, b in itertools.pairwise(checkpoints)):
+        return "token counts must be strictly increasing"
+    return None
+
+
+class StrategyConfig(_Strict):
+    """Search defaults ([strategy]); requests override them per call."""
+
+    # best_of_n: every candidate generated in full, then ranked. speculative_rejection:
+    # partial candidates are scored at the checkpoints and the weakest cancelled.
+    default: Literal["best_of_n", "speculative_rejection"] = "best_of_n"
+    rejection_rate: float = Field(0.5, gt=0, lt=1)
+    # Token counts where partial candidates are scored: early enough to save most of a
+    # long answer's tokens, late enough for a verifier to tell answers apart.
+    checkpoints: tuple[int, ...] = (64, 128, 256)
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _schedule(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        problem = check_schedule(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
 class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     generator: GeneratorConfig = GeneratorConfig()
+    strategy: StrategyConfig = StrategyConfig()
     reward_models: tuple[RewardModelConfig, ...] = ()
 
     @model_validator(mode="after")

@@ -128,6 +128,10 @@ def run_demo(*, best_of: int = 4, prompt: str | None = None) -> int:
                     "2048",
                     "--verbose",
                     "False",
+                    # Its default stops a stream whenever another request arrives: the
+                    # gateway's N parallel streamed candidates would cut each other off.
+                    "--interrupt_requests",
+                    "False",
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -30,6 +30,7 @@ BATCH_TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131
 REWARD_BUCKETS = (-20, -10, -5, -2, -1, -0.5, 0, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20)
 # Worker-side waits and forward passes: sub-millisecond to tens of seconds.
 WORKER_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 RATIO_BUCKETS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -44,9 +45,10 @@ GRPC_API_LABELS = ("grpc_generate", "grpc_generate_stream", "grpc_score", "grpc_
 # for the HTTP API, gRPC code names for the gRPC API.
 HTTP_STATUSES = ("200", "429", "500", "503", "504")
 GRPC_STATUSES = ("OK", "RESOURCE_EXHAUSTED", "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED")
-PHASES = ("generate", "score", "select")
-# bon_candidates_total{outcome}: generated, scored, or dropped_<types.DROP_REASONS>.
-CANDIDATE_OUTCOMES = ("generated", "scored", *(f"dropped_{reason}" for reason in DROP_REASONS))
+PHASES = ("generate", "score", "select", "checkpoint")
+# bon_candidates_total{outcome}: generated, scored, rejected (speculative rejection) or
+# dropped_<types.DROP_REASONS>.
+CANDIDATE_OUTCOMES = ("generated", "scored", "rejected", *(f"dropped_{reason}" for reason in DROP_REASONS))
 # bon_upstream_errors_total{kind} (generation/caller.py).
 UPSTREAM_ERROR_KINDS = ("timeout", "connect_error", "http_4xx", "http_5xx", "bad_response")
 # bon_upstream_requests_total{status}: 200, the failures the caller names itself, and the
@@ -116,8 +118,20 @@ class Metrics:
         )
         self.candidates = Counter(
             "bon_candidates",
-            "Candidates by outcome (generated, scored, dropped_upstream, dropped_timeout, ...).",
+            "Candidates by outcome (generated, scored, rejected, dropped_timeout, ...).",
             ["outcome"],
+            registry=r,
+        )
+        self.generated_tokens = Histogram(
+            "bon_generated_tokens",
+            "Tokens the generator produced for one request (all its candidates; the upstream's counts).",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.rejection_tokens_avoided = Counter(
+            "bon_rejection_tokens_avoided",
+            "Generator tokens not spent thanks to speculative rejection (rejected candidates' remaining "
+            "length, estimated by the finished candidates of the same request).",
             registry=r,
         )
         self.upstream_requests = Counter(

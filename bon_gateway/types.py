@@ -14,7 +14,10 @@ Selection = Literal["argmax", "weighted_vote", "majority_vote"]
 Aggregation = Literal["last", "min", "prod", "mean"]
 Activation = Literal["none", "sigmoid", "softmax"]
 
+Strategy = Literal["best_of_n", "speculative_rejection"]
+
 SELECTIONS: tuple[str, ...] = ("argmax", "weighted_vote", "majority_vote")
+STRATEGIES: tuple[str, ...] = ("best_of_n", "speculative_rejection")
 AGGREGATIONS: tuple[str, ...] = ("last", "min", "prod", "mean")
 ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid", "softmax")
 
@@ -108,6 +111,10 @@ class BonRequest:
     return_candidates: bool = False
     min_candidates: int | None = None
     request_id: str = ""
+    # Search: None / () take the configured defaults ([strategy] in the config).
+    strategy: Strategy | None = None
+    rejection_rate: float | None = None  # speculative_rejection: share rejected per checkpoint
+    checkpoints: tuple[int, ...] = ()  # speculative_rejection: token counts where partials are scored
 
 
 @dataclass(slots=True)
@@ -119,6 +126,34 @@ class Generation:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A live candidate's text so far (sent only to consumers that ask for progress)."""
+
+    index: int
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A candidate the upstream finished (its finish_reason came)."""
+
+    generation: Generation
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A candidate whose call failed for good."""
+
+    index: int
+    dropped: Dropped
+
+
+# What a live generation run yields, candidate by candidate, as the streams go.
+GenerationEvent = Progress | Finished | Failed
 
 
 @dataclass(slots=True)
@@ -151,6 +186,27 @@ class Timings:
     total_seconds: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class RejectedCandidate:
+    """A candidate speculative rejection stopped: its text so far and the reward that sank it."""
+
+    index: int
+    text: str
+    reward: float
+    tokens: int
+    checkpoint: int  # the token count of the checkpoint that rejected it
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointReport:
+    """One checkpoint of speculative rejection: who was scored, with what, and who was rejected."""
+
+    tokens: int
+    rewards: tuple[tuple[int, float], ...]  # (candidate index, reward), finished ones on their whole text
+    rejected: tuple[int, ...]
+    seconds: float  # scoring time of the partial texts
+
+
 @dataclass(slots=True)
 class BonResult:
     """The outcome of a Best-of-N request: every candidate, ranked best first."""
@@ -164,6 +220,8 @@ class BonResult:
     dropped: list[Dropped] = field(default_factory=list)  # one per dropped candidate
     selected_answer: str | None = None
     vote_share: float | None = None
+    rejected: list[RejectedCandidate] = field(default_factory=list)  # speculative rejection
+    checkpoints: list[CheckpointReport] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from bon_gateway.config import LimitsConfig, ServerConfig
+from bon_gateway.config import LimitsConfig, ServerConfig, StrategyConfig, check_schedule
+from bon_gateway.engine.search import SearchPlan
 from bon_gateway.errors import InvalidRequest, Unavailable
-from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest
+from bon_gateway.types import STRATEGIES, BonRequest, Message, SamplingParams, ScoreRequest
 
 __all__ = ["ROLES", "Admission", "AdmittedBon", "AdmittedScore"]
 
@@ -34,6 +35,9 @@ class AdmittedBon:
     # What the reward model scores the candidates against: the chat, or the
     # plain prompt as one user turn.
     scoring_messages: tuple[Message, ...]
+    # The search: no checkpoints for best_of_n; the request's or the configured
+    # checkpoints and rejection rate for speculative_rejection.
+    plan: SearchPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +52,14 @@ class AdmittedScore:
 class Admission:
     """Checks requests against the server's bounds and the served reward models."""
 
-    def __init__(self, server: ServerConfig, reward_models: Callable[[], Sequence[str]]) -> None:
+    def __init__(
+        self,
+        server: ServerConfig,
+        reward_models: Callable[[], Sequence[str]],
+        strategy: StrategyConfig | None = None,
+    ) -> None:
         self.server = server
+        self.strategy = strategy or StrategyConfig()
         self._reward_models = reward_models
 
     def reward_model(self, name: str | None, *, param: str = "reward_model") -> str:
@@ -78,9 +88,39 @@ class Admission:
             _check_messages(request.messages)
         _check_sizes(request.messages, request.prompt, limits)
         _check_sampling(request.sampling, limits)
+        plan = self._plan(request)
         reward_model = self.reward_model(request.reward_model)
         scoring = (Message("user", request.prompt),) if request.prompt is not None else request.messages
-        return AdmittedBon(request, reward_model, scoring)
+        return AdmittedBon(request, reward_model, scoring, plan)
+
+    def _plan(self, request: BonRequest) -> SearchPlan:
+        strategy = request.strategy or self.strategy.default
+        if strategy not in STRATEGIES:
+            raise InvalidRequest(f"strategy must be one of {', '.join(STRATEGIES)}", param="strategy")
+        if strategy == "best_of_n":
+            for name, value in (
+                ("rejection_rate", request.rejection_rate),
+                ("checkpoints", request.checkpoints),
+            ):
+                if value:
+                    raise InvalidRequest(
+                        f"{name} applies to strategy speculative_rejection, not best_of_n", param=name
+                    )
+            return SearchPlan(keep=request.n, aggregation=request.aggregation)
+        rate = self.strategy.rejection_rate if request.rejection_rate is None else request.rejection_rate
+        if not 0 < rate < 1:
+            raise InvalidRequest("rejection_rate must be in (0, 1)", param="rejection_rate")
+        checkpoints = request.checkpoints or self.strategy.checkpoints
+        problem = check_schedule(checkpoints)
+        if problem is not None or len(checkpoints) > 32:
+            raise InvalidRequest(
+                f"checkpoints {problem or 'lists at most 32 token counts'}", param="checkpoints"
+            )
+        max_tokens = request.sampling.max_tokens
+        if max_tokens is not None:
+            # Checkpoints past the answer's length never come: drop them.
+            checkpoints = tuple(c for c in checkpoints if c < max_tokens)
+        return SearchPlan(checkpoints, rate, keep=request.n, aggregation=request.aggregation)
 
     def admit_score(self, request: ScoreRequest) -> AdmittedScore:
         _check_messages(request.messages)

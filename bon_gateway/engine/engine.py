@@ -17,12 +17,12 @@ from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.admission import Admission, AdmittedBon, AdmittedScore
 from bon_gateway.engine.protocols import (
     CandidateGenerator,
-    GenerationOutcome,
     OnGenerated,
     OnScored,
     ReadinessListener,
     RewardScorer,
 )
+from bon_gateway.engine.search import Callbacks, OnCheckpoint, OnWinnerText, SearchOutcome, search
 from bon_gateway.engine.selection import SelectionResult, select
 from bon_gateway.engine.steps import aggregate_steps
 from bon_gateway.errors import DeadlineExceeded, Overloaded, Unavailable
@@ -34,14 +34,12 @@ from bon_gateway.types import (
     BonResult,
     CandidateScore,
     Deadline,
-    Generation,
     ModelInfo,
     ScoredCandidate,
     ScoreRequest,
     ScoreResult,
     Selection,
     Timings,
-    Usage,
 )
 
 log = logging.getLogger("bon_gateway.engine")
@@ -82,7 +80,7 @@ class Engine:
         self.generator = generator
         self.scorer = scorer
         self.metrics = metrics
-        self.admission = Admission(config.server, self.reward_model_names)
+        self.admission = Admission(config.server, self.reward_model_names, config.strategy)
 
     # -- models and readiness -------------------------------------------
     def list_models(self) -> list[ModelInfo]:
@@ -117,48 +115,62 @@ class Engine:
         *,
         on_generated: OnGenerated | None = None,
         on_scored: OnScored | None = None,
+        on_checkpoint: OnCheckpoint | None = None,
+        on_winner_text: OnWinnerText | None = None,
     ) -> BonResult:
-        """Generate best_of candidates, score them as one group, rank them.
+        """Generate the candidates, score each as it finishes, rank them.
 
-        Everything (upstream calls, retries, scoring) is bounded by `deadline`:
-        when it passes, every call in flight is cancelled and DeadlineExceeded raised.
+        Everything (upstream streams, retries, scoring) is bounded by `deadline`:
+        when it passes, every call in flight is cancelled and DeadlineExceeded
+        raised. `on_winner_text` receives the text of the only candidate left in
+        the race, as it streams (speculative rejection, or best_of 1).
         """
-        return await _bounded(deadline, self._run(admitted, deadline, on_generated, on_scored))
+        callbacks = Callbacks(on_generated, on_scored, on_checkpoint, on_winner_text)
+        return await _bounded(deadline, self._run(admitted, deadline, callbacks))
 
-    async def _run(
-        self,
-        admitted: AdmittedBon,
-        deadline: Deadline,
-        on_generated: OnGenerated | None,
-        on_scored: OnScored | None,
-    ) -> BonResult:
+    async def _run(self, admitted: AdmittedBon, deadline: Deadline, callbacks: Callbacks) -> BonResult:
         request = admitted.request
         reward_model = admitted.reward_model
+        plan = admitted.plan
         request_id = request.request_id or new_request_id()
         started = time.perf_counter()
-        margin = min(GENERATION_MARGIN_MAX_S, GENERATION_MARGIN_SHARE * deadline.remaining())
-        outcome = await self.generator.generate(request, deadline.earlier(margin), on_generated)
-        generated = time.perf_counter()
-        generations = self._check_generated(request, outcome)
-        self.metrics.child(self.metrics.phase_duration, "generate").observe(generated - started)
-        log_phase(log, "generate", id=request_id, candidates=len(generations), seconds=generated - started)
-
-        batch = await self.scorer.score(
-            reward_model,
-            admitted.scoring_messages,
-            [g.text for g in generations],
-            deadline=deadline,
-            request_id=request_id,
+        # The prompt goes to its worker now: it is computed while the candidates are generated.
+        group = self.scorer.open_group(
+            reward_model, admitted.scoring_messages, deadline=deadline, request_id=request_id
         )
+        try:
+            # A prompt the reward model cannot take fails here, before anything is generated.
+            await group.opened()
+            margin = min(GENERATION_MARGIN_MAX_S, GENERATION_MARGIN_SHARE * deadline.remaining())
+            progress = bool(plan.checkpoints) or callbacks.on_winner_text is not None
+            run = self.generator.stream(request, deadline.earlier(margin), progress=progress)
+            try:
+                outcome = await search(
+                    request.best_of,
+                    plan,
+                    run,
+                    group,
+                    deadline,
+                    callbacks,
+                    lambda score: candidate_reward(score, request.aggregation),
+                )
+            finally:
+                await run.aclose()
+        finally:
+            await group.close()
+        self._record(reward_model, outcome)
+        self._check_survivors(request, outcome)
+        log_phase(
+            log,
+            "generate",
+            id=request_id,
+            candidates=len(outcome.finished),
+            rejected=len(outcome.rejected),
+            tokens=outcome.usage.completion_tokens,
+            seconds=outcome.generate_seconds,
+        )
+        log_phase(log, "score", id=request_id, model=reward_model, seconds=outcome.score_seconds)
         scored_at = time.perf_counter()
-        self.metrics.child(self.metrics.phase_duration, "score").observe(scored_at - generated)
-        self.metrics.child(self.metrics.candidates, "scored").inc(len(batch.scores))
-        for gen, score in zip(generations, batch.scores, strict=True):
-            self.metrics.child(self.metrics.rewards, reward_model).observe(score.reward)
-            if on_scored is not None:
-                await on_scored(gen.index, score)
-        log_phase(log, "score", id=request_id, model=reward_model, seconds=scored_at - generated)
-
         candidates = [
             ScoredCandidate(
                 index=gen.index,
@@ -167,51 +179,66 @@ class Engine:
                 step_rewards=score.step_rewards,
                 finish_reason=gen.finish_reason,
             )
-            for gen, score in zip(generations, batch.scores, strict=True)
+            for gen, score in sorted(outcome.finished, key=lambda pair: pair[0].index)
         ]
         selection = await select_candidates(candidates, request.selection)
         ranked = selection.ranked
         done = time.perf_counter()
         self.metrics.child(self.metrics.phase_duration, "select").observe(done - scored_at)
         log_phase(log, "select", id=request_id, best=ranked[0].index, seconds=done - scored_at)
-
-        usage = Usage(
-            prompt_tokens=max((g.prompt_tokens for g in generations), default=0),
-            completion_tokens=sum(g.completion_tokens for g in generations),
-            candidates_generated=len(generations),
-        )
-        timings = Timings(generated - started, scored_at - generated, done - scored_at, done - started)
+        timings = Timings(outcome.generate_seconds, outcome.score_seconds, done - scored_at, done - started)
         return BonResult(
             id=request_id,
             model=request.model or self.generator.default_model,
             reward_model=reward_model,
             ranked=ranked,
-            usage=usage,
+            usage=outcome.usage,
             timings=timings,
-            dropped=list(outcome.dropped),
+            dropped=outcome.dropped,
             selected_answer=selection.selected_answer,
             vote_share=selection.vote_share,
+            rejected=outcome.rejected,
+            checkpoints=outcome.checkpoints,
         )
 
-    def _check_generated(self, request: BonRequest, outcome: GenerationOutcome) -> list[Generation]:
-        """The generations, counted; too few for min_candidates is a 503 (504 when the deadline cut them)."""
-        generations = outcome.generations
-        self.metrics.child(self.metrics.candidates, "generated").inc(len(generations))
+    def _record(self, reward_model: str, outcome: SearchOutcome) -> None:
+        metrics = self.metrics
+        metrics.child(metrics.phase_duration, "generate").observe(outcome.generate_seconds)
+        metrics.child(metrics.phase_duration, "score").observe(outcome.score_seconds)
+        metrics.child(metrics.candidates, "generated").inc(len(outcome.finished))
+        metrics.child(metrics.candidates, "scored").inc(len(outcome.finished))
         for dropped in outcome.dropped:
-            self.metrics.child(self.metrics.candidates, "dropped_" + dropped.reason).inc()
+            metrics.child(metrics.candidates, "dropped_" + dropped.reason).inc()
+        for _, score in outcome.finished:
+            metrics.child(metrics.rewards, reward_model).observe(score.reward)
+        if outcome.rejected:
+            metrics.child(metrics.candidates, "rejected").inc(len(outcome.rejected))
+            lengths = [gen.completion_tokens for gen, _ in outcome.finished]
+            typical = sum(lengths) / len(lengths) if lengths else 0.0
+            # What the rejected would have cost had they run as long as the finished ones did.
+            avoided = sum(max(0.0, typical - r.tokens) for r in outcome.rejected)
+            metrics.rejection_tokens_avoided.inc(avoided)
+        for report in outcome.checkpoints:
+            metrics.child(metrics.phase_duration, "checkpoint").observe(report.seconds)
+        metrics.generated_tokens.observe(outcome.usage.completion_tokens)
+
+    def _check_survivors(self, request: BonRequest, outcome: SearchOutcome) -> None:
+        """Too few candidates made it (min_candidates) is a 503 (504 when the deadline cut
+        them, 429 when the generator shed them); rejected ones count as made."""
+        made = len(outcome.finished) + len(outcome.rejected)
         needed = request.min_candidates or request.best_of
-        if len(generations) >= needed:
-            return generations
-        reasons = "; ".join(sorted({str(d) for d in outcome.dropped})) or "no candidates"
+        if made >= needed and outcome.finished:
+            return
+        dropped = outcome.dropped
+        reasons = "; ".join(sorted({str(d) for d in dropped})) or "no candidates"
         message = (
-            f"only {len(generations)} of {request.best_of} candidates were generated "
-            f"(min_candidates {needed}): {reasons}"
+            f"only {made} of {request.best_of} candidates were generated (min_candidates {needed}): {reasons}"
         )
-        if any(d.reason == "deadline" for d in outcome.dropped):
+        if any(d.reason == "deadline" for d in dropped):
             raise DeadlineExceeded(message)
-        if outcome.dropped and all(d.reason == "rate_limited" for d in outcome.dropped):
+        if dropped and all(d.reason == "rate_limited" for d in dropped):
             # The generator is shedding load: the client gets a 429 too, told when to come back.
-            waits = [d.retry_after_s for d in outcome.dropped if d.retry_after_s is not None]
+            waits = [d.retry_after_s for d in dropped if d.retry_after_s is not None]
             raise Overloaded(
                 message, retry_after_s=max(waits, default=self.config.server.limits.retry_after_s)
             )

@@ -6,23 +6,24 @@ engine imports them to use them, and nothing here imports either side.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from bon_gateway.types import (
     BonRequest,
     CandidateScore,
     Deadline,
-    Dropped,
     Generation,
+    GenerationEvent,
     Message,
     ModelInfo,
     ScoreBatchResult,
+    Usage,
 )
 
 __all__ = [
     "CandidateGenerator",
-    "GenerationOutcome",
+    "GenerationRun",
     "OnGenerated",
     "OnScored",
     "ReadinessListener",
@@ -37,12 +38,24 @@ OnScored = Callable[[int, CandidateScore], Awaitable[None]]
 ReadinessListener = Callable[[], None]
 
 
-class GenerationOutcome(Protocol):
-    @property
-    def generations(self) -> list[Generation]: ...
+class GenerationRun(Protocol):
+    """One request's live candidates, as the upstream streams them."""
 
-    @property
-    def dropped(self) -> list[Dropped]: ...
+    def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        """Progress (when asked for), Finished and Failed events until no candidate is left."""
+        ...
+
+    def cancel(self, index: int) -> None:
+        """Stop generating candidate `index` (its stream is closed; no more events for it)."""
+        ...
+
+    def usage(self) -> Usage:
+        """Tokens generated so far (the upstream's own counts where it reports them)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close every stream still open."""
+        ...
 
 
 class CandidateGenerator(Protocol):
@@ -59,10 +72,8 @@ class CandidateGenerator(Protocol):
         """Call `listener` whenever `usable()` may have changed."""
         ...
 
-    async def generate(
-        self, request: BonRequest, deadline: Deadline, on_generated: OnGenerated | None = None
-    ) -> GenerationOutcome:
-        """best_of candidates; no call, retry or backoff wait runs past `deadline`."""
+    def stream(self, request: BonRequest, deadline: Deadline, *, progress: bool = False) -> GenerationRun:
+        """Start best_of candidates; no call, retry or backoff wait runs past `deadline`."""
         ...
 
     async def aclose(self) -> None: ...

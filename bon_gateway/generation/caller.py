@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.balancer import Balancer, Endpoint
-from bon_gateway.generation.payload import error_message
+from bon_gateway.generation.payload import completion_as_chunk, error_message
 from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
 from bon_gateway.generation.transport import HttpResponse, ProtocolError, ResponseTooLarge, UpstreamHttp
 from bon_gateway.metrics import Metrics
@@ -70,6 +70,10 @@ class _Attempt(Exception):
         self.retry = retry
         self.healthy = healthy  # False: counts towards ejecting the endpoint
         self.retry_after_s = retry_after_s
+
+
+class _EmptyStream(Exception):
+    """A 200 event stream that ended without a single event."""
 
 
 class _BrokenStream(Exception):
@@ -166,14 +170,14 @@ class UpstreamCaller:
         endpoint: Endpoint | None = None,
         *,
         request_key: object = None,
-        restartable: Callable[[], bool] = lambda: False,
+        start_over: Callable[[], bool] = lambda: False,
     ) -> Endpoint:
         """Stream an SSE call, `await on_chunk(json)` for every event; the endpoint that served it.
 
         Failures are retried as for `call` while no chunk was delivered; after
-        that only when `restartable()` says the chunks delivered so far may be
-        forgotten (the consumer starts the candidate over). Otherwise the
-        stream's failure is final: CandidateFailed.
+        that only when `start_over()` returns True (the consumer has forgotten
+        the chunks delivered so far and takes the retry's from the start).
+        Otherwise the stream's failure is final: CandidateFailed.
         """
         payload = json.dumps(body, separators=(",", ":")).encode()
         delivered = 0
@@ -201,13 +205,33 @@ class UpstreamCaller:
                     max_bytes=self.config.max_response_bytes,
                 )
             except (_Attempt, TimeoutError, ProtocolError, OSError) as err:
-                if delivered and not restartable():
+                if delivered and not start_over():
                     raise _BrokenStream(err, delivered) from None
                 raise
             if response is not None:
                 self._check_status(response)
+                # A 200 that is not an event stream: the whole reply at once (a server that
+                # ignores `stream`), delivered as the one chunk it amounts to.
+                try:
+                    whole = json.loads(response.content)
+                except ValueError:
+                    raise _Attempt(
+                        "bad_response", "bad_response", "upstream body is not JSON", retry=True, healthy=False
+                    ) from None
+                await on_chunk(completion_as_chunk(whole))
+                delivered += 1
+            if not delivered:
+                raise _EmptyStream
 
-        _, served = await self._with_retries(exchange, deadline, endpoint, request_key)
+        try:
+            _, served = await self._with_retries(exchange, deadline, endpoint, request_key)
+        except _EmptyStream:
+            # llama-cpp-python answers a streamed request it cannot run (a prompt over its
+            # context) with an empty event stream; asked without streaming, it says why.
+            whole, served = await self.call(
+                path, {**body, "stream": False}, deadline, request_key=request_key
+            )
+            await on_chunk(completion_as_chunk(whole))
         return served
 
     async def _with_retries(
@@ -282,6 +306,9 @@ class UpstreamCaller:
                 result = await exchange(endpoint, limit)
                 status, healthy = "200", True
                 return result
+            except _EmptyStream:
+                status, healthy = "200", True  # it answered; what it meant is asked next
+                raise
             except _BrokenStream as broken:
                 status, healthy = "broken_stream", False
                 raise _Attempt(

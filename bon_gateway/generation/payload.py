@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from bon_gateway.types import BonRequest, Generation
 
-__all__ = ["BadResponse", "build_payload", "error_message", "parse_choices"]
+__all__ = [
+    "BadResponse",
+    "ChoiceDelta",
+    "StreamUsage",
+    "build_payload",
+    "completion_as_chunk",
+    "error_message",
+    "parse_choices",
+    "parse_chunk",
+]
 
 # Upstream error text returned to clients is cut here: a 400 body can echo the
 # whole prompt back, and the client already has that.
@@ -23,14 +33,22 @@ class BadResponse(Exception):
     """The upstream answered 200 with a body that is not an OpenAI completion."""
 
 
-def build_payload(request: BonRequest, model: str, seed: int, n: int = 1) -> tuple[str, dict[str, Any]]:
-    """The upstream path (relative to the base URL) and JSON body of one call asking for `n` choices."""
+def build_payload(
+    request: BonRequest, model: str, seed: int, n: int = 1, *, stream: bool = True
+) -> tuple[str, dict[str, Any]]:
+    """The upstream path (relative to the base URL) and JSON body of one call asking for `n` choices.
+
+    Streamed (SSE) by default, with the usage chunk asked for (servers that do
+    not send one get their tokens counted chunk by chunk).
+    """
     s = request.sampling
     body: dict[str, Any] = dict(s.extra)
     body["model"] = model
     body["seed"] = seed
     body["n"] = n
-    body["stream"] = False
+    body["stream"] = stream
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     if s.temperature is not None:
         body["temperature"] = s.temperature
     if s.top_p is not None:
@@ -81,6 +99,61 @@ def parse_choices(data: Any, first_index: int, limit: int) -> list[Generation]:
         raise
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         raise BadResponse(f"unexpected upstream body ({type(err).__name__})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    """One choice's piece of a streamed chunk."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamUsage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
+    """The choice deltas and the usage (when this is the usage chunk) of one streamed
+    chat.completion.chunk or text_completion event."""
+    try:
+        deltas: list[ChoiceDelta] = []
+        for choice in data.get("choices") or ():
+            if "delta" in choice:
+                text = (choice.get("delta") or {}).get("content") or ""
+            else:
+                text = choice.get("text") or ""
+            reason = choice.get("finish_reason")
+            deltas.append(
+                ChoiceDelta(int(choice.get("index") or 0), str(text), None if reason is None else str(reason))
+            )
+        usage = data.get("usage")
+        if usage:
+            return deltas, StreamUsage(
+                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            )
+        return deltas, None
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        raise BadResponse(f"unexpected upstream chunk ({type(err).__name__})") from None
+
+
+def completion_as_chunk(data: Any) -> Any:
+    """A whole (non-streamed) completion as the one streamed chunk it amounts to."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        return data  # parse_chunk reports what is wrong with it
+    choices = []
+    for choice in data["choices"]:
+        if not isinstance(choice, dict):
+            return data
+        if "message" in choice:
+            content = (choice.get("message") or {}).get("content") or ""
+            choices.append({**choice, "delta": {"content": content}})
+        else:
+            choices.append(choice)
+    return {**data, "choices": choices}
 
 
 def error_message(body: bytes) -> str:

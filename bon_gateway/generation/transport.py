@@ -157,7 +157,8 @@ class UpstreamHttp:
         """POST `body` and read an SSE reply, calling `on_event(data)` for each event.
 
         Returns None once the stream ended ([DONE] or EOF), or the response (its
-        body read, at most `max_bytes`) when the status is not 200. Raises as
+        body read, at most `max_bytes`) when it is not an event stream: an error
+        status, or a 200 from a server that ignored `stream` and sent the whole reply. Raises as
         `post` does, and ResponseTooLarge past `max_bytes` (the stream is cut).
         Leaving early (cancelled, timed out, `on_event` raising) closes the
         connection, so the upstream sees the client go and stops generating.
@@ -170,7 +171,8 @@ class UpstreamHttp:
                 response = await session.post(url, data=body, headers=_SSE_HEADERS)
                 clean = False
                 try:
-                    if response.status != 200:
+                    if response.status != 200 or response.content_type != "text/event-stream":
+                        # An error, or a server that answered the whole reply at once.
                         content = await _read_capped(response, max_bytes)
                         clean = True
                         return HttpResponse(response.status, response.headers, content)

@@ -71,8 +71,10 @@ def test_generate_stream_events_then_result(stub: pb_grpc.BestOfNStub) -> None:
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds.count("generated") == 4 and kinds.count("scored") == 4
     assert kinds[-1] == "result" and kinds.count("result") == 1
-    # Every candidate is generated before any is scored: one group per request.
-    assert kinds.index("scored") > max(i for i, k in enumerate(kinds) if k == "generated")
+    # Candidates are scored as they finish: each one's scored event follows its generated one.
+    generated_at = {e.generated.index: i for i, e in enumerate(events) if e.HasField("generated")}
+    scored_at = {e.scored.index: i for i, e in enumerate(events) if e.HasField("scored")}
+    assert all(scored_at[index] > generated_at[index] for index in generated_at)
     assert sorted(e.generated.text for e in events if e.HasField("generated")) == sorted(TEXTS)
     scored = {e.scored.index: e.scored.reward for e in events if e.HasField("scored")}
     assert scored == {i: REWARDS[t] for i, t in enumerate(TEXTS)}

@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import pytest
 
 from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.engine import Engine
-from bon_gateway.engine.protocols import OnGenerated, ReadinessListener
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import (
     Aggregation,
     BonRequest,
     BonResult,
     Deadline,
-    Dropped,
-    Generation,
     Message,
     ScoreRequest,
     ScoreResult,
     Selection,
 )
+from tests.fakes.generator import ScriptedGenerator
 from tests.fakes.scorer import FakeScorer
 
 # Three PRM-scored solutions: A and B answer 4, C answers 5.
@@ -33,41 +30,10 @@ STEPS = {A: (0.3, 0.9), B: (0.8, 0.5), C: (0.2, 0.95)}
 MESSAGES = (Message("user", "What is 2 + 2?"),)
 
 
-@dataclass
-class Outcome:
-    generations: list[Generation]
-    dropped: list[Dropped] = field(default_factory=list)
-
-
-class FixedGenerator:
-    """A CandidateGenerator that returns the same texts every time."""
-
-    def __init__(self, texts: Sequence[str]) -> None:
-        self.texts = list(texts)
-
-    @property
-    def default_model(self) -> str:
-        return "fixed"
-
-    def usable(self) -> bool:
-        return True
-
-    def on_readiness_change(self, listener: ReadinessListener) -> None:
-        pass
-
-    async def generate(
-        self, request: BonRequest, deadline: Deadline, on_generated: OnGenerated | None = None
-    ) -> Outcome:
-        return Outcome([Generation(i, text) for i, text in enumerate(self.texts[: request.best_of])])
-
-    async def aclose(self) -> None:
-        pass
-
-
 def engine(texts: Sequence[str] = (A, B, C)) -> Engine:
     config = GatewayConfig.model_validate({"generator": {"url": "http://127.0.0.1:9/v1", "model": "fixed"}})
     # The worker's own `reward` (here 0) is ignored when step rewards come back.
-    return Engine(config, FixedGenerator(texts), FakeScorer(step_rewards=STEPS), Metrics())
+    return Engine(config, ScriptedGenerator(texts), FakeScorer(step_rewards=STEPS), Metrics())
 
 
 async def run(engine: Engine, request: BonRequest) -> BonResult:
@@ -124,7 +90,7 @@ async def test_run_argmax_with_an_outcome_reward_model() -> None:
     config = GatewayConfig.model_validate({"generator": {"url": "http://127.0.0.1:9/v1", "model": "fixed"}})
     scorer = FakeScorer({"A: 1": -0.5, "A: 2": 1.5})
     result = await run(
-        Engine(config, FixedGenerator(texts), scorer, Metrics()),
+        Engine(config, ScriptedGenerator(texts), scorer, Metrics()),
         BonRequest(MESSAGES, best_of=2, aggregation="min"),
     )
     assert [c.reward for c in result.ranked] == [1.5, -0.5]  # no steps: the score as it is

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
+from tests.fakes.sse import done_event, event, stream_chunks
+
 __all__ = ["Call", "FaultUpstream", "Garbage", "Hang", "Reply", "Reset"]
 
 
@@ -35,6 +37,10 @@ class Reply:
     body: dict[str, Any] | None = None
     headers: tuple[tuple[str, str], ...] = ()
     delay_s: float = 0.0
+    # Streamed calls (stream: true, what the gateway sends): seconds between tokens,
+    # and a connection reset after this many tokens (a stream that dies mid-way).
+    token_delay_s: float = 0.0
+    break_after: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +72,8 @@ class Call:
     action: Action
     arrived: float = field(default_factory=time.monotonic)
     answered: float | None = None
-    closed_by_client: float | None = None  # the client closed before we answered
+    closed_by_client: float | None = None  # the client closed before we answered (or mid-stream)
+    tokens_sent: int = 0  # streamed calls: content chunks written
 
 
 def _words(text: str) -> int:
@@ -216,11 +223,68 @@ class FaultUpstream:
             self._write(writer, 200, b"<html>502 Bad Gateway</html>", (("content-type", "text/html"),))
         else:
             assert isinstance(action, Reply)
+            if action.status == 200 and action.body is None and call.body.get("stream"):
+                return await self._stream(call, action, reader, writer)
             body = action.body if action.body is not None else self._completion(call)
             self._write(writer, action.status, json.dumps(body).encode(), action.headers)
         call.answered = time.monotonic()
         await writer.drain()
         return True
+
+    async def _stream(
+        self, call: Call, action: Reply, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """An SSE reply in chunked encoding, token by token; False when the connection ended."""
+        head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in action.headers) + "\r\n"
+        writer.write(head.encode("latin-1"))
+        body = call.body
+        seed = int(body.get("seed") or 0)
+        count = max(1, int(body.get("n") or 1)) if self.honours_n else 1
+        texts = [self.texts[(seed + i) % len(self.texts)] for i in range(count)]
+        chat = call.path.endswith("/chat/completions")
+        prompt = (
+            sum(_words(str(m.get("content", ""))) for m in body.get("messages", []))
+            if chat
+            else _words(str(body.get("prompt", "")))
+        )
+        chunks = stream_chunks(
+            chat=chat,
+            texts=texts,
+            model=str(body.get("model", "fault")),
+            prompt_tokens=prompt,
+            include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        )
+        try:
+            for chunk in chunks:
+                text_chunk = bool(chunk["choices"]) and any(
+                    (c.get("delta") or {}).get("content") or c.get("text") for c in chunk["choices"]
+                )
+                if text_chunk:
+                    if action.break_after is not None and call.tokens_sent >= action.break_after:
+                        writer.transport.abort()
+                        return False
+                    if action.token_delay_s and await self._client_closed_within(
+                        reader, action.token_delay_s
+                    ):
+                        call.closed_by_client = time.monotonic()
+                        return False
+                self._write_chunk(writer, event(chunk))
+                await writer.drain()
+                if text_chunk:
+                    call.tokens_sent += 1
+            self._write_chunk(writer, done_event())
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        except ConnectionError:
+            call.closed_by_client = time.monotonic()
+            return False
+        call.answered = time.monotonic()
+        return True
+
+    @staticmethod
+    def _write_chunk(writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
 
     @staticmethod
     def _write(

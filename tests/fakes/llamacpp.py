@@ -22,7 +22,9 @@ def llama_cpp_server(log_dir: Path, *, start_timeout_s: float = 120.0) -> Iterat
     port = unused_port()
     log = log_dir / "llama-server.log"
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf_path()),
-            "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1"]  # fmt: skip
+            "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1",
+            # Its default stops a stream when another request arrives (see FACTS.md).
+            "--interrupt_requests", "False"]  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bon_gateway.engine.protocols import ReadinessListener
 from bon_gateway.errors import BonError
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
 
-__all__ = ["FakeScorer", "ScoreCall", "words"]
+__all__ = ["FakeGroup", "FakeScorer", "ScoreCall", "words"]
 
 
 def words(text: str) -> int:
@@ -33,7 +33,9 @@ class FakeScorer:
 
     Flip `is_ready` to exercise readiness; set `error` to make `score` raise it
     (a worker failure); set `crash` to make it raise an unexpected exception.
-    `calls` records every group scored.
+    `calls` records every group scored; `reward_fn` (text -> reward) replaces the
+    table for texts it does not list (partial texts, for speculative rejection).
+    `open_group` gives a group that scores through `score`; `groups` records them.
     """
 
     def __init__(
@@ -44,7 +46,10 @@ class FakeScorer:
         default_reward: float = 0.0,
         step_rewards: Mapping[str, Sequence[float]] | None = None,
         ready: bool = True,
+        reward_fn: Callable[[str], float] | None = None,
     ) -> None:
+        self.reward_fn = reward_fn
+        self.groups: list[FakeGroup] = []
         self.rewards = dict(rewards or {})
         self.model_names = tuple(models)
         self.default_reward = default_reward
@@ -78,7 +83,10 @@ class FakeScorer:
         self._listeners.append((asyncio.get_running_loop(), listener))
 
     def reward(self, text: str, activation: str | None = None) -> float:
-        value = self.rewards.get(text, self.default_reward)
+        if text in self.rewards or self.reward_fn is None:
+            value = self.rewards.get(text, self.default_reward)
+        else:
+            value = self.reward_fn(text)
         return 1.0 / (1.0 + math.exp(-value)) if activation == "sigmoid" else value
 
     async def score(
@@ -115,5 +123,34 @@ class FakeScorer:
             total_tokens=prompt_tokens + sum(words(t) for t in candidates),
         )
 
+    def open_group(
+        self, model: str, messages: Sequence[Message], *, deadline: Deadline, request_id: str = ""
+    ) -> FakeGroup:
+        group = FakeGroup(self, model, tuple(messages))
+        self.groups.append(group)
+        return group
+
     async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeGroup:
+    """A FakeScorer's ScoringGroup: every score call goes through the scorer's `score`."""
+
+    def __init__(self, scorer: FakeScorer, model: str, messages: tuple[Message, ...]) -> None:
+        self.scorer = scorer
+        self.model = model
+        self.messages = messages
+        self.scored: list[tuple[str, ...]] = []  # every call's texts, in order
+        self.closed = False
+        self.prompt_tokens = 0
+
+    async def opened(self) -> None:
+        self.prompt_tokens = sum(words(m.content) for m in self.messages)
+
+    async def score(self, candidates: Sequence[str], *, deadline: Deadline) -> ScoreBatchResult:
+        self.scored.append(tuple(candidates))
+        return await self.scorer.score(self.model, self.messages, candidates, deadline=deadline)
+
+    async def close(self) -> None:
         self.closed = True

@@ -7,19 +7,35 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.fakes.scorer import words
+from tests.fakes.sse import done_event, event, stream_chunks
 
-__all__ = ["FakeUpstream", "ThreadedServer", "unused_port"]
+__all__ = ["FakeUpstream", "StreamRecord", "ThreadedServer", "unused_port"]
+
+
+@dataclass(slots=True)
+class StreamRecord:
+    """One streamed call: what it sent before it ended or the client left."""
+
+    seed: int
+    tokens_sent: int = 0
+    completed: bool = False
+    closed_by_client: float | None = None
+
+
+def _has_text(choice: dict[str, Any]) -> bool:
+    return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
 
 
 def unused_port(host: str = "127.0.0.1") -> int:
@@ -75,6 +91,10 @@ class FakeUpstream:
     Faults: `fail_status` (every call answers that status), `fail_seeds`
     (those seeds answer 500), `delay_s` (sleep before answering).
     `requests` records every JSON body received.
+
+    `stream: true` calls (what the gateway sends) get SSE, one word per chunk,
+    `token_delay_s` apart; `streams` records, per streamed call, the tokens it
+    sent and whether the client closed it before the end.
     """
 
     def __init__(self, texts: Sequence[str], *, model: str = "fake-generator", delay_s: float = 0.0) -> None:
@@ -86,6 +106,8 @@ class FakeUpstream:
         self.fail_status: int | None = None
         self.fail_seeds: set[int] = set()
         self.requests: list[dict[str, Any]] = []
+        self.token_delay_s = 0.0
+        self.streams: list[StreamRecord] = []
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -142,11 +164,41 @@ class FakeUpstream:
             "total_tokens": prompt_tokens + words(text),
         }
 
-    async def _chat(self, request: Request) -> JSONResponse:
+    def _stream(self, body: dict[str, Any], text: str, chat: bool, prompt_tokens: int) -> Response:
+        record = StreamRecord(seed=int(body.get("seed") or 0))
+        self.streams.append(record)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        chunks = stream_chunks(
+            chat=chat,
+            texts=[text],
+            model=str(body.get("model", self.model)),
+            prompt_tokens=prompt_tokens,
+            include_usage=include_usage,
+        )
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                for chunk in chunks:
+                    if self.token_delay_s and chunk["choices"] and _has_text(chunk["choices"][0]):
+                        await asyncio.sleep(self.token_delay_s)
+                    yield event(chunk)
+                    if chunk["choices"] and _has_text(chunk["choices"][0]):
+                        record.tokens_sent += 1
+                yield done_event()
+                record.completed = True
+            except asyncio.CancelledError:
+                record.closed_by_client = time.monotonic()
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _chat(self, request: Request) -> Response:
         body, text, failure = await self._answer(request)
         if failure is not None:
             return failure
         prompt_tokens = sum(words(str(m.get("content", ""))) for m in body.get("messages", []))
+        if body.get("stream"):
+            return self._stream(body, text, True, prompt_tokens)
         return JSONResponse(
             {
                 "id": "chatcmpl-fake",
@@ -160,10 +212,12 @@ class FakeUpstream:
             }
         )
 
-    async def _completions(self, request: Request) -> JSONResponse:
+    async def _completions(self, request: Request) -> Response:
         body, text, failure = await self._answer(request)
         if failure is not None:
             return failure
+        if body.get("stream"):
+            return self._stream(body, text, False, words(str(body.get("prompt", ""))))
         return JSONResponse(
             {
                 "id": "cmpl-fake",

@@ -1,0 +1,73 @@
+"""OpenAI streaming bodies for the fake upstreams: the chunks vLLM sends, one token each."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["done_event", "event", "stream_chunks", "tokens_of"]
+
+
+def tokens_of(text: str) -> list[str]:
+    """The fakes' tokens: words with the space before them ("a b" -> ["a", " b"])."""
+    return re.findall(r"\s*\S+", text) or ([text] if text else [])
+
+
+def event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def done_event() -> bytes:
+    return b"data: [DONE]\n\n"
+
+
+def stream_chunks(
+    *,
+    chat: bool,
+    texts: Sequence[str],
+    model: str,
+    prompt_tokens: int,
+    include_usage: bool,
+    finish_reason: str = "stop",
+) -> list[dict[str, Any]]:
+    """Every chunk of a streamed reply with len(texts) choices, tokens interleaved
+    across choices as an n>1 server sends them, then the usage chunk when asked for."""
+    created = int(time.time())
+    base: dict[str, Any] = {
+        "id": "fake-stream",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+    }
+
+    def choice(index: int, text: str | None, reason: str | None) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        return {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
+
+    chunks: list[dict[str, Any]] = []
+    if chat:
+        for i in range(len(texts)):
+            chunks.append(
+                {**base, "choices": [{"index": i, "delta": {"role": "assistant"}, "finish_reason": None}]}
+            )
+    split = [tokens_of(t) for t in texts]
+    for step in range(max((len(s) for s in split), default=0)):
+        for i, tokens in enumerate(split):
+            if step < len(tokens):
+                chunks.append({**base, "choices": [choice(i, tokens[step], None)]})
+    for i in range(len(texts)):
+        chunks.append({**base, "choices": [choice(i, None, finish_reason)]})
+    if include_usage:
+        completion = sum(len(s) for s in split)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        chunks.append({**base, "choices": [], "usage": usage})
+    return chunks
