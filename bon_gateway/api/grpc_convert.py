@@ -15,11 +15,13 @@ from bon_gateway.types import (
     ACTIVATIONS,
     AGGREGATIONS,
     SELECTIONS,
+    STRATEGIES,
     Activation,
     Aggregation,
     BonRequest,
     BonResult,
     CandidateScore,
+    CheckpointReport,
     Generation,
     Message,
     ModelInfo,
@@ -28,11 +30,13 @@ from bon_gateway.types import (
     ScoreRequest,
     ScoreResult,
     Selection,
+    Strategy,
 )
 from bon_gateway.v1 import best_of_n_pb2 as pb
 
 __all__ = [
     "bon_request_from_proto",
+    "checkpoint_event",
     "generate_response",
     "generated_event",
     "grpc_param",
@@ -100,6 +104,9 @@ def bon_request_from_proto(request: pb.GenerateRequest, default_best_of: int) ->
         aggregation=cast(Aggregation, _choice(request.aggregation, AGGREGATIONS, "last", "aggregation")),
         return_candidates=request.return_candidates,
         min_candidates=request.min_candidates or None,
+        strategy=cast(Strategy | None, _choice(request.strategy, STRATEGIES, "", "strategy") or None),
+        rejection_rate=request.rejection_rate if request.HasField("rejection_rate") else None,
+        checkpoints=tuple(request.checkpoints),
     )
 
 
@@ -153,6 +160,23 @@ def generate_response(result: BonResult, request: BonRequest) -> pb.GenerateResp
         drop_reasons=[str(d) for d in result.dropped],
         selected_answer=result.selected_answer or "",
         vote_share=result.vote_share or 0.0,
+        rejected=[
+            pb.RejectedCandidate(
+                index=r.index, text=r.text, reward=r.reward, tokens=r.tokens, checkpoint=r.checkpoint
+            )
+            for r in (result.rejected if request.return_candidates else ())
+        ],
+    )
+
+
+def checkpoint_event(report: CheckpointReport) -> pb.GenerateEvent:
+    return pb.GenerateEvent(
+        checkpoint=pb.CheckpointScored(
+            tokens=report.tokens,
+            scored=[pb.CandidateScored(index=i, reward=r) for i, r in report.rewards],
+            rejected=list(report.rejected),
+            seconds=report.seconds,
+        )
     )
 
 

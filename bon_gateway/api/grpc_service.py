@@ -26,7 +26,7 @@ from bon_gateway.errors import (
     Unavailable,
 )
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import CandidateScore, Deadline, Generation
+from bon_gateway.types import CandidateScore, CheckpointReport, Deadline, Generation
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 
@@ -154,8 +154,17 @@ class BestOfNService(pb_grpc.BestOfNServicer):
             async def on_scored(index: int, score: CandidateScore) -> None:
                 events.put_nowait(convert.scored_event(index, score))
 
+            async def on_checkpoint(report: CheckpointReport) -> None:
+                events.put_nowait(convert.checkpoint_event(report))
+
             run = asyncio.ensure_future(
-                self.engine.run(admitted, deadline, on_generated=on_generated, on_scored=on_scored)
+                self.engine.run(
+                    admitted,
+                    deadline,
+                    on_generated=on_generated,
+                    on_scored=on_scored,
+                    on_checkpoint=on_checkpoint,
+                )
             )
             run.add_done_callback(lambda _: events.put_nowait(None))
             try:

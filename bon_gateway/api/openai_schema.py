@@ -26,6 +26,7 @@ from bon_gateway.types import (
     ScoreRequest,
     ScoreResult,
     Selection,
+    Strategy,
 )
 
 __all__ = [
@@ -96,6 +97,10 @@ class _GenerateFields(_Request):
     aggregation: Aggregation = "last"
     return_candidates: StrictBool = False
     min_candidates: StrictInt | None = None
+    # Search: best_of_n | speculative_rejection (ranges checked by admission).
+    strategy: Strategy | None = None
+    rejection_rate: float | None = None
+    checkpoints: list[StrictInt] | None = None
 
     # Ranges (temperature >= 0, top_p in (0, 1], max_tokens >= 1) are checked
     # by the engine's admission step, for both fronts.
@@ -143,6 +148,9 @@ class _GenerateFields(_Request):
             aggregation=self.aggregation,
             return_candidates=self.return_candidates,
             min_candidates=self.min_candidates,
+            strategy=self.strategy,
+            rejection_rate=self.rejection_rate,
+            checkpoints=tuple(self.checkpoints or ()),
         )
 
 
@@ -230,7 +238,9 @@ def _add_vote(body: dict[str, Any], answer: str | None, share: float | None) -> 
 
 
 def _candidates(result: BonResult) -> list[dict[str, Any]]:
-    return [
+    """Every finished candidate ranked best first, then those rejected at a checkpoint
+    (speculative rejection: their text so far, the reward that sank them, no rank)."""
+    ranked = [
         {
             "index": c.index,
             "text": c.text,
@@ -242,6 +252,19 @@ def _candidates(result: BonResult) -> list[dict[str, Any]]:
         }
         for c in result.ranked
     ]
+    rejected = [
+        {
+            "index": r.index,
+            "text": r.text,
+            "reward": r.reward,
+            "rank": None,
+            "finish_reason": "rejected",
+            "rejected_at": r.checkpoint,
+            "tokens": r.tokens,
+        }
+        for r in result.rejected
+    ]
+    return ranked + rejected
 
 
 def _envelope(result: BonResult, request: BonRequest, obj: str, prefix: str) -> dict[str, Any]:

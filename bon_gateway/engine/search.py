@@ -15,6 +15,7 @@ last candidate is scored.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from bon_gateway.types import (
 )
 
 __all__ = ["OnCheckpoint", "OnWinnerText", "SearchOutcome", "SearchPlan", "search"]
+
+log = logging.getLogger("bon_gateway.engine")
 
 OnCheckpoint = Callable[[CheckpointReport], Awaitable[None]]
 # (candidate index, text delta): the text of the only candidate left, as it grows.
@@ -204,6 +207,9 @@ class _Search:
                 elif isinstance(message, _RoundScored):
                     await self._decide(message)
                 self._kick()
+        except asyncio.CancelledError:
+            log.warning("phase=search_cancelled state=%s", self.describe())
+            raise
         finally:
             for task in list(self.tasks):
                 task.cancel()
@@ -223,6 +229,17 @@ class _Search:
             generate_seconds=generated_at - started,
             score_seconds=done - generated_at,
         )
+
+    def describe(self) -> str:
+        """The loop's state in one line (diagnostics when a request is cut)."""
+        parts = [
+            f"generating={self.generating} scoring={self.scoring} round={self.round_running}",
+            f"next_round={self.next_round} to_score={self.to_score}",
+        ]
+        for c in self.candidates:
+            state = "live" if c.live else "dropped" if c.dropped else "rejected" if c.rejected else "finished"
+            parts.append(f"{c.index}:{state}:{c.tokens}:{sorted(c.snapshots)}:{c.score is not None}")
+        return " ".join(parts)
 
     def _kick(self) -> None:
         """Start the scoring work that can start now."""

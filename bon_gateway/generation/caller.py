@@ -58,7 +58,7 @@ class _Attempt(Exception):
         detail: str,
         *,
         retry: bool,
-        healthy: bool,
+        healthy: bool | None,
         retry_after_s: float | None = None,
         status: str | None = None,
     ) -> None:
@@ -68,7 +68,7 @@ class _Attempt(Exception):
         self.kind = kind  # bon_upstream_errors_total{kind}
         self.detail = detail
         self.retry = retry
-        self.healthy = healthy  # False: counts towards ejecting the endpoint
+        self.healthy = healthy  # False: counts towards ejecting the endpoint; None: says nothing
         self.retry_after_s = retry_after_s
 
 
@@ -310,13 +310,22 @@ class UpstreamCaller:
                 status, healthy = "200", True  # it answered; what it meant is asked next
                 raise
             except _BrokenStream as broken:
-                status, healthy = "broken_stream", False
+                status = "broken_stream"
+                if isinstance(broken.error, TimeoutError) and cut_by_deadline:
+                    # The request's deadline, not the upstream, ended it: says nothing of its health.
+                    raise _Attempt(
+                        "deadline",
+                        "timeout",
+                        f"the request deadline passed during the stream ({broken.delivered} events in)",
+                        retry=False,
+                        healthy=None,
+                    ) from None
                 raise _Attempt(
-                    "connect_error" if not isinstance(broken.error, TimeoutError) else "timeout",
+                    "timeout" if isinstance(broken.error, TimeoutError) else "connect_error",
                     "broken_stream",
                     f"the stream broke after {broken.delivered} events: {broken.describe()}",
                     retry=False,
-                    healthy=isinstance(broken.error, TimeoutError) and cut_by_deadline,
+                    healthy=False,
                 ) from None
             except TimeoutError as err:
                 status, healthy = "timeout", False
@@ -326,7 +335,7 @@ class UpstreamCaller:
                         "timeout",
                         "the request deadline passed during the call",
                         retry=False,
-                        healthy=False,
+                        healthy=None,  # the client's deadline, not the upstream's failure
                     ) from None
                 raise _Attempt("timeout", "timeout", type(err).__name__, retry=True, healthy=False) from None
             except ResponseTooLarge as err:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62on_gateway/v1/best_of_n.proto\x12\x0e\x62on_gateway.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\x9e\x02\n\x0fGenerateRequest\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x65st_of\x18\x04 \x01(\x05\x12\t\n\x01n\x18\x05 \x01(\x05\x12\x14\n\x0creward_model\x18\x06 \x01(\t\x12\x30\n\x08sampling\x18\x07 \x01(\x0b\x32\x1e.bon_gateway.v1.SamplingParams\x12\x11\n\tselection\x18\x08 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\t \x01(\t\x12\x19\n\x11return_candidates\x18\n \x01(\x08\x12\x16\n\x0emin_candidates\x18\x0b \x01(\x05\"\x83\x01\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x04 \x03(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0e\n\x06\x61nswer\x18\x07 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61ndidates_generated\x18\x04 \x01(\x05\"i\n\x07Timings\x12\x18\n\x10generate_seconds\x18\x01 \x01(\x01\x12\x15\n\rscore_seconds\x18\x02 \x01(\x01\x12\x16\n\x0eselect_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xa1\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0creward_model\x18\x03 \x01(\t\x12-\n\ncandidates\x18\x04 \x03(\x0b\x32\x19.bon_gateway.v1.Candidate\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.bon_gateway.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.bon_gateway.v1.Timings\x12\x1a\n\x12\x63\x61ndidates_dropped\x18\x07 \x01(\x05\x12\x14\n\x0c\x64rop_reasons\x18\x08 \x03(\t\x12\x17\n\x0fselected_answer\x18\t \x01(\t\x12\x12\n\nvote_share\x18\n \x01(\x01\"H\n\x12\x43\x61ndidateGenerated\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"F\n\x0f\x43\x61ndidateScored\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x03 \x03(\x01\"\xb8\x01\n\rGenerateEvent\x12\x37\n\tgenerated\x18\x01 \x01(\x0b\x32\".bon_gateway.v1.CandidateGeneratedH\x00\x12\x31\n\x06scored\x18\x02 \x01(\x0b\x32\x1f.bon_gateway.v1.CandidateScoredH\x00\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32 .bon_gateway.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x19\n\x08StepList\x12\r\n\x05steps\x18\x01 \x03(\t\"\xcc\x01\n\x0cScoreRequest\x12\x14\n\x0creward_model\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\x12\n\ncandidates\x18\x03 \x03(\t\x12\'\n\x05steps\x18\x04 \x03(\x0b\x32\x18.bon_gateway.v1.StepList\x12\x13\n\x0b\x61ggregation\x18\x05 \x01(\t\x12\x11\n\tselection\x18\x06 \x01(\t\x12\x12\n\nactivation\x18\x07 \x01(\t\"V\n\x0fScoredCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x03 \x03(\x01\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\"\xbf\x01\n\rScoreResponse\x12\x14\n\x0creward_model\x18\x01 \x01(\t\x12-\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1f.bon_gateway.v1.ScoredCandidate\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.bon_gateway.v1.Usage\x12\x16\n\x0eselected_index\x18\x04 \x01(\x05\x12\x17\n\x0fselected_answer\x18\x05 \x01(\t\x12\x12\n\nvote_share\x18\x06 \x01(\x01\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.bon_gateway.v1.ModelInfo2\xc7\x02\n\x07\x42\x65stOfN\x12M\n\x08Generate\x12\x1f.bon_gateway.v1.GenerateRequest\x1a .bon_gateway.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1f.bon_gateway.v1.GenerateRequest\x1a\x1d.bon_gateway.v1.GenerateEvent0\x01\x12\x44\n\x05Score\x12\x1c.bon_gateway.v1.ScoreRequest\x1a\x1d.bon_gateway.v1.ScoreResponse\x12S\n\nListModels\x12!.bon_gateway.v1.ListModelsRequest\x1a\".bon_gateway.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62on_gateway/v1/best_of_n.proto\x12\x0e\x62on_gateway.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\tB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seed\"\xf5\x02\n\x0fGenerateRequest\x12-\n\x08messages\x18\x01 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x65st_of\x18\x04 \x01(\x05\x12\t\n\x01n\x18\x05 \x01(\x05\x12\x14\n\x0creward_model\x18\x06 \x01(\t\x12\x30\n\x08sampling\x18\x07 \x01(\x0b\x32\x1e.bon_gateway.v1.SamplingParams\x12\x11\n\tselection\x18\x08 \x01(\t\x12\x13\n\x0b\x61ggregation\x18\t \x01(\t\x12\x19\n\x11return_candidates\x18\n \x01(\x08\x12\x16\n\x0emin_candidates\x18\x0b \x01(\x05\x12\x10\n\x08strategy\x18\x0c \x01(\t\x12\x1b\n\x0erejection_rate\x18\r \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0b\x63heckpoints\x18\x0e \x03(\x05\x42\x11\n\x0f_rejection_rate\"\x83\x01\n\tCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x04 \x03(\x01\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x0c\n\x04rank\x18\x06 \x01(\x05\x12\x0e\n\x06\x61nswer\x18\x07 \x01(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61ndidates_generated\x18\x04 \x01(\x05\"i\n\x07Timings\x12\x18\n\x10generate_seconds\x18\x01 \x01(\x01\x12\x15\n\rscore_seconds\x18\x02 \x01(\x01\x12\x16\n\x0eselect_seconds\x18\x03 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x04 \x01(\x01\"\xd6\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x14\n\x0creward_model\x18\x03 \x01(\t\x12-\n\ncandidates\x18\x04 \x03(\x0b\x32\x19.bon_gateway.v1.Candidate\x12$\n\x05usage\x18\x05 \x01(\x0b\x32\x15.bon_gateway.v1.Usage\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.bon_gateway.v1.Timings\x12\x1a\n\x12\x63\x61ndidates_dropped\x18\x07 \x01(\x05\x12\x14\n\x0c\x64rop_reasons\x18\x08 \x03(\t\x12\x17\n\x0fselected_answer\x18\t \x01(\t\x12\x12\n\nvote_share\x18\n \x01(\x01\x12\x33\n\x08rejected\x18\x0b \x03(\x0b\x32!.bon_gateway.v1.RejectedCandidate\"d\n\x11RejectedCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06reward\x18\x03 \x01(\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\x05\x12\x12\n\ncheckpoint\x18\x05 \x01(\x05\"v\n\x10\x43heckpointScored\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12/\n\x06scored\x18\x02 \x03(\x0b\x32\x1f.bon_gateway.v1.CandidateScored\x12\x10\n\x08rejected\x18\x03 \x03(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"H\n\x12\x43\x61ndidateGenerated\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"F\n\x0f\x43\x61ndidateScored\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x03 \x03(\x01\"\xf0\x01\n\rGenerateEvent\x12\x37\n\tgenerated\x18\x01 \x01(\x0b\x32\".bon_gateway.v1.CandidateGeneratedH\x00\x12\x31\n\x06scored\x18\x02 \x01(\x0b\x32\x1f.bon_gateway.v1.CandidateScoredH\x00\x12\x32\n\x06result\x18\x03 \x01(\x0b\x32 .bon_gateway.v1.GenerateResponseH\x00\x12\x36\n\ncheckpoint\x18\x04 \x01(\x0b\x32 .bon_gateway.v1.CheckpointScoredH\x00\x42\x07\n\x05\x65vent\"\x19\n\x08StepList\x12\r\n\x05steps\x18\x01 \x03(\t\"\xcc\x01\n\x0cScoreRequest\x12\x14\n\x0creward_model\x18\x01 \x01(\t\x12-\n\x08messages\x18\x02 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\x12\n\ncandidates\x18\x03 \x03(\t\x12\'\n\x05steps\x18\x04 \x03(\x0b\x32\x18.bon_gateway.v1.StepList\x12\x13\n\x0b\x61ggregation\x18\x05 \x01(\t\x12\x11\n\tselection\x18\x06 \x01(\t\x12\x12\n\nactivation\x18\x07 \x01(\t\"V\n\x0fScoredCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x03 \x03(\x01\x12\x0e\n\x06\x61nswer\x18\x04 \x01(\t\"\xbf\x01\n\rScoreResponse\x12\x14\n\x0creward_model\x18\x01 \x01(\t\x12-\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1f.bon_gateway.v1.ScoredCandidate\x12$\n\x05usage\x18\x03 \x01(\x0b\x32\x15.bon_gateway.v1.Usage\x12\x16\n\x0eselected_index\x18\x04 \x01(\x05\x12\x17\n\x0fselected_answer\x18\x05 \x01(\t\x12\x12\n\nvote_share\x18\x06 \x01(\x01\"\x13\n\x11ListModelsRequest\"=\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.bon_gateway.v1.ModelInfo2\xc7\x02\n\x07\x42\x65stOfN\x12M\n\x08Generate\x12\x1f.bon_gateway.v1.GenerateRequest\x1a .bon_gateway.v1.GenerateResponse\x12R\n\x0eGenerateStream\x12\x1f.bon_gateway.v1.GenerateRequest\x1a\x1d.bon_gateway.v1.GenerateEvent0\x01\x12\x44\n\x05Score\x12\x1c.bon_gateway.v1.ScoreRequest\x1a\x1d.bon_gateway.v1.ScoreResponse\x12S\n\nListModels\x12!.bon_gateway.v1.ListModelsRequest\x1a\".bon_gateway.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=97
   _globals['_SAMPLINGPARAMS']._serialized_end=267
   _globals['_GENERATEREQUEST']._serialized_start=270
-  _globals['_GENERATEREQUEST']._serialized_end=556
-  _globals['_CANDIDATE']._serialized_start=559
-  _globals['_CANDIDATE']._serialized_end=690
-  _globals['_USAGE']._serialized_start=692
-  _globals['_USAGE']._serialized_end=801
-  _globals['_TIMINGS']._serialized_start=803
-  _globals['_TIMINGS']._serialized_end=908
-  _globals['_GENERATERESPONSE']._serialized_start=911
-  _globals['_GENERATERESPONSE']._serialized_end=1200
-  _globals['_CANDIDATEGENERATED']._serialized_start=1202
-  _globals['_CANDIDATEGENERATED']._serialized_end=1274
-  _globals['_CANDIDATESCORED']._serialized_start=1276
-  _globals['_CANDIDATESCORED']._serialized_end=1346
-  _globals['_GENERATEEVENT']._serialized_start=1349
-  _globals['_GENERATEEVENT']._serialized_end=1533
-  _globals['_STEPLIST']._serialized_start=1535
-  _globals['_STEPLIST']._serialized_end=1560
-  _globals['_SCOREREQUEST']._serialized_start=1563
-  _globals['_SCOREREQUEST']._serialized_end=1767
-  _globals['_SCOREDCANDIDATE']._serialized_start=1769
-  _globals['_SCOREDCANDIDATE']._serialized_end=1855
-  _globals['_SCORERESPONSE']._serialized_start=1858
-  _globals['_SCORERESPONSE']._serialized_end=2049
-  _globals['_LISTMODELSREQUEST']._serialized_start=2051
-  _globals['_LISTMODELSREQUEST']._serialized_end=2070
-  _globals['_MODELINFO']._serialized_start=2072
-  _globals['_MODELINFO']._serialized_end=2133
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2135
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2198
-  _globals['_BESTOFN']._serialized_start=2201
-  _globals['_BESTOFN']._serialized_end=2528
+  _globals['_GENERATEREQUEST']._serialized_end=643
+  _globals['_CANDIDATE']._serialized_start=646
+  _globals['_CANDIDATE']._serialized_end=777
+  _globals['_USAGE']._serialized_start=779
+  _globals['_USAGE']._serialized_end=888
+  _globals['_TIMINGS']._serialized_start=890
+  _globals['_TIMINGS']._serialized_end=995
+  _globals['_GENERATERESPONSE']._serialized_start=998
+  _globals['_GENERATERESPONSE']._serialized_end=1340
+  _globals['_REJECTEDCANDIDATE']._serialized_start=1342
+  _globals['_REJECTEDCANDIDATE']._serialized_end=1442
+  _globals['_CHECKPOINTSCORED']._serialized_start=1444
+  _globals['_CHECKPOINTSCORED']._serialized_end=1562
+  _globals['_CANDIDATEGENERATED']._serialized_start=1564
+  _globals['_CANDIDATEGENERATED']._serialized_end=1636
+  _globals['_CANDIDATESCORED']._serialized_start=1638
+  _globals['_CANDIDATESCORED']._serialized_end=1708
+  _globals['_GENERATEEVENT']._serialized_start=1711
+  _globals['_GENERATEEVENT']._serialized_end=1951
+  _globals['_STEPLIST']._serialized_start=1953
+  _globals['_STEPLIST']._serialized_end=1978
+  _globals['_SCOREREQUEST']._serialized_start=1981
+  _globals['_SCOREREQUEST']._serialized_end=2185
+  _globals['_SCOREDCANDIDATE']._serialized_start=2187
+  _globals['_SCOREDCANDIDATE']._serialized_end=2273
+  _globals['_SCORERESPONSE']._serialized_start=2276
+  _globals['_SCORERESPONSE']._serialized_end=2467
+  _globals['_LISTMODELSREQUEST']._serialized_start=2469
+  _globals['_LISTMODELSREQUEST']._serialized_end=2488
+  _globals['_MODELINFO']._serialized_start=2490
+  _globals['_MODELINFO']._serialized_end=2551
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2553
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2616
+  _globals['_BESTOFN']._serialized_start=2619
+  _globals['_BESTOFN']._serialized_end=2946
 # @@protoc_insertion_point(module_scope)

@@ -29,7 +29,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("messages", "prompt", "model", "best_of", "n", "reward_model", "sampling", "selection", "aggregation", "return_candidates", "min_candidates")
+    __slots__ = ("messages", "prompt", "model", "best_of", "n", "reward_model", "sampling", "selection", "aggregation", "return_candidates", "min_candidates", "strategy", "rejection_rate", "checkpoints")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,9 @@ class GenerateRequest(_message.Message):
     AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     RETURN_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MIN_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    REJECTION_RATE_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt: str
     model: str
@@ -52,7 +55,10 @@ class GenerateRequest(_message.Message):
     aggregation: str
     return_candidates: bool
     min_candidates: int
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., best_of: _Optional[int] = ..., n: _Optional[int] = ..., reward_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., selection: _Optional[str] = ..., aggregation: _Optional[str] = ..., return_candidates: _Optional[bool] = ..., min_candidates: _Optional[int] = ...) -> None: ...
+    strategy: str
+    rejection_rate: float
+    checkpoints: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt: _Optional[str] = ..., model: _Optional[str] = ..., best_of: _Optional[int] = ..., n: _Optional[int] = ..., reward_model: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., selection: _Optional[str] = ..., aggregation: _Optional[str] = ..., return_candidates: _Optional[bool] = ..., min_candidates: _Optional[int] = ..., strategy: _Optional[str] = ..., rejection_rate: _Optional[float] = ..., checkpoints: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("index", "text", "reward", "step_rewards", "finish_reason", "rank", "answer")
@@ -97,7 +103,7 @@ class Timings(_message.Message):
     def __init__(self, generate_seconds: _Optional[float] = ..., score_seconds: _Optional[float] = ..., select_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("id", "model", "reward_model", "candidates", "usage", "timings", "candidates_dropped", "drop_reasons", "selected_answer", "vote_share")
+    __slots__ = ("id", "model", "reward_model", "candidates", "usage", "timings", "candidates_dropped", "drop_reasons", "selected_answer", "vote_share", "rejected")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REWARD_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +114,7 @@ class GenerateResponse(_message.Message):
     DROP_REASONS_FIELD_NUMBER: _ClassVar[int]
     SELECTED_ANSWER_FIELD_NUMBER: _ClassVar[int]
     VOTE_SHARE_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     reward_model: str
@@ -118,7 +125,34 @@ class GenerateResponse(_message.Message):
     drop_reasons: _containers.RepeatedScalarFieldContainer[str]
     selected_answer: str
     vote_share: float
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., reward_model: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., candidates_dropped: _Optional[int] = ..., drop_reasons: _Optional[_Iterable[str]] = ..., selected_answer: _Optional[str] = ..., vote_share: _Optional[float] = ...) -> None: ...
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedCandidate]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., reward_model: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., candidates_dropped: _Optional[int] = ..., drop_reasons: _Optional[_Iterable[str]] = ..., selected_answer: _Optional[str] = ..., vote_share: _Optional[float] = ..., rejected: _Optional[_Iterable[_Union[RejectedCandidate, _Mapping]]] = ...) -> None: ...
+
+class RejectedCandidate(_message.Message):
+    __slots__ = ("index", "text", "reward", "tokens", "checkpoint")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    reward: float
+    tokens: int
+    checkpoint: int
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., reward: _Optional[float] = ..., tokens: _Optional[int] = ..., checkpoint: _Optional[int] = ...) -> None: ...
+
+class CheckpointScored(_message.Message):
+    __slots__ = ("tokens", "scored", "rejected", "seconds")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    scored: _containers.RepeatedCompositeFieldContainer[CandidateScored]
+    rejected: _containers.RepeatedScalarFieldContainer[int]
+    seconds: float
+    def __init__(self, tokens: _Optional[int] = ..., scored: _Optional[_Iterable[_Union[CandidateScored, _Mapping]]] = ..., rejected: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class CandidateGenerated(_message.Message):
     __slots__ = ("index", "text", "finish_reason")
@@ -141,14 +175,16 @@ class CandidateScored(_message.Message):
     def __init__(self, index: _Optional[int] = ..., reward: _Optional[float] = ..., step_rewards: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
-    __slots__ = ("generated", "scored", "result")
+    __slots__ = ("generated", "scored", "result", "checkpoint")
     GENERATED_FIELD_NUMBER: _ClassVar[int]
     SCORED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     generated: CandidateGenerated
     scored: CandidateScored
     result: GenerateResponse
-    def __init__(self, generated: _Optional[_Union[CandidateGenerated, _Mapping]] = ..., scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+    checkpoint: CheckpointScored
+    def __init__(self, generated: _Optional[_Union[CandidateGenerated, _Mapping]] = ..., scored: _Optional[_Union[CandidateScored, _Mapping]] = ..., result: _Optional[_Union[GenerateResponse, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointScored, _Mapping]] = ...) -> None: ...
 
 class StepList(_message.Message):
     __slots__ = ("steps",)

@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 from bon_gateway.api.server import event_loop_factory, serve_gateway
 from bon_gateway.config import GatewayConfig
@@ -133,6 +134,15 @@ class ServedGateway:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             raise TimeoutError("gateway did not stop")
+
+    def in_loop(self, work: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+        """Call `work()` inside the gateway's event loop (e.g. to count its tasks)."""
+        assert self._loop is not None
+
+        async def call() -> Any:
+            return work()
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout_s)
 
     def __enter__(self) -> ServedGateway:
         return self.start()
