@@ -44,6 +44,19 @@ def lm_logits_for(model: Any, config: Any, hidden: torch.Tensor, token_ids: Sequ
     return logits
 
 
+def pooled_position(ids: Sequence[int], pad_token_id: int | None) -> int:
+    """Where transformers' *ForSequenceClassification reads its logits: the rightmost id
+    that is not the pad id (from the ids, not the mask), or the last one without a pad id.
+    Also used to train heads on exactly the features the worker computes."""
+    if pad_token_id is None:
+        return len(ids) - 1
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] != pad_token_id:
+            return i
+    # All pad: transformers' argmax over an all-false mask picks position 0.
+    return 0
+
+
 class Adapter:
     """Base class; the defaults fit a decoder-only outcome reward model."""
 
@@ -87,14 +100,7 @@ class Adapter:
 
     def positions(self, ids: Sequence[int]) -> list[int]:
         """The token transformers' *ForSequenceClassification pools: the rightmost non-pad id."""
-        pad = self.config.pad_token_id
-        if pad is None:
-            return [len(ids) - 1]
-        for i in range(len(ids) - 1, -1, -1):
-            if ids[i] != pad:
-                return [i]
-        # All pad: transformers' argmax over an all-false mask picks position 0.
-        return [0]
+        return [pooled_position(ids, self.config.pad_token_id)]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [n, num_labels] from fp32 hidden states [n, h]."""
