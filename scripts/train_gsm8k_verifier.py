@@ -9,7 +9,8 @@ held-out third is never read here). Features are the final-norm hidden state of
 SmolLM2-135M at the token the worker pools (bon_gateway/verifier/features.py), cached
 under .cache/gsm8k-verifier/; the first run extracts them (~25 min on two cores).
 The L2 strength is chosen by grouped cross-validation over the training problems
-(folds by problem, from --seed), by mean out-of-fold log loss; the head is then fitted
+(folds by problem, from --seed), by the out-of-fold within-problem AUC (correct vs
+incorrect solutions of the same problem: what reranking needs); the head is then fitted
 on every training problem. Deterministic: same data, seed and features, same head.
 """
 
@@ -37,7 +38,7 @@ from bon_gateway.verifier.head import HEAD_FILE, load_head, save_head
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / DATA_FILE_NAME
-L2_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
+L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 FOLDS = 5
 
 
@@ -126,9 +127,23 @@ def cross_validate(
         "l2": l2,
         "log_loss": log_loss(out_of_fold, features.labels),
         "auc": roc_auc(out_of_fold, features.labels),
+        "ranking_auc": within_problem_auc(out_of_fold, features),
         "best_of_4": best,
         "weighted_vote": vote,
     }
+
+
+def within_problem_auc(rewards: npt.NDArray[np.float64], features: Features) -> float:
+    """Share of (correct, incorrect) pairs of one problem's solutions that the rewards order
+    right (ties count half), over every problem: what reranking needs. The pooled AUC also
+    credits telling easy problems from hard ones, which reranking cannot use."""
+    right = pairs = 0.0
+    for problem in np.unique(features.problems):
+        rows = features.problems == problem
+        good, bad = rewards[rows & features.labels], rewards[rows & ~features.labels]
+        right += float((good[:, None] > bad[None, :]).sum() + 0.5 * (good[:, None] == bad[None, :]).sum())
+        pairs += len(good) * len(bad)
+    return right / pairs if pairs else float("nan")
 
 
 def baselines(features: Features, votes: Votes) -> dict[str, float]:
@@ -163,7 +178,7 @@ def explore(features: Features, votes: Votes, l2: float, seed: int) -> None:
                 cross_validate(rms_normed(features.hidden[:, layer]), features, votes, l2=c, seed=seed)
                 for c in L2_GRID
             ),
-            key=lambda r: r["log_loss"],
+            key=lambda r: r["ranking_auc"],
         )
         print(f"explore: linear on layer {layer} (best l2={best['l2']:g}): {_fmt(best)}")
     folds = grouped_folds(features.problems, FOLDS, seed)
@@ -211,7 +226,8 @@ def _mlp_logits(
 def _fmt(row: dict[str, float]) -> str:
     return (
         f"log loss {row['log_loss']:.4f}  AUC {row['auc']:.4f}  "
-        f"Best-of-4 {100 * row['best_of_4']:.1f} %  weighted vote {100 * row['weighted_vote']:.1f} %"
+        + (f"within-problem AUC {row['ranking_auc']:.4f}  " if "ranking_auc" in row else "")
+        + f"Best-of-4 {100 * row['best_of_4']:.1f} %  weighted vote {100 * row['weighted_vote']:.1f} %"
     )
 
 
@@ -227,6 +243,12 @@ def main() -> None:
     parser.add_argument("--explore", action="store_true", help="also cross-validate alternatives")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--max-problems",
+        type=int,
+        default=None,
+        help="train on the first N training problems only (file order); default: all 880",
+    )
+    parser.add_argument(
         "--write-sample",
         type=Path,
         default=None,
@@ -237,6 +259,9 @@ def main() -> None:
     started = time.perf_counter()
 
     solutions = load_training_solutions(args.data)
+    if args.max_problems is not None:
+        keep = sorted({s.problem for s in solutions})[: args.max_problems]
+        solutions = [s for s in solutions if s.problem <= keep[-1]]
     gguf = smollm2_gguf_path()
     cache = args.cache_dir / f"features-{cache_key(args.data, gguf)}"
     print(
@@ -257,8 +282,10 @@ def main() -> None:
     rows = [cross_validate(features.final, features, votes, l2=l2, seed=args.seed) for l2 in L2_GRID]
     for row in rows:
         print(f"  l2={row['l2']:<7g} {_fmt(row)}")
-    chosen = min(rows, key=lambda r: r["log_loss"])
-    print(f"chosen l2={chosen['l2']:g} (lowest out-of-fold log loss)")
+    # Reranking compares solutions of one problem: choose by the within-problem AUC (the
+    # pooled AUC and the log loss also reward predicting which problems are hard).
+    chosen = max(rows, key=lambda r: r["ranking_auc"])
+    print(f"chosen l2={chosen['l2']:g} (highest out-of-fold within-problem AUC)")
     if args.explore:
         explore(features, votes, chosen["l2"], args.seed)
 
@@ -279,6 +306,8 @@ def main() -> None:
             "feature_version": str(FEATURE_VERSION),
             "l2": repr(chosen["l2"]),
             "seed": str(args.seed),
+            "training_problems": str(len(solutions) // 4),
+            "max_problems": str(args.max_problems) if args.max_problems is not None else "all",
             "cv": json.dumps({k: round(v, 6) for k, v in chosen.items()}),
             "activation": "sigmoid (P(correct) = sigmoid(score); trained without intercept)",
         }

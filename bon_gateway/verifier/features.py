@@ -163,7 +163,7 @@ def extract_features(
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     starts = range(0, len(solutions), SHARD_SIZE)
-    missing = [s for s in starts if not (cache_dir / f"shard-{s:05d}.npz").is_file()]
+    missing = [s for s in starts if _shard_rows(cache_dir, s) < len(solutions[s : s + SHARD_SIZE])]
     done = len(solutions) - sum(len(solutions[s : s + SHARD_SIZE]) for s in missing)
     if missing and featurizer is None:
         featurizer = Featurizer()
@@ -207,14 +207,23 @@ def _by_problem(chunk: Sequence[LabelledSolution]) -> list[list[LabelledSolution
     return groups
 
 
+def _shard_rows(cache_dir: Path, start: int) -> int:
+    path = cache_dir / f"shard-{start:05d}.npz"
+    if not path.is_file():
+        return 0
+    with np.load(path) as shard:
+        return len(shard["problems"])
+
+
 def _load_shards(solutions: Sequence[LabelledSolution], cache_dir: Path, starts: range) -> Features:
     hidden, problems, sources, lengths = [], [], [], []
     for start in starts:
+        rows = len(solutions[start : start + SHARD_SIZE])  # a shorter list uses a shard's head
         with np.load(cache_dir / f"shard-{start:05d}.npz") as shard:
-            hidden.append(shard["hidden"])
-            problems.append(shard["problems"])
-            sources.append(shard["sources"])
-            lengths.append(shard["lengths"])
+            hidden.append(shard["hidden"][:rows])
+            problems.append(shard["problems"][:rows])
+            sources.append(shard["sources"][:rows])
+            lengths.append(shard["lengths"][:rows])
     features = Features(
         hidden=np.concatenate(hidden).astype(np.float32),
         labels=np.array([s.is_correct for s in solutions]),
