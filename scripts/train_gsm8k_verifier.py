@@ -38,7 +38,8 @@ from bon_gateway.verifier.head import HEAD_FILE, load_head, save_head
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / DATA_FILE_NAME
-L2_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+L2_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+PAIRWISE_GRID = (0.0, 1.0, 4.0, 16.0)
 FOLDS = 5
 
 
@@ -114,17 +115,26 @@ def cross_validate(
     *,
     l2: float,
     seed: int,
+    pairwise: float = 0.0,
     intercept: bool = False,
 ) -> dict[str, float]:
     folds = grouped_folds(features.problems, FOLDS, seed)
     out_of_fold = np.zeros(len(features.labels))
     for fold in range(FOLDS):
         train, test = folds != fold, folds == fold
-        head = fit_logistic(x[train], features.labels[train], l2=l2, intercept=intercept)
+        head = fit_logistic(
+            x[train],
+            features.labels[train],
+            l2=l2,
+            pairwise=pairwise,
+            groups=features.problems[train],
+            intercept=intercept,
+        )
         out_of_fold[test] = head.logits(x[test])
     best, vote = selection_accuracy(out_of_fold, features, votes)
     return {
         "l2": l2,
+        "pairwise": pairwise,
         "log_loss": log_loss(out_of_fold, features.labels),
         "auc": roc_auc(out_of_fold, features.labels),
         "ranking_auc": within_problem_auc(out_of_fold, features),
@@ -171,7 +181,7 @@ def explore(features: Features, votes: Votes, l2: float, seed: int) -> None:
     """Cross-validated alternatives to the shipped head (printed only)."""
     x = features.final
     row = cross_validate(x, features, votes, l2=l2, seed=seed, intercept=True)
-    print(f"explore: linear + intercept (l2={l2:g}): {_fmt(row)}")
+    print(f"explore: pointwise linear + intercept (l2={l2:g}): {_fmt(row)}")
     for layer in (10, 15, 20, 25):
         best = min(
             (
@@ -279,17 +289,29 @@ def main() -> None:
     print(
         f"{FOLDS}-fold cross-validation over training problems (seed {args.seed}), linear head, no intercept:"
     )
-    rows = [cross_validate(features.final, features, votes, l2=l2, seed=args.seed) for l2 in L2_GRID]
-    for row in rows:
-        print(f"  l2={row['l2']:<7g} {_fmt(row)}")
+    rows = []
+    for pairwise in PAIRWISE_GRID:
+        for l2 in L2_GRID:
+            rows.append(
+                cross_validate(features.final, features, votes, l2=l2, pairwise=pairwise, seed=args.seed)
+            )
+            print(f"  pairwise={pairwise:<4g} l2={l2:<7g} {_fmt(rows[-1])}", flush=True)
     # Reranking compares solutions of one problem: choose by the within-problem AUC (the
     # pooled AUC and the log loss also reward predicting which problems are hard).
     chosen = max(rows, key=lambda r: r["ranking_auc"])
-    print(f"chosen l2={chosen['l2']:g} (highest out-of-fold within-problem AUC)")
+    print(
+        f"chosen pairwise={chosen['pairwise']:g} l2={chosen['l2']:g} (highest out-of-fold within-problem AUC)"
+    )
     if args.explore:
         explore(features, votes, chosen["l2"], args.seed)
 
-    head = fit_logistic(features.final, features.labels, l2=chosen["l2"])
+    head = fit_logistic(
+        features.final,
+        features.labels,
+        l2=chosen["l2"],
+        pairwise=chosen["pairwise"],
+        groups=features.problems,
+    )
     train_logits = head.logits(features.final)
     print(
         f"fitted on all {len(solutions)} training solutions: "
@@ -305,6 +327,7 @@ def main() -> None:
             "gguf": gguf.name,
             "feature_version": str(FEATURE_VERSION),
             "l2": repr(chosen["l2"]),
+            "pairwise": repr(chosen["pairwise"]),
             "seed": str(args.seed),
             "training_problems": str(len(solutions) // 4),
             "max_problems": str(args.max_problems) if args.max_problems is not None else "all",
@@ -340,7 +363,10 @@ def check(head: FittedHead, features: Features) -> None:
     shipped_logits = features.final.astype(np.float64) @ shipped[0].astype(np.float64)
     refit_logits = head.logits(features.final)
     diff = float(np.abs(shipped_logits - refit_logits).max())
-    print(f"check: shipped head l2={metadata.get('l2')}, refit l2={head.l2!r}")
+    print(
+        f"check: shipped head l2={metadata.get('l2')} pairwise={metadata.get('pairwise')}, "
+        f"refit l2={head.l2!r} pairwise={head.pairwise!r}"
+    )
     print(f"check: max |score(refit) - score(shipped)| over {len(refit_logits)} solutions = {diff:.2e}")
     if not diff <= 1e-4 or not math.isfinite(diff):
         raise SystemExit("check failed: the reproduced head differs from the shipped one by more than 1e-4")

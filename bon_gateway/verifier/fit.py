@@ -1,4 +1,5 @@
-"""Fit the verifier's head: L2-regularised logistic regression, no intercept, deterministic.
+"""Fit the verifier's head: L2-regularised logistic regression (plus an optional within-problem
+pairwise term), no intercept, deterministic.
 
 The head is `LlamaForSequenceClassification.score`, a Linear without bias, so the fitted
 model is exactly what is served: P(correct) = sigmoid(w . h), h the final-norm hidden
@@ -31,6 +32,7 @@ class FittedHead:
     weight: Array  # [hidden]: score.weight[0], applied to the raw hidden state
     bias: float  # 0.0 unless fitted with an intercept (not servable as score.weight)
     l2: float
+    pairwise: float = 0.0
 
     def logits(self, features: npt.NDArray[np.floating]) -> Array:
         result: Array = features.astype(np.float64) @ self.weight + self.bias
@@ -60,10 +62,17 @@ def fit_logistic(
     labels: npt.NDArray[np.bool_],
     *,
     l2: float,
+    pairwise: float = 0.0,
+    groups: npt.NDArray[np.int64] | None = None,
     intercept: bool = False,
     max_steps: int = 100,
 ) -> FittedHead:
-    """Minimise mean log loss + l2/2 * |w|^2 (w in the scaled space; the bias is not penalised).
+    """Minimise mean log loss + pairwise * mean pair loss + l2/2 * |w|^2.
+
+    The pair loss is log(1 + exp(-(z_c - z_i))) over every (correct c, incorrect i) pair of
+    solutions in one group (problem): a Bradley-Terry term that only sees differences
+    within a problem, which is what reranking uses; the pointwise term keeps sigmoid(z)
+    a probability of being correct. w lives in the scaled space; a bias is not penalised.
 
     Newton's method with a backtracking line search: the objective is smooth and strictly
     convex, so it converges in a few dozen steps to the unique minimum, to float64 precision."""
@@ -77,10 +86,14 @@ def fit_logistic(
         penalty = torch.full((d,), float(l2), dtype=torch.float64)
         if intercept:
             penalty[-1] = 0.0
+        pairs = _pair_differences(x, labels, groups) if pairwise > 0 else x[:0]
 
         def objective(w: torch.Tensor) -> torch.Tensor:
             z = x @ w
-            return torch.nn.functional.softplus(z).mean() - (y * z).mean() + 0.5 * (penalty * w * w).sum()
+            loss = torch.nn.functional.softplus(z).mean() - (y * z).mean() + 0.5 * (penalty * w * w).sum()
+            if len(pairs):
+                loss = loss + pairwise * torch.nn.functional.softplus(-(pairs @ w)).mean()
+            return loss
 
         w = torch.zeros(d, dtype=torch.float64)
         loss = objective(w)
@@ -88,6 +101,10 @@ def fit_logistic(
             p = torch.sigmoid(x @ w)
             gradient = x.T @ (p - y) / n + penalty * w
             hessian = (x.T * (p * (1 - p))) @ x / n + torch.diag(penalty)
+            if len(pairs):
+                q = torch.sigmoid(pairs @ w)
+                gradient = gradient - pairwise * pairs.T @ (1 - q) / len(pairs)
+                hessian = hessian + pairwise * (pairs.T * (q * (1 - q))) @ pairs / len(pairs)
             step = torch.linalg.solve(hessian, gradient)
             size = 1.0
             while True:
@@ -102,7 +119,22 @@ def fit_logistic(
                 break
         found = w.numpy().copy()
     weight = found[: len(scale)] / scale
-    return FittedHead(weight=weight, bias=float(found[-1]) if intercept else 0.0, l2=l2)
+    return FittedHead(weight=weight, bias=float(found[-1]) if intercept else 0.0, l2=l2, pairwise=pairwise)
+
+
+def _pair_differences(
+    x: torch.Tensor, labels: npt.NDArray[np.bool_], groups: npt.NDArray[np.int64] | None
+) -> torch.Tensor:
+    if groups is None:
+        raise ValueError("pairwise > 0 needs the groups (problem of each row)")
+    pairs: list[tuple[int, int]] = []
+    for group in np.unique(groups).tolist():
+        rows = np.flatnonzero(groups == group)
+        pairs += [(c, i) for c in rows[labels[rows]].tolist() for i in rows[~labels[rows]].tolist()]
+    if not pairs:
+        return x[:0]
+    index = torch.tensor(pairs)
+    return x[index[:, 0]] - x[index[:, 1]]
 
 
 def grouped_folds(groups: npt.NDArray[np.int64], folds: int, seed: int) -> npt.NDArray[np.int64]:
