@@ -353,6 +353,7 @@ def write_sample(
         problems=features.problems[:rows],
         sources=features.sources[:rows],
         lengths=features.lengths[:rows],
+        labels=features.labels[:rows],
         final=features.final[:rows],
     )
     print(f"wrote {path} ({path.stat().st_size} bytes)")
