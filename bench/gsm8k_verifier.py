@@ -215,8 +215,8 @@ def plot(figures: dict, path: Path, model: str) -> None:  # type: ignore[type-ar
     left.set_yticks(y, names, fontsize=8)
     left.set_xlabel("accuracy on the held-out third (%), 95 % bootstrap CI")
     left.set_title(f"GSM8K, {len(values[names[0]])} held-out problems x 4 solutions")
-    for yi, m in zip(y, means, strict=True):
-        left.text(m + 1, yi, f"{m:.1f}", va="center", fontsize=8)
+    for yi, m, name in zip(y, means, names, strict=True):  # right of the interval, not on it
+        left.text(100 * intervals[name][1] + 1, yi, f"{m:.1f}", va="center", fontsize=8)
     left.set_xlim(0, 100)
     rewards, labels = figures["rewards"], figures["labels"]
     bins = np.linspace(0, 1, 31)
