@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   install everything, start llama.cpp + the gateway, one Best-of-4 request, stop
 #   make test   install everything and run the test suite
+#   make install  also assembles the GSM8K verifier checkpoint (config/local.toml)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,9 +14,19 @@ STAMP := $(VENV)/.installed
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
+<<<<<<< HEAD
 .PHONY: install demo test test-fast lint proto promtool bench clean
+=======
+.PHONY: install verifier demo test lint proto promtool bench clean
+>>>>>>> issue14-verifier
 
-install: $(STAMP)
+install: $(STAMP) verifier
+
+# The GSM8K verifier checkpoint that config/local.toml serves: the SmolLM2 GGUF
+# (dequantized) + the shipped head, as a LlamaForSequenceClassification directory in
+# .cache/models/gsm8k-verifier (~540 MB, ~30 s; a no-op when it is up to date).
+verifier: $(STAMP)
+	$(BIN)/python -m bon_gateway.verifier --out .cache/models/gsm8k-verifier
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -160,8 +160,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_gateway(name: str, path: str, kind: str, delimiter: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`bon-gateway serve` with one reward model, on free loopback ports."""
+def start_gateway(
+    name: str, path: str, kind: str, delimiter: str, extra: dict[str, object] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`bon-gateway serve` with one reward model, on free loopback ports (`extra`: more
+    fields of its model entry, e.g. activation, as a config file would give them)."""
     http_port = free_port()
     config = {
         "server": {
@@ -171,7 +174,9 @@ def start_gateway(name: str, path: str, kind: str, delimiter: str) -> tuple[subp
             "log_level": "WARNING",
         },
         "generator": {"url": "http://127.0.0.1:9/v1", "model": "none"},  # no generation here
-        "reward_models": [{"name": name, "path": path, "kind": kind, "steps": {"delimiter": delimiter}}],
+        "reward_models": [
+            {**(extra or {}), "name": name, "path": path, "kind": kind, "steps": {"delimiter": delimiter}}
+        ],
     }
     config_file = Path(tempfile.mkdtemp()) / "gateway.toml"
     config_file.write_text(_toml(config), encoding="utf-8")

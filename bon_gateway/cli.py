@@ -1,4 +1,4 @@
-"""`bon-gateway` command line: serve, worker, demo, batch."""
+"""`bon-gateway` command line: serve, worker, demo, batch, verifier."""
 
 from __future__ import annotations
 
@@ -87,10 +87,16 @@ def main(argv: list[str] | None = None) -> None:
 
         worker_main(argv[1:])
         return
+    if argv[:1] == ["verifier"]:  # assemble the GSM8K verifier checkpoint (imports torch)
+        from bon_gateway.verifier.assemble import main as verifier_main
+
+        verifier_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="bon-gateway", description="Best-of-N reranking gateway")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_serve_parser(subparsers)
     subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
+    subparsers.add_parser("verifier", help="assemble the GSM8K verifier checkpoint (config/local.toml)")
     demo = subparsers.add_parser("demo", help="llama.cpp + gateway + one Best-of-4 request, then stop")
     demo.add_argument("--best-of", type=int, default=4)
     demo.add_argument("--prompt", default=None)

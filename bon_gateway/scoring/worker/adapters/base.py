@@ -32,7 +32,8 @@ from bon_gateway.types import Message
 
 
 def rightmost_non_pad(ids: Sequence[int], pad_id: int | None) -> int:
-    """The token transformers' *ForSequenceClassification pools: the rightmost non-pad id."""
+    """The token transformers' *ForSequenceClassification pools: the rightmost non-pad id
+    (from the ids, not the mask). Also what the verifier's head is trained on."""
     if pad_id is None:
         return len(ids) - 1
     for i in range(len(ids) - 1, -1, -1):
