@@ -14,11 +14,7 @@ STAMP := $(VENV)/.installed
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-<<<<<<< HEAD
-.PHONY: install demo test test-fast lint proto promtool bench clean
-=======
-.PHONY: install verifier demo test lint proto promtool bench clean
->>>>>>> issue14-verifier
+.PHONY: install verifier demo test test-fast lint proto promtool bench clean
 
 install: $(STAMP) verifier
 
