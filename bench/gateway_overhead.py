@@ -260,10 +260,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def child(*args: str, src: Path = ROOT) -> Iterator[str]:
+def child(*args: str, src: Path = ROOT) -> Iterator[tuple[str, int]]:
     """This script in a child process (`_upstream` or `_gateway`); yields the rest of its
-    "ready" line. `src` goes first on the child's PYTHONPATH: the gateway imports bon_gateway
-    from there."""
+    "ready" line and its pid. `src` goes first on the child's PYTHONPATH: the gateway imports
+    bon_gateway from there."""
     path = os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     process = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, env=env)
@@ -272,7 +272,7 @@ def child(*args: str, src: Path = ROOT) -> Iterator[str]:
         line = process.stdout.readline().decode().strip()
         if not line.startswith("ready"):
             raise RuntimeError(f"{args[0]} did not start")
-        yield line.removeprefix("ready").strip()
+        yield line.removeprefix("ready").strip(), process.pid
     finally:
         process.terminate()
         try:
@@ -355,8 +355,23 @@ async def latency(targets: dict[str, str], requests: int) -> dict[str, dict[str,
     }
 
 
-async def _throughput_run(target: str, url: str, clients: int, seconds: float) -> tuple[int, float]:
-    """`clients` concurrent loops for `seconds` after a 1 s warm-up: (requests done, seconds)."""
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) a process has used so far; None off Linux or without a pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text() if pid is not None else ""
+    except OSError:
+        return None
+    if not stat:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _throughput_run(
+    target: str, url: str, clients: int, seconds: float, pid: int | None
+) -> tuple[int, float, float | None]:
+    """`clients` concurrent loops for `seconds` after a 1 s warm-up: (requests done, seconds,
+    CPU seconds process `pid` used meanwhile)."""
     done = 0
     stop_at = time.perf_counter() + seconds
 
@@ -372,36 +387,48 @@ async def _throughput_run(target: str, url: str, clients: int, seconds: float) -
         stop_at = time.perf_counter() + 1.0  # warm-up: open the connections
         await asyncio.gather(*(loop(w, client) for w in range(clients)))
         done = 0
+        cpu_before = cpu_seconds(pid)
         started = time.perf_counter()
         stop_at = started + seconds
         await asyncio.gather(*(loop(w, client) for w in range(clients)))
         elapsed = time.perf_counter() - started
-    return done, elapsed
+        cpu_after = cpu_seconds(pid)
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+    return done, elapsed, cpu
 
 
 async def throughput(
-    targets: dict[str, str], clients: int, seconds: float, rounds: int
+    targets: dict[str, str], pids: dict[str, int], clients: int, seconds: float, rounds: int
 ) -> dict[str, dict[str, Any]]:
     """(b): candidates/s = N x requests/s; `seconds` per target in all, split into `rounds`
-    that visit the targets in turn (A B C, then C B A, ...)."""
+    that visit the targets in turn (A B C, then C B A, ...). For a gateway (its pid in
+    `pids`), also the CPU time its process used per request: the figure that says what a
+    request costs the gateway's event loop, however busy the machine is."""
     done = dict.fromkeys(targets, 0)
     elapsed = dict.fromkeys(targets, 0.0)
+    cpu: dict[str, float | None] = dict.fromkeys(targets, 0.0)
     per_round: dict[str, list[float]] = {name: [] for name in targets}
     names = list(targets)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            count, took = await _throughput_run(name, targets[name], clients, seconds / rounds)
+            count, took, used = await _throughput_run(
+                name, targets[name], clients, seconds / rounds, pids.get(name)
+            )
             done[name] += count
             elapsed[name] += took
+            so_far = cpu[name]
+            cpu[name] = so_far + used if so_far is not None and used is not None else None
             per_round[name].append(N * count / took)
-    return {
-        name: {
+    out: dict[str, dict[str, Any]] = {}
+    for name in targets:
+        used_s = cpu[name]
+        out[name] = {
             "requests_per_s": done[name] / elapsed[name],
             "candidates_per_s": N * done[name] / elapsed[name],
             "rounds_candidates_per_s": per_round[name],
+            "cpu_ms_per_request": 1000 * used_s / done[name] if used_s is not None and name in pids else None,
         }
-        for name in targets
-    }
+    return out
 
 
 async def slow_upstream(
@@ -454,6 +481,10 @@ def version_figures(results: dict[str, Any], label: str) -> dict[str, Any]:
     }
 
 
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} ms"
+
+
 def table(figures: dict[str, Any], results: dict[str, Any], title: str) -> str:
     a, b, c = figures["latency"], figures["throughput"], figures["slow"]
     rows = [
@@ -475,6 +506,12 @@ def table(figures: dict[str, Any], results: dict[str, Any], title: str) -> str:
             ">= 1,000",
             f"direct client {b['direct']['candidates_per_s']:.0f}/s; rounds "
             + " / ".join(f"{x:.0f}" for x in b["gateway"]["rounds_candidates_per_s"]),
+        ),
+        (
+            "(b) gateway process CPU per request, 64 clients",
+            _ms(b["gateway"]["cpu_ms_per_request"]),
+            "-",
+            "user + system time of the gateway process / requests it answered",
         ),
         (
             "(c) end-to-end / slowest candidate, p50",
@@ -510,12 +547,16 @@ def table(figures: dict[str, Any], results: dict[str, Any], title: str) -> str:
 def comparison(figures: dict[str, dict[str, Any]]) -> str:
     """Every version's headline figures side by side, each over the first version's."""
     labels = list(figures)
-    base = figures[labels[0]]
-    picks: list[tuple[str, Callable[[dict[str, Any]], float], str]] = [
+    picks: list[tuple[str, Callable[[dict[str, Any]], float | None], str]] = [
         ("(a) added latency p50 (ms)", lambda f: f["latency"]["added_p50_ms"], "{:.2f}"),
         ("(a) added latency p99 (ms)", lambda f: f["latency"]["added_p99_ms"], "{:.2f}"),
         ("(a) gateway p50 end to end (ms)", lambda f: f["latency"]["gateway_p50_ms"], "{:.2f}"),
         ("(b) candidates/s, 64 clients", lambda f: f["throughput"]["gateway"]["candidates_per_s"], "{:.0f}"),
+        (
+            "(b) gateway CPU per request (ms)",
+            lambda f: f["throughput"]["gateway"]["cpu_ms_per_request"],
+            "{:.3f}",
+        ),
         ("(c) end-to-end / slowest, max", lambda f: f["slow"]["gateway_ratio_max"], "{:.3f}"),
     ]
     header = " | ".join([*labels, *(f"{label}/{labels[0]}" for label in labels[1:])])
@@ -526,8 +567,12 @@ def comparison(figures: dict[str, dict[str, Any]]) -> str:
         "|---|" + "---|" * (2 * len(labels) - 1),
     ]
     for name, pick, fmt in picks:
-        values = [fmt.format(pick(figures[label])) for label in labels]
-        ratios = [f"{pick(figures[label]) / pick(base):.2f}" if pick(base) else "-" for label in labels[1:]]
+        maybe = [pick(figures[label]) for label in labels]
+        picked = [value for value in maybe if value is not None]
+        if len(picked) < len(maybe):
+            continue  # no CPU times off Linux
+        values = [fmt.format(value) for value in picked]
+        ratios = [f"{value / picked[0]:.2f}" if picked[0] else "-" for value in picked[1:]]
         lines.append(f"| {name} | {' | '.join([*values, *ratios])} |")
     return "\n".join([*lines, ""])
 
@@ -565,13 +610,14 @@ async def bench(args: argparse.Namespace, versions: list[GatewayVersion]) -> dic
     fast_url, slow_url = f"http://127.0.0.1:{fast_port}/v1", f"http://127.0.0.1:{slow_port}/v1"
     fast: dict[str, str] = {"direct": fast_url}
     slow: dict[str, str] = {"direct": slow_url}
+    fast_pids: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(child("_upstream", str(fast_port)))
         stack.enter_context(child("_upstream", str(slow_port), "--slow"))
         for version in versions:
             for targets, upstream in ((fast, fast_url), (slow, slow_url)):
                 http_port, grpc_port = free_port(), free_port()
-                ready = stack.enter_context(
+                ready, pid = stack.enter_context(
                     child(
                         "_gateway",
                         str(http_port),
@@ -584,10 +630,12 @@ async def bench(args: argparse.Namespace, versions: list[GatewayVersion]) -> dic
                 if Path(ready) != version.src / "bon_gateway":
                     raise RuntimeError(f"gateway {version.label} imported bon_gateway from {ready}")
                 targets[version.label] = f"http://127.0.0.1:{http_port}/v1"
+                if targets is fast:
+                    fast_pids[version.label] = pid
         print("(a) latency ...", flush=True)
         lat = await latency(fast, args.latency_requests)
         print("(b) throughput ...", flush=True)
-        thr = await throughput(fast, 64, args.seconds, args.rounds)
+        thr = await throughput(fast, fast_pids, 64, args.seconds, args.rounds)
         print("(c) slow upstream ...", flush=True)
         slow_figures = await slow_upstream(slow, args.slow_requests, args.slow_concurrency)
     return {
