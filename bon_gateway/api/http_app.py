@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP front (FastAPI), built by `build_app`.
 
-Handlers only convert: JSON -> engine types -> engine -> JSON. Errors are
-raised as BonError and turned into responses in http_errors.py. Nothing is
-created at import time; importing this module never imports torch.
+One pipeline for every request: request metrics, the catch-all, the guard
+(keys, rate, in-flight, body bound), then FastAPI's router and one set of
+routes. The API routes read their body once and validate it with pydantic
+themselves (see `_DirectRoute` for why); handlers only convert: JSON ->
+engine types -> engine -> JSON. Errors become responses in http_errors.py.
+Nothing is created at import time; importing this module never imports torch.
 """
 
 from __future__ import annotations
@@ -11,22 +14,29 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bon_gateway import __version__
-from bon_gateway.api.guard import Guard, GuardMiddleware, replay_messages
+from bon_gateway.api.guard import Guard, GuardMiddleware
 from bon_gateway.api.http_errors import (
     CatchAllMiddleware,
     error_body,
     error_response,
     install_error_handlers,
+    request_field_names,
+    validation_error_response,
 )
 from bon_gateway.api.limits import check_bon_request, check_score_request
 from bon_gateway.api.openai_schema import (
@@ -41,18 +51,21 @@ from bon_gateway.api.openai_schema import (
     rewards_body,
 )
 from bon_gateway.engine.engine import Engine
-from bon_gateway.errors import BonError, DeadlineExceeded
+from bon_gateway.errors import BonError, DeadlineExceeded, InvalidRequest
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import BonRequest, BonResult
 
 GenerateBody = ChatCompletionRequest | CompletionRequest
 ToBody = Callable[[BonResult, BonRequest], dict[str, Any]]
+ToChunks = Callable[..., list[dict[str, Any]]]
+Endpoint = Callable[[Request], Coroutine[Any, Any, Response]]
 
 __all__ = ["API_LABELS", "METRICS_CONTENT_TYPE", "build_app"]
 
 log = logging.getLogger("bon_gateway.api")
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 # The classic text format: what Prometheus and `promtool check metrics` parse.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -72,6 +85,8 @@ SSE_KEEPALIVE_S = 5.0
 
 # nginx's "client closed request": the client left before the answer was ready.
 CLIENT_CLOSED = 499
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, RewardsRequest)
 
 
 class ClientGone(Exception):
@@ -113,6 +128,60 @@ class RequestMetricsMiddleware:
             self.metrics.child(self.metrics.requests, api, str(status)).inc()
 
 
+# -- the request body -------------------------------------------------------------------------
+
+
+def _content_type_is_json(request: Request) -> bool:
+    """application/json or application/*+json (parameters such as charset ignored), as
+    FastAPI reads a JSON body; no Content-Type at all is taken as JSON too (the common
+    generate request always was: clients that send none mean JSON)."""
+    value = request.headers.get("content-type")
+    if not value:
+        return True
+    media_type = value.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
+
+
+async def _read_body(request: Request, model: type[M]) -> M:
+    """The body, read once (the guard bounds it as it arrives), validated as `model` by
+    pydantic-core straight from the bytes. Raises InvalidRequest, ValidationError or
+    RequestValidationError (400s, mapped in http_errors.py); ClientDisconnect when the
+    client leaves mid-body."""
+    if not _content_type_is_json(request):
+        raise InvalidRequest(
+            f"unsupported Content-Type {request.headers['content-type']!r}: send a JSON body "
+            "(Content-Type: application/json)"
+        )
+    raw = await request.body()
+    if not raw:
+        raise InvalidRequest("the request body is empty: a JSON object is expected")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        if err.errors(include_url=False)[0]["type"] != "json_invalid":
+            raise
+    return model.model_validate(_python_json(raw))
+
+
+def _python_json(raw: bytes) -> Any:
+    """`raw` decoded by Python's json, as FastAPI decoded bodies: for what pydantic-core's
+    UTF-8-only parser refuses, so UTF-16/32 and a leading BOM still work, and malformed
+    JSON is reported with the same words as before."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        detail, pos = err.msg, err.pos
+    except UnicodeDecodeError as err:
+        detail, pos = "not valid UTF-8", err.start
+    error = {"type": "json_invalid", "loc": (pos,), "msg": "JSON decode error", "ctx": {"error": detail}}
+    raise RequestValidationError([error])
+
+
+# -- the engine, once per route family --------------------------------------------------------
+
+
 async def _wait_disconnect(receive: Receive) -> None:
     # The body has been read by the time a handler runs, so the next message
     # the server hands us is the disconnect (or the end of the response).
@@ -149,14 +218,11 @@ def _sse_data(payload: dict[str, Any]) -> bytes:
 
 
 async def _sse_best_of_n(
-    engine: Engine,
-    bon: BonRequest,
-    timeout_s: float,
-    to_chunks: Callable[[BonResult], list[dict[str, Any]]],
+    run: Callable[[], Awaitable[BonResult]], to_chunks: Callable[[BonResult], list[dict[str, Any]]]
 ) -> AsyncIterator[bytes]:
     """OpenAI server-sent events for a streamed request: comments while the
-    candidates are generated and scored, then the chosen answer as `data:`
-    chunks and `[DONE]`.
+    candidates are generated and scored (`run`), then the chosen answer as
+    `data:` chunks and `[DONE]`.
 
     The best answer is only known once every candidate is scored, so nothing
     real can be streamed before that; the comments (which SSE clients, the
@@ -166,7 +232,7 @@ async def _sse_best_of_n(
     this generator (Starlette listens for the disconnect), and so the engine.
     """
     yield b": generating\n\n"
-    task = asyncio.ensure_future(engine.run(bon, timeout_s=timeout_s))
+    task = asyncio.ensure_future(run())
     try:
         while not (await asyncio.wait({task}, timeout=SSE_KEEPALIVE_S))[0]:
             yield b": keep-alive\n\n"
@@ -192,112 +258,136 @@ async def _sse_best_of_n(
             await asyncio.wait({task})
 
 
-async def _answer(engine: Engine, body: GenerateBody, receive: Receive, to_body: ToBody) -> Response:
-    """A non-streamed best-of-N request, from its validated body to its response."""
+@dataclass(frozen=True, slots=True)
+class _GenerateApi:
+    """What differs between the two generate routes: the body model and the reply shapes."""
+
+    model: type[ChatCompletionRequest] | type[CompletionRequest]
+    to_body: ToBody
+    to_chunks: ToChunks
+
+
+_CHAT = _GenerateApi(ChatCompletionRequest, chat_completion_body, chat_completion_chunks)
+_COMPLETION = _GenerateApi(CompletionRequest, completion_body, completion_chunks)
+
+
+async def _best_of_n(engine: Engine, api: _GenerateApi, body: GenerateBody, receive: Receive) -> Response:
+    """The generate family's one trip through the engine: body -> BonRequest -> checks ->
+    run -> reply, streamed or not. Every engine call of these routes is in here."""
     server = engine.config.server
     bon = body.to_bon_request(server.default_best_of)
     check_bon_request(bon, server.limits)
     timeout_s = server.request_timeout_s
+
+    def run() -> Awaitable[BonResult]:
+        return engine.run(bon, timeout_s=timeout_s)
+
+    if body.stream:
+        # Bad input is still a plain 400: checked before the 200 and the stream start.
+        engine.validate(bon)
+        engine.resolve_reward_model(bon.reward_model)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _sse_best_of_n(run, lambda result: api.to_chunks(result, bon, include_usage=usage)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
-        result = await _guarded(receive, timeout_s, lambda: engine.run(bon, timeout_s=timeout_s))
+        result = await _guarded(receive, timeout_s, run)
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(to_body(result, bon))
+    return JSONResponse(api.to_body(result, bon))
 
 
-@dataclass(frozen=True, slots=True)
-class _FastRoute:
-    model: type[ChatCompletionRequest] | type[CompletionRequest]
-    to_body: ToBody
+async def _score(engine: Engine, body: RewardsRequest, receive: Receive) -> Response:
+    """The rewards route's one trip through the engine: body -> ScoreRequest -> checks ->
+    score -> reply."""
+    server = engine.config.server
+    score_request = body.to_score_request()
+    check_score_request(score_request, server.limits)
+    try:
+        result = await _guarded(receive, server.request_timeout_s, lambda: engine.score(score_request))
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(rewards_body(result))
 
 
-def _is_json(scope: Scope) -> bool:
-    """No Content-Type or application/json: the bodies FastAPI itself would decode as JSON."""
-    name: bytes
-    value: bytes
-    for name, value in scope["headers"]:
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return True
+# -- FastAPI --------------------------------------------------------------------------------------
 
 
-class FastGenerateRoutes:
-    """Pure ASGI, between the guard and FastAPI: non-streamed POST /v1/chat/completions
-    and /v1/completions with a valid JSON body are answered here.
+class _DirectRoute(APIRoute):
+    """An APIRoute whose endpoint takes the Request and returns the Response itself.
 
-    FastAPI's per-request layers (exception middleware, routing, dependency
-    solving, content-type sniffing) cost about 0.3 ms of event-loop CPU per
-    best_of=4 request (bench/gateway_overhead.py's upstream and driver, side by
-    side). Anything but that common case (a body that is not a JSON object or
-    fails validation, `stream: true`, a disconnect while reading) goes on to the
-    FastAPI app with the body replayed, so every error and the OpenAPI schema
-    stay FastAPI's own. The answer is the same `_answer` the FastAPI routes use.
+    FastAPI documents it like any route (OpenAPI, /docs; the body schema comes
+    from `openapi_extra`), but a request goes straight from the router to the
+    endpoint: no dependency solving, no body parsing by FastAPI, no per-request
+    exit stacks. The endpoint reads and validates its body (`_read_body`) and
+    gateway errors become responses here, through http_errors.py.
+
+    Why: FastAPI's per-route machinery (request_response, solve_dependencies,
+    its JSON decode + model validation) was about 0.3 ms of loop CPU per
+    best_of=4 request, which is why a hand-built fast path used to answer the
+    common request beside FastAPI. Measured on this machine: @@FIGURE@@
     """
 
-    def __init__(self, app: ASGIApp, engine: Engine, routes: Mapping[str, _FastRoute]) -> None:
+    def __init__(self, path: str, endpoint: Endpoint, **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        field_names = request_field_names(REQUEST_MODELS)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                response = await endpoint(Request(scope, receive, send))
+            except BonError as err:  # RequestTooLarge from the guard's receive too
+                response = error_response(err)
+            except ValidationError as err:
+                response = validation_error_response(err.errors(include_url=False), field_names)
+            except RequestValidationError as err:
+                response = validation_error_response(err.errors(), field_names)
+            except ClientDisconnect:
+                response = Response(status_code=CLIENT_CLOSED)
+            # Anything else is a bug: CatchAllMiddleware logs it and answers 500.
+            await response(scope, receive, send)
+
         self.app = app
-        self.engine = engine
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is None or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        # The guard has read and bounded the body already: these come from its replay.
-        messages: list[Message] = []
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        body = _validated(route.model, scope, messages, chunks)
-        if body is None or body.stream:
-            await self.app(scope, replay_messages(messages, receive), send)
-            return
-        try:
-            response = await _answer(self.engine, body, receive, route.to_body)
-        except BonError as err:
-            response = error_response(err)
-        # Anything else is a bug: CatchAllMiddleware, outside this layer, logs it and answers 500.
-        await response(scope, receive, send)
 
 
-def _validated(
-    model: type[GenerateBody], scope: Scope, messages: list[Message], chunks: list[bytes]
-) -> GenerateBody | None:
-    """The body as `model`, or None where FastAPI must answer (with its own error)."""
-    if messages[-1]["type"] != "http.request" or not _is_json(scope):
-        return None
-    try:
-        data = json.loads(b"".join(chunks))
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    try:
-        return model.model_validate(data)
-    except ValidationError:
-        return None
+def _json_body_docs(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads `model` itself: its request body, documented
+    as FastAPI documents a body parameter (the schema itself: `_GatewayApp.openapi`)."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 class _GatewayApp(FastAPI):
     """FastAPI with the gateway's own pure-ASGI layers outside its middleware stack.
 
-    `front` wraps the stack FastAPI builds (its server-error, exception and
-    routing layers): request metrics, the guard and the fast routes run first,
-    once per request, and the fast routes skip FastAPI's layers entirely.
+    `front` wraps the stack FastAPI builds (exception handlers, routing): request
+    metrics, the catch-all and the guard run first, once per request. FastAPI's
+    outermost layer, Starlette's ServerErrorMiddleware, is left out: it answers a
+    plain-text 500 and re-raises, while CatchAllMiddleware (in `front`, outside the
+    guard, so a bug there is caught too) answers it once, in OpenAI shape.
     """
 
     front: Callable[[ASGIApp], ASGIApp] | None = None
+    request_models: Sequence[type[BaseModel]] = ()
 
     def build_middleware_stack(self) -> ASGIApp:
         stack = super().build_middleware_stack()
+        while isinstance(stack, ServerErrorMiddleware):
+            stack = stack.app
         return stack if self.front is None else self.front(stack)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema plus the request models the direct routes read themselves."""
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        schema = super().openapi()  # cached by FastAPI in self.openapi_schema: completed in place
+        _, definitions = models_json_schema(
+            [(model, "validation") for model in self.request_models],
+            ref_template="#/components/schemas/{model}",
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions.get("$defs", {}))
+        return schema
 
 
 def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> FastAPI:
@@ -306,62 +396,43 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
     `guard` (keys, rate and in-flight bounds, body size) is shared with the gRPC
     front when both are served; None builds one from the config and environment.
     """
-    server = engine.config.server
-    guard = guard if guard is not None else Guard.from_config(server)
+    guard = guard if guard is not None else Guard.from_config(engine.config.server)
     app = _GatewayApp(title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None)
-    install_error_handlers(app, [ChatCompletionRequest, CompletionRequest, RewardsRequest])
-    fast_routes = {
-        "/v1/chat/completions": _FastRoute(ChatCompletionRequest, chat_completion_body),
-        "/v1/completions": _FastRoute(CompletionRequest, completion_body),
-    }
-    # Metrics outermost: refused and shed requests are counted too, and so is the 500 that
-    # CatchAllMiddleware makes of a bug in the guard or the fast routes; then the guard.
+    app.request_models = REQUEST_MODELS
+    # For what reaches FastAPI's own layers: unknown paths (404), wrong methods (405).
+    install_error_handlers(app, REQUEST_MODELS)
+    # Metrics outermost: refused and shed requests are counted too, and so is the 500
+    # that CatchAllMiddleware makes of a bug in the guard or a route; then the guard.
     app.front = lambda stack: RequestMetricsMiddleware(
-        CatchAllMiddleware(GuardMiddleware(FastGenerateRoutes(stack, engine, fast_routes), guard=guard)),
-        metrics=metrics,
+        CatchAllMiddleware(GuardMiddleware(stack, guard=guard)), metrics=metrics
     )
 
-    async def best_of_n(
-        request: Request,
-        body: GenerateBody,
-        to_body: ToBody,
-        to_chunks: Callable[..., list[dict[str, Any]]],
-    ) -> Response:
-        if not body.stream:
-            return await _answer(engine, body, request.receive, to_body)
-        bon = body.to_bon_request(server.default_best_of)
-        check_bon_request(bon, server.limits)
-        # Bad input is still a plain 400: checked before the 200 and the stream start.
-        engine.validate(bon)
-        engine.resolve_reward_model(bon.reward_model)
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _sse_best_of_n(
-                engine, bon, server.request_timeout_s, lambda r: to_chunks(r, bon, include_usage=usage)
-            ),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    def direct(path: str, endpoint: Endpoint, model: type[BaseModel]) -> None:
+        app.router.add_api_route(
+            path,
+            endpoint,
+            methods=["POST"],
+            response_model=None,
+            responses={400: {"description": "Invalid request: an OpenAI error object naming the field"}},
+            openapi_extra=_json_body_docs(model),
+            route_class_override=_DirectRoute,
         )
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await best_of_n(request, body, chat_completion_body, chat_completion_chunks)
+    async def chat_completions(request: Request) -> Response:
+        body = await _read_body(request, ChatCompletionRequest)
+        return await _best_of_n(engine, _CHAT, body, request.receive)
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await best_of_n(request, body, completion_body, completion_chunks)
+    async def completions(request: Request) -> Response:
+        body = await _read_body(request, CompletionRequest)
+        return await _best_of_n(engine, _COMPLETION, body, request.receive)
 
-    @app.post("/v1/rewards", response_model=None)
-    async def rewards(body: RewardsRequest, request: Request) -> Response:
-        score_request = body.to_score_request()
-        check_score_request(score_request, server.limits)
-        try:
-            result = await _guarded(
-                request.receive, server.request_timeout_s, lambda: engine.score(score_request)
-            )
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(rewards_body(result))
+    async def rewards(request: Request) -> Response:
+        body = await _read_body(request, RewardsRequest)
+        return await _score(engine, body, request.receive)
+
+    direct("/v1/chat/completions", chat_completions, ChatCompletionRequest)
+    direct("/v1/completions", completions, CompletionRequest)
+    direct("/v1/rewards", rewards, RewardsRequest)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
