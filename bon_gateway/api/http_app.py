@@ -11,6 +11,7 @@ Nothing is created at import time; importing this module never imports torch.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -324,10 +325,17 @@ class _DirectRoute(APIRoute):
     exit stacks. The endpoint reads and validates its body (`_read_body`) and
     gateway errors become responses here, through http_errors.py.
 
-    Why: FastAPI's per-route machinery (request_response, solve_dependencies,
-    its JSON decode + model validation) was about 0.3 ms of loop CPU per
-    best_of=4 request, which is why a hand-built fast path used to answer the
-    common request beside FastAPI. Measured on this machine: @@FIGURE@@
+    Why: FastAPI's per-route machinery (request_response's exit stacks,
+    dependency solving, its own JSON decode and model validation) is what made a
+    hand-built fast path beside FastAPI worth having. Instructions per
+    non-streamed best_of=4 chat request through the whole app, stub engine
+    (`python bench/http_pipeline.py --instructions --gateway-src ...`, one run,
+    2026-12): FastAPI body-parameter routes 832k; these endpoints in plain
+    APIRoutes 698k; this route 591k, 560k with FastAPI's telemetry off
+    (`_no_fastapi_telemetry`); the old fast path with its FastAPI routes beside
+    it 522k. One pipeline thus costs 7% more than the fast path did and a third
+    less than FastAPI's body parameters; bench/gateway_overhead.py says what
+    that is end to end (README, Performance).
     """
 
     def __init__(self, path: str, endpoint: Endpoint, **kwargs: Any) -> None:
@@ -390,6 +398,16 @@ class _GatewayApp(FastAPI):
         return schema
 
 
+def _no_fastapi_telemetry() -> dict[str, Any]:
+    """FastAPI's native OpenTelemetry off, where this FastAPI has it (0.16x): with it on,
+    every request first asks OpenTelemetry whether any provider is configured (32k of a 591k-instruction
+    request: bench/http_pipeline.py --instructions).
+    The gateway reports through its own Prometheus metrics and phase logs."""
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+
+
 def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> FastAPI:
     """The HTTP app serving `engine`; metrics recorded into `metrics`.
 
@@ -397,7 +415,9 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
     front when both are served; None builds one from the config and environment.
     """
     guard = guard if guard is not None else Guard.from_config(engine.config.server)
-    app = _GatewayApp(title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None)
+    app = _GatewayApp(
+        title="bon-gateway", version=__version__, docs_url="/docs", redoc_url=None, **_no_fastapi_telemetry()
+    )
     app.request_models = REQUEST_MODELS
     # For what reaches FastAPI's own layers: unknown paths (404), wrong methods (405).
     install_error_handlers(app, REQUEST_MODELS)
