@@ -147,12 +147,12 @@ def _content_type_is_json(request: Request) -> bool:
 
 async def _read_body(request: Request, model: type[M]) -> M:
     """The body, read once (the guard bounds it as it arrives), validated as `model` by
-    pydantic-core straight from the bytes. Raises InvalidRequest, ValidationError or
-    RequestValidationError (400s, mapped in http_errors.py); ClientDisconnect when the
-    client leaves mid-body."""
+    pydantic-core straight from the bytes. Raises InvalidRequest or RequestValidationError
+    (400s, mapped in http_errors.py; a ValidationError from anywhere else stays a bug, a
+    500); ClientDisconnect when the client leaves mid-body."""
     if not _content_type_is_json(request):
         raise InvalidRequest(
-            f"unsupported Content-Type {request.headers['content-type']!r}: send a JSON body "
+            f"unsupported Content-Type {request.headers['content-type'][:100]!r}: send a JSON body "
             "(Content-Type: application/json)"
         )
     raw = await request.body()
@@ -161,9 +161,13 @@ async def _read_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate_json(raw)
     except ValidationError as err:
-        if err.errors(include_url=False)[0]["type"] != "json_invalid":
-            raise
-    return model.model_validate(_python_json(raw))
+        errors = err.errors(include_url=False)
+        if errors[0]["type"] != "json_invalid":
+            raise RequestValidationError(errors) from None
+    try:
+        return model.model_validate(_python_json(raw))
+    except ValidationError as err:
+        raise RequestValidationError(err.errors(include_url=False)) from None
 
 
 def _python_json(raw: bytes) -> Any:
@@ -347,8 +351,6 @@ class _DirectRoute(APIRoute):
                 response = await endpoint(Request(scope, receive, send))
             except BonError as err:  # RequestTooLarge from the guard's receive too
                 response = error_response(err)
-            except ValidationError as err:
-                response = validation_error_response(err.errors(include_url=False), field_names)
             except RequestValidationError as err:
                 response = validation_error_response(err.errors(), field_names)
             except ClientDisconnect:
