@@ -3,7 +3,8 @@
 `Guard` bundles the access policy (keys, per-key rate), the in-flight bound
 and the input limits; one instance is shared by the HTTP app and the gRPC
 server so the bound covers both. `GuardMiddleware` applies it to HTTP before
-any routing or body parsing; api/grpc_guard.py applies it to gRPC.
+any routing, and bounds the body as the app reads it; api/grpc_guard.py
+applies it to gRPC.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bon_gateway.api.auth import AccessPolicy
@@ -20,7 +20,7 @@ from bon_gateway.api.limits import InFlightLimiter
 from bon_gateway.config import LimitsConfig, ServerConfig
 from bon_gateway.errors import BonError, InvalidRequest, RequestTooLarge
 
-__all__ = ["ALWAYS_OPEN_PATHS", "Guard", "GuardMiddleware", "replay_messages"]
+__all__ = ["ALWAYS_OPEN_PATHS", "Guard", "GuardMiddleware"]
 
 # Liveness must answer whatever the load and whoever asks: a kubelet probe
 # carries no key, and a probe shed under load would get the pod killed.
@@ -62,11 +62,15 @@ class Guard:
 
 
 class GuardMiddleware:
-    """Pure ASGI: key and rate check, in-flight slot, body size bound, then the app.
+    """Pure ASGI: key and rate check, in-flight slot, then the app, with the body bounded.
 
-    The body is read here (at most `max_body_bytes`) and replayed to the app,
-    so an oversized body is refused without being held in memory, whether it
-    declares a Content-Length or is chunked.
+    Nothing is buffered here. A declared Content-Length over `max_body_size` is
+    refused before the app runs; otherwise the app's `receive` counts the bytes
+    as the app pulls them and refuses the message that passes the bound (as
+    Starlette's RequestBodyLimitMiddleware does), so a chunked body is never
+    held past the bound either. The refusal is a RequestTooLarge raised from
+    `receive`: handlers map it like any gateway error; one that escapes the app
+    is answered here.
     """
 
     def __init__(self, app: ASGIApp, guard: Guard) -> None:
@@ -79,61 +83,77 @@ class GuardMiddleware:
             return
         path: str = scope.get("path", "")
         guard = self.guard
+        limit = guard.limits.max_body_bytes
+        authorization, declared = _request_headers(scope)
         try:
             if not guard.open_path(path):
-                guard.access.check(Headers(scope=scope).get("authorization"))
+                guard.access.check(authorization)
+            if declared is not None and _content_length(declared) > limit:
+                raise _too_large(limit)
             bounded = path not in _UNBOUNDED_PATHS
             if bounded:
                 guard.in_flight.enter()
         except BonError as err:
             await error_response(err)(scope, receive, send)
             return
+        body = _BoundedBody(receive, limit)
         try:
-            try:
-                messages = await self._read_body(scope, receive)
-            except BonError as err:
-                await error_response(err)(scope, receive, send)
-                return
-            await self.app(scope, replay_messages(messages, receive), send)
+            await self.app(scope, body.receive, send)
+        except RequestTooLarge as err:
+            if err is not body.refusal:
+                raise
+            # The handlers read the body before they answer, so no response has started.
+            await error_response(err)(scope, receive, send)
         finally:
             if bounded:
                 guard.in_flight.leave()
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> list[Message]:
-        limit = self.guard.limits.max_body_bytes
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                raise InvalidRequest("invalid Content-Length header") from None
-            if size > limit:
-                raise _too_large(limit)
-        messages: list[Message] = []
-        received = 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return messages  # a disconnect: the app sees it in order
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise _too_large(limit)
-            if not message.get("more_body", False):
-                return messages
+
+class _BoundedBody:
+    """A `receive` that counts body bytes and raises RequestTooLarge past `limit`."""
+
+    __slots__ = ("_receive", "limit", "received", "refusal")
+
+    def __init__(self, receive: Receive, limit: int) -> None:
+        self._receive = receive
+        self.limit = limit
+        self.received = 0
+        self.refusal: RequestTooLarge | None = None
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                self.refusal = _too_large(self.limit)
+                raise self.refusal
+        return message
+
+
+def _request_headers(scope: Scope) -> tuple[str | None, bytes | None]:
+    """The first Authorization and Content-Length of the raw ASGI headers (names arrive
+    lower-case): one pass, no Headers object."""
+    authorization: str | None = None
+    content_length: bytes | None = None
+    name: bytes
+    value: bytes
+    for name, value in scope["headers"]:
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"content-length" and content_length is None:
+            content_length = value
+    return authorization, content_length
+
+
+def _content_length(value: bytes) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise InvalidRequest("invalid Content-Length header") from None
+    if size < 0:
+        raise InvalidRequest("invalid Content-Length header")
+    return size
 
 
 def _too_large(limit: int) -> RequestTooLarge:
     return RequestTooLarge(f"request body is larger than {limit} bytes (server.limits.max_body_bytes)")
-
-
-def replay_messages(messages: list[Message], receive: Receive) -> Receive:
-    """A receive that hands out `messages` again, then whatever `receive` has next."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replayed

@@ -38,6 +38,7 @@ __all__ = [
     "http_status",
     "install_error_handlers",
     "request_field_names",
+    "validation_error_response",
     "validation_param",
 ]
 
@@ -125,7 +126,8 @@ def validation_param(loc: Sequence[str | int], field_names: frozenset[str]) -> s
 def describe_validation_errors(
     errors: Sequence[Mapping[str, Any]], field_names: frozenset[str]
 ) -> tuple[str | None, str, str]:
-    """`(param, message, code)` for FastAPI/pydantic validation errors."""
+    """`(param, message, code)` for FastAPI/pydantic validation errors (locations with or
+    without FastAPI's leading "body")."""
     if not errors:
         return None, "invalid request", "invalid_request_error"
     if errors[0].get("type") == "json_invalid":
@@ -145,8 +147,11 @@ def describe_validation_errors(
     return param, message, "invalid_request_error"
 
 
-def _validation_response(exc: RequestValidationError, field_names: frozenset[str]) -> JSONResponse:
-    param, message, code = describe_validation_errors(exc.errors(), field_names)
+def validation_error_response(
+    errors: Sequence[Mapping[str, Any]], field_names: frozenset[str]
+) -> JSONResponse:
+    """The 400 for a body that failed pydantic validation (or FastAPI's), naming the field."""
+    param, message, code = describe_validation_errors(errors, field_names)
     return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 
@@ -160,7 +165,7 @@ def install_error_handlers(app: FastAPI, request_models: Sequence[type[BaseModel
 
     async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _validation_response(exc, field_names)
+        return validation_error_response(exc.errors(), field_names)
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -172,9 +177,10 @@ def install_error_handlers(app: FastAPI, request_models: Sequence[type[BaseModel
     app.add_exception_handler(BonError, on_bon_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    # Not an Exception handler: Starlette re-raises after those, so the server
-    # would log every bug twice and outer middleware would see no response.
-    app.add_middleware(CatchAllMiddleware)
+    # Unexpected exceptions are not handled here but by CatchAllMiddleware, installed
+    # once outside the guard (http_app.build_app): an Exception handler would be
+    # followed by Starlette re-raising, so the server would log every bug twice and
+    # outer middleware would see no response.
 
 
 class CatchAllMiddleware:

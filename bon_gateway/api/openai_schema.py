@@ -37,6 +37,7 @@ __all__ = [
     "chat_completion_chunks",
     "completion_body",
     "completion_chunks",
+    "live_chunks",
     "models_body",
     "rewards_body",
 ]
@@ -376,19 +377,41 @@ def _summary_chunk(
     return base
 
 
+def live_chunks(chat: bool, request_id: str, model: str, text: str, *, first: bool) -> list[dict[str, Any]]:
+    """The chunks of choice 0's text as it is generated (the only candidate left in the race)."""
+    created = int(time.time())
+    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "created": created, "model": model}
+    if not chat:
+        choice = {"index": 0, "text": text, "finish_reason": None, "logprobs": None}
+        return [{**base, "object": "text_completion", "choices": [choice]}]
+    deltas = ([{"role": "assistant", "content": ""}] if first else []) + [{"content": text}]
+    return [
+        {
+            **base,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
+        }
+        for delta in deltas
+    ]
+
+
 def chat_completion_chunks(
-    result: BonResult, request: BonRequest, *, include_usage: bool = False
+    result: BonResult, request: BonRequest, *, include_usage: bool = False, streamed: bool = False
 ) -> list[dict[str, Any]]:
     """The chosen answers as OpenAI chat.completion.chunk objects.
 
-    The candidates are ranked before anything is sent (the best one is only
-    known once all are scored), so each choice is one role chunk, one content
-    chunk and one closing chunk that carries finish_reason and the reward.
+    Usually the candidates are ranked before anything is sent (the best one is
+    only known once all are scored), so each choice is one role chunk, one
+    content chunk and one closing chunk that carries finish_reason and the
+    reward. `streamed`: choice 0's text went out as it was generated
+    (`live_chunks`), so only its closing chunk follows.
     """
     created = int(time.time())
     chunks: list[dict[str, Any]] = []
     for i, c in enumerate(result.ranked[: request.n]):
-        for delta in ({"role": "assistant", "content": ""}, {"content": c.text}):
+        for delta in (
+            () if streamed and i == 0 else ({"role": "assistant", "content": ""}, {"content": c.text})
+        ):
             chunks.append(
                 _chunk(
                     result,
@@ -412,9 +435,10 @@ def chat_completion_chunks(
 
 
 def completion_chunks(
-    result: BonResult, request: BonRequest, *, include_usage: bool = False
+    result: BonResult, request: BonRequest, *, include_usage: bool = False, streamed: bool = False
 ) -> list[dict[str, Any]]:
-    """The chosen answers as streamed text_completion objects (one text chunk each)."""
+    """The chosen answers as streamed text_completion objects (one text chunk each;
+    `streamed`: choice 0's text went out already, its chunk only closes it)."""
     created = int(time.time())
     chunks = [
         _chunk(
@@ -425,7 +449,7 @@ def completion_chunks(
             [
                 {
                     "index": i,
-                    "text": c.text,
+                    "text": "" if streamed and i == 0 else c.text,
                     "finish_reason": c.finish_reason,
                     "logprobs": None,
                     **_reward_fields(c),

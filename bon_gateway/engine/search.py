@@ -236,6 +236,9 @@ class _Search:
             f"generating={self.generating} scoring={self.scoring} round={self.round_running}",
             f"next_round={self.next_round} to_score={self.to_score}",
         ]
+        describe_run = getattr(self.run, "describe", None)
+        if describe_run is not None:
+            parts.append(f"run=({describe_run()})")
         for c in self.candidates:
             state = "live" if c.live else "dropped" if c.dropped else "rejected" if c.rejected else "finished"
             parts.append(f"{c.index}:{state}:{c.tokens}:{sorted(c.snapshots)}:{c.score is not None}")

@@ -130,6 +130,18 @@ class FanOut:
                 if all(c.done for c in carried):
                     call.task.cancel()  # closes the connection: the upstream stops generating
 
+    def describe(self) -> str:
+        """The run's state in one line (diagnostics)."""
+        calls = " ".join(
+            f"[{c.first}+{c.count}:{'none' if c.task is None else 'done' if c.task.done() else 'open'}]"
+            for c in self._calls
+        )
+        live = " ".join(
+            f"{c.index}:{'done' if c.done else 'open'}:{c.tokens}:{c.finish_reason}"
+            for c in self._live.values()
+        )
+        return f"calls={calls} live={live} queued={self._events.qsize()} closed={self._closed}"
+
     def usage(self) -> Usage:
         """Tokens the upstream generated for this request: its own counts where it reported them."""
         completion = sum(

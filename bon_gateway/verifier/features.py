@@ -1,7 +1,7 @@
 """Features for the verifier's head: exactly what the worker computes before `score`.
 
 The worker formats [user: question, assistant: solution] with the model's chat
-template (`Tokenizing.encode_chat`, one BOS), runs the backbone, and
+template (`Tokenizing.chat_tokens` and `fit`, one BOS), runs the backbone, and
 `LlamaForSequenceClassification` reads the final-norm hidden state at the rightmost
 non-pad token (`rightmost_non_pad`; SmolLM2's pad is `<|im_end|>`, so that is the
 "\\n" ChatML writes after it). Here the same ids go through the plain transformers
@@ -60,7 +60,8 @@ class Featurizer:
 
     def encode(self, question: str, solution: str) -> list[int]:
         """The ids the worker scores for [user: question, assistant: solution]."""
-        return self.tok.encode_chat((Message("user", question),), solution, what="solution").ids
+        tokens = self.tok.chat_tokens((Message("user", question),), solution)
+        return self.tok.fit(tokens, [rightmost_non_pad(tokens.ids, self.pad_token_id)], what="solution").ids
 
     @torch.inference_mode()
     def hidden_states(self, ids: Sequence[int]) -> Floats:
