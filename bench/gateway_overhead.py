@@ -98,10 +98,30 @@ def _reply(text: str) -> bytes:
     return head.encode() + body
 
 
+def _sse_reply(text: str) -> bytes:
+    """The same completion streamed as vLLM sends it: role, content, finish, usage, [DONE]."""
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "bench"}
+    chunks = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+        {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**base, "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}},
+    ]
+    body = b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in chunks)
+    body += b"data: [DONE]\n\n"
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+_STREAM = re.compile(rb'"stream":\s*true')
+
+
 class _UpstreamProtocol(asyncio.Protocol):
-    """Keep-alive HTTP/1.1, one canned chat completion per request (text chosen by seed)."""
+    """Keep-alive HTTP/1.1, one canned chat completion per request (text chosen by seed),
+    streamed (SSE) when the request asks for it, as the gateway's calls do."""
 
     replies = [_reply(w) for w in ("alpha", "beta", "gamma", "delta")]
+    streamed = [_sse_reply(w) for w in ("alpha", "beta", "gamma", "delta")]
     slow = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,7 +140,8 @@ class _UpstreamProtocol(asyncio.Protocol):
             self.buffer = self.buffer[end + 4 + size :]
             seed_match = _SEED.search(body)
             seed = int(seed_match.group(1)) if seed_match else 0
-            reply = self.replies[seed % len(self.replies)]
+            replies = self.streamed if _STREAM.search(body) else self.replies
+            reply = replies[seed % len(replies)]
             if self.slow:
                 asyncio.get_running_loop().call_later(slow_delay(seed), self._write, reply)
             else:
@@ -164,19 +185,34 @@ def run_gateway(http_port: int, grpc_port: int, upstream_url: str) -> None:
         def ready(self) -> bool:
             return True
 
-        async def score(
-            self,
-            model: str,
-            messages: Any,
-            candidates: Any,
-            *,
-            steps: Any = (),
-            activation: Any = None,
-            request_id: str = "",
-        ) -> ScoreBatchResult:
+        def on_readiness_change(self, listener: Any) -> None:
+            pass
+
+        async def score(self, model: str, messages: Any, candidates: Any, **_: Any) -> ScoreBatchResult:
+            # **_: any tree's scorer protocol (deadline, steps, activation, request_id).
             return ScoreBatchResult(model, [CandidateScore(0.0) for _ in candidates])
 
+        def open_group(self, model: str, messages: Any, **_: Any) -> Any:
+            return NoopGroup(model)
+
         async def aclose(self) -> None:
+            pass
+
+    class NoopGroup:
+        """The streaming engine's scoring group: nothing kept, 0 for everything."""
+
+        prompt_tokens = 0
+
+        def __init__(self, model: str) -> None:
+            self.model = model
+
+        async def opened(self) -> None:
+            pass
+
+        async def score(self, candidates: Any, **_: Any) -> ScoreBatchResult:
+            return ScoreBatchResult(self.model, [CandidateScore(0.0) for _ in candidates])
+
+        async def close(self) -> None:
             pass
 
     _ = Message  # the scorer protocol's message type; unused by a no-op

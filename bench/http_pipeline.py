@@ -66,13 +66,21 @@ def run_child(requests: int, reps: int, warm: int) -> None:
     ]
     result = BonResult("bench", "bench", "noop", ranked, Usage(16, 4, 4), Timings())
 
+    class Admitted:
+        def __init__(self, request: Any) -> None:
+            self.request = request
+
     class StubEngine:
-        """Today's engine API (run / validate / resolve_reward_model), answering at once."""
+        """The engine API of either tree (admit + run(admitted, deadline), or the older
+        run(bon, timeout_s) + validate + resolve_reward_model), answering at once."""
 
         def __init__(self) -> None:
             self.config = config
 
-        async def run(self, bon: Any, timeout_s: float | None = None) -> BonResult:
+        def admit(self, request: Any) -> Admitted:
+            return Admitted(request)
+
+        async def run(self, *args: Any, **kwargs: Any) -> BonResult:
             return result
 
         def validate(self, bon: Any) -> None:
