@@ -50,7 +50,9 @@ def plan_group(
         context = base.context if base is not None else ()
         start = base.length if base is not None else 0
         prefix = 0
-        if shared_len > start:
+        # A lone candidate computes a short tail of its prompt itself: an entry for a few
+        # tokens would cost a stem pass and a chain link for next to nothing.
+        if shared_len - start >= (1 if len(shared) > 1 else BLOCK_TOKENS):
             entry = cache.reserve(seqs[shared[0]][:shared_len], base)
             if entry is not None:
                 stem = Stem(seqs[shared[0]][start:shared_len], context, entry.span)

@@ -35,7 +35,7 @@ from bon_gateway.scoring.worker.forward import (
 )
 from bon_gateway.scoring.worker.packed import KVSpan
 from bon_gateway.scoring.worker.planning import Plan, plan_group, shared_prompt_length, split_group
-from bon_gateway.scoring.worker.prefix_cache import BLOCK_TOKENS, CacheEntry, PrefixCache
+from bon_gateway.scoring.worker.prefix_cache import BLOCK_TOKENS, CacheEntry, PrefixCache, common_length
 from bon_gateway.types import Message
 
 __all__ = ["GroupOutcome", "ModelRuntime", "OpenedGroup", "Scored", "split_group"]
@@ -262,9 +262,8 @@ class ModelRuntime:
     async def open_group(self, messages: Sequence[Message], ttl_s: float) -> tuple[OpenedGroup, bool]:
         """Tokenize and check the prompt (InputTooLong names `messages`), pin it in the cache
         and queue its computation; returns the group and whether its prompt is kept."""
-        enc = await asyncio.to_thread(self.adapter.encode, messages, "", (), what="messages")
-        ids = enc.ids[: enc.prompt_tokens]
-        group = OpenedGroup(id=secrets.token_hex(8), prompt_tokens=enc.prompt_tokens)
+        ids, longest = await asyncio.to_thread(self.prompt_ids, messages)
+        group = OpenedGroup(id=secrets.token_hex(8), prompt_tokens=len(ids))
         kept = False
         cache = self.cache
         # A prompt at the limit is cut differently for each candidate: nothing to share.
@@ -272,7 +271,7 @@ class ModelRuntime:
             self.caching()
             and cache is not None
             and len(ids) >= BLOCK_TOKENS
-            and len(enc.ids) < self.adapter.max_length
+            and longest < self.adapter.max_length
             and self._cacheable([ids])
         ):
             match = cache.match(ids, len(ids))
@@ -295,6 +294,20 @@ class ModelRuntime:
         while len(self.groups) > MAX_OPEN_GROUPS:
             self.close_group(next(iter(self.groups)))
         return group, kept
+
+    def prompt_ids(self, messages: Sequence[Message]) -> tuple[list[int], int]:
+        """The token ids every candidate's sequence starts with, and the length of the
+        shortest candidate's (one-letter) sequence. InputTooLong (naming `messages`) when even
+        an empty answer does not fit the model.
+
+        The prompt is what two different one-letter answers share: a template token that
+        the answer's first characters could merge with is left out, never guessed.
+        """
+        self.adapter.encode(messages, "", (), what="messages")
+        a = self.adapter.encode(messages, "a", (), what="messages")
+        b = self.adapter.encode(messages, "b", (), what="messages")
+        n = common_length(a.ids, b.ids, min(len(a.ids), len(b.ids)) - 1)
+        return a.ids[:n], len(a.ids)
 
     def group(self, group_id: str) -> OpenedGroup | None:
         return self.groups.get(group_id) if group_id else None
