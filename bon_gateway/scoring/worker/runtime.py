@@ -263,15 +263,20 @@ class ModelRuntime:
         """Tokenize and check the prompt (InputTooLong names `messages`), pin it in the cache
         and queue its computation; returns the group and whether its prompt is kept."""
         ids, longest = await asyncio.to_thread(self.prompt_ids, messages)
+        # A prompt at the limit is cut differently for each candidate: nothing to share.
+        return self.open_group_ids(ids, ttl_s, keep=longest < self.adapter.max_length)
+
+    def open_group_ids(self, ids: list[int], ttl_s: float, *, keep: bool = True) -> tuple[OpenedGroup, bool]:
+        """A group whose candidates start with `ids` (their prompt, tokenized): pinned in the
+        cache, its computation queued (not awaited)."""
         group = OpenedGroup(id=secrets.token_hex(8), prompt_tokens=len(ids))
         kept = False
         cache = self.cache
-        # A prompt at the limit is cut differently for each candidate: nothing to share.
         if (
-            self.caching()
+            keep
+            and self.caching()
             and cache is not None
             and len(ids) >= BLOCK_TOKENS
-            and longest < self.adapter.max_length
             and self._cacheable([ids])
         ):
             match = cache.match(ids, len(ids))
@@ -283,9 +288,8 @@ class ModelRuntime:
                 entry = cache.reserve(ids, match, pin=True)
                 if entry is not None:
                     start = match.length if match is not None else 0
-                    self._prefill(
-                        Stem(ids[start:], match.context if match is not None else (), entry.span), entry
-                    )
+                    context = match.context if match is not None else ()
+                    self._prefill(Stem(ids[start:], context, entry.span), entry)
                     group.entries.append(entry)
                     kept = True
         self.groups[group.id] = group
