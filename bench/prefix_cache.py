@@ -72,6 +72,13 @@ async def rlhf(
         async with gate:
             seq = prompts[p] + samples[p][s] + TAIL
             group = Group(seqs=[seq], positions=[[len(seq) - 1]])
+            # As the worker's server: a request is announced while it is tokenized (in a
+            # thread), so the batcher waits briefly (max_wait_ms) for requests arriving together.
+            rt.batcher.announce()
+            try:
+                await asyncio.to_thread(len, seq)
+            finally:
+                rt.batcher.withdraw()
             scored = await rt.score(group, len(prompts[p]), "none")
             rewards[p, s] = scored.rewards[0][0]
             reused += scored.outcome.reused_tokens

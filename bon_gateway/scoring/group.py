@@ -52,6 +52,12 @@ _CLOSE_TIMEOUT_S = 5.0  # CloseGroup, and waiting for an OpenGroup still in flig
 _RETRYABLE_OPEN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
 
 
+def _cancelled() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), details="worker channel closed"
+    )
+
+
 class PooledGroup:
     """Implements the engine's ScoringGroup on a WorkerPool (see the module docstring)."""
 
@@ -90,8 +96,13 @@ class PooledGroup:
             raise self._invalid
 
     async def _settled(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._opening)
+        """Wait for the open call to end, whatever its outcome (a cancellation of the caller
+        still cancels the caller, and never the open call)."""
+        task = self._opening
+        if not task.done():
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: its failure only means "no group"
 
     async def _open(self, exclude: set[int]) -> None:
         """OpenGroup on a worker that is up now (never waits for one: scoring would anyway)."""
@@ -112,7 +123,14 @@ class PooledGroup:
                 return
             tried.add(id(worker))
             try:
-                reply = await worker.stub.OpenGroup(request, timeout=self.deadline.remaining())
+                try:
+                    reply = await worker.stub.OpenGroup(request, timeout=self.deadline.remaining())
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # close() gave up waiting for it
+                    # The supervisor closed the channel of a worker that died under the call.
+                    raise _cancelled() from None
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:

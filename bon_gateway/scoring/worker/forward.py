@@ -187,14 +187,21 @@ class Forward:
                 stems.append(stem)
                 context = (*context, (stem.span, g.prefix - g.context_tokens))
             rows += [_Row(i, s[g.prefix :], context, g.keep) for s in g.seqs]
-        if stems:
-            done = self._rows([(s.ids, s.context, True) for s in stems], packed, figures)
-            for stem, (_, span) in zip(stems, done, strict=True):
-                assert span is not None
-                stem.span.fill(span, unpaid=len(stem.ids))
         # Rows that share a context run next to each other: one attention call per span slice.
         order = sorted(range(len(rows)), key=lambda r: tuple(id(span) for span, _ in rows[r].context))
-        done_rows = self._rows([(rows[r].ids, rows[r].context, rows[r].keep) for r in order], packed, figures)
+        row_items: list[ContextRow] = [(rows[r].ids, rows[r].context, rows[r].keep) for r in order]
+        stem_items: list[ContextRow] = [(s.ids, s.context, True) for s in stems]
+        if packed and stems:
+            # One pass: the stems first, filled layer by layer, and the rows that continue them.
+            done = self._packed([*stem_items, *row_items], [s.span for s in stems], figures)
+            done_rows = done[len(stems) :]
+        else:
+            for stem, (_, span) in zip(stems, self._rows(stem_items, packed, figures), strict=True):
+                assert span is not None
+                stem.span.fill(span)
+            done_rows = self._rows(row_items, packed, figures)
+        for stem in stems:
+            stem.span.unpaid = len(stem.ids)
         by_row = dict(zip(order, done_rows, strict=True))
         k = 0
         for i in indices:
@@ -222,16 +229,23 @@ class Forward:
         if not rows:
             return []
         if packed:
-            assert self.packed is not None
-            hidden, spans = self.packed.run_rows(
-                [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-            )
-            figures.rows += len(rows)
-            tokens = sum(len(r[0]) for r in rows)
-            figures.batch_tokens += tokens
-            figures.computed_tokens += tokens
-            return list(zip(hidden, spans, strict=True))
+            return self._packed(rows, [], figures)
         return self.hf.run_context_rows(rows, figures, self.short_rows)
+
+    def _packed(
+        self, rows: list[ContextRow], fills: list[KVSpan], figures: BatchFigures
+    ) -> list[tuple[torch.Tensor, KVSpan | None]]:
+        """Packed rows; the first len(fills) compute those spans (see PackedDecoder.run_rows)."""
+        assert self.packed is not None
+        targets: list[KVSpan | None] = [*fills, *([None] * (len(rows) - len(fills)))]
+        hidden, spans = self.packed.run_rows(
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], targets
+        )
+        figures.rows += len(rows)
+        tokens = sum(len(r[0]) for r in rows)
+        figures.batch_tokens += tokens
+        figures.computed_tokens += tokens
+        return list(zip(hidden, spans, strict=True))
 
 
 def _charge(context: Context) -> int:

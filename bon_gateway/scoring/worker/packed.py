@@ -179,13 +179,18 @@ class PackedDecoder:
         rows: Sequence[Sequence[int]],
         contexts: Sequence[Context],
         keep: Sequence[bool] = (),
+        fills: Sequence[KVSpan | None] = (),
     ) -> tuple[list[torch.Tensor], list[KVSpan | None]]:
         """Last hidden states of each row, [len(row), hidden], and for the rows with `keep`
         their own keys and values (a KVSpan, to be continued later).
 
-        Row i continues `contexts[i]` (its positions start after it). Rows that share a
-        span should be adjacent: their attention to it is then one call over a contiguous
-        slice. Rows run in packs of at most `chunk_tokens` tokens (a longer row alone).
+        Row i continues `contexts[i]` (its positions start after it). `fills[i]`, when
+        given, is a pending span that row i computes: it is filled layer by layer, so later
+        rows of the same run may continue it (at each layer its keys and values exist
+        before any attention of that layer runs; in a later pack it is complete). Rows that
+        share a span should be adjacent: their attention to it is then one call over a
+        contiguous slice. Rows run in packs of at most `chunk_tokens` tokens (a longer row
+        alone).
         """
         out: list[torch.Tensor] = []
         kept: list[KVSpan | None] = []
@@ -193,7 +198,8 @@ class PackedDecoder:
             hidden, spans = self._run(
                 [list(rows[i]) for i in part],
                 [contexts[i] for i in part],
-                [bool(keep) and keep[i] for i in part],
+                [(bool(keep) and keep[i]) or (bool(fills) and fills[i] is not None) for i in part],
+                [fills[i] if fills else None for i in part],
             )
             k = 0
             for i, span in zip(part, spans, strict=True):
@@ -203,7 +209,7 @@ class PackedDecoder:
         return out, kept
 
     def _run(
-        self, rows: list[list[int]], contexts: list[Context], keep: list[bool]
+        self, rows: list[list[int]], contexts: list[Context], keep: list[bool], fills: list[KVSpan | None]
     ) -> tuple[torch.Tensor, list[KVSpan | None]]:
         bb = self.backbone
         device = bb.embed_tokens.weight.device
@@ -223,6 +229,9 @@ class PackedDecoder:
         runs = _context_runs(packed)
         kept_keys: list[list[torch.Tensor]] = [[] for _ in rows]
         kept_values: list[list[torch.Tensor]] = [[] for _ in rows]
+        for i, span in enumerate(fills):
+            if span is not None:  # grows with every layer below: readers of this run see each layer's
+                span.keys, span.values = kept_keys[i], kept_values[i]
         linear = self.linear
         for index, layer in enumerate(bb.layers):
             attn = layer.self_attn
@@ -249,12 +258,13 @@ class PackedDecoder:
             else:
                 h = h + mlp(x)
         hidden: torch.Tensor = bb.norm(h)
-        spans: list[KVSpan | None] = [
-            KVSpan(hidden[r.start : r.start + r.length].clone(), kept_keys[i], kept_values[i])
-            if keep[i]
-            else None
-            for i, r in enumerate(packed)
-        ]
+        spans: list[KVSpan | None] = []
+        for i, r in enumerate(packed):
+            own = hidden[r.start : r.start + r.length].clone() if keep[i] else None
+            span = fills[i]
+            if span is not None and own is not None:
+                span.hidden, span.state = own, READY
+            spans.append(KVSpan(own, kept_keys[i], kept_values[i]) if own is not None else None)
         return hidden, spans
 
     def _attend(
