@@ -165,6 +165,9 @@ class RewardModelConfig(_Strict):
     addresses: tuple[str, ...] = ()
     max_batch_tokens: int = Field(16384, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
+    # Bytes of prompt keys/values each worker keeps for this model (by token prefix, LRU;
+    # open groups' prompts pinned), so requests sharing a prompt compute it once. 0: off.
+    prefix_cache_bytes: int = Field(256 << 20, ge=0)
     max_length: int | None = Field(None, ge=1)
     truncate_prompt: bool = False
     activation: Literal["none", "sigmoid", "softmax"] = "none"

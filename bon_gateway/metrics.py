@@ -165,7 +165,8 @@ class Metrics:
         )
         self.reused_prompt_tokens = Counter(
             "bon_reused_prompt_tokens",
-            "Prompt tokens not recomputed thanks to shared-prompt reuse.",
+            "Prompt tokens not recomputed thanks to reuse (a request's shared prompt, the "
+            "workers' prefix caches, a candidate's earlier partial).",
             ["model"],
             registry=r,
         )
@@ -235,6 +236,19 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.prompt_cache_bytes = Gauge(
+            "bon_prompt_cache_bytes",
+            "Bytes of prompt keys/values the reward workers keep in their prefix caches, pinned "
+            "ones included (sum over the workers, as each last reported it).",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_cache_entries = Gauge(
+            "bon_prompt_cache_entries",
+            "Token prefixes kept in the reward workers' prefix caches (sum over the workers).",
+            ["model"],
+            registry=r,
+        )
 
     def initialise(self, config: GatewayConfig) -> None:
         """Create every series whose labels are known from `config` and the constants above.
@@ -275,6 +289,8 @@ class Metrics:
             self.score_compute_duration,
             self.score_padding_ratio,
             self.workers_configured,
+            self.prompt_cache_bytes,
+            self.prompt_cache_entries,
         )
         for entry in config.reward_models:
             for metric in per_model:

@@ -96,6 +96,9 @@ class WorkerHandle:
         self.up = False
         self.inflight = 0
         self.served = 0  # groups this worker answered
+        # Its prefix cache for this model, as its last reply reported it.
+        self.cache_bytes = 0
+        self.cache_entries = 0
         self.info: reward_worker_pb2.WorkerInfoResponse | None = None
         self.tail: deque[str] = deque(maxlen=40)
         self.tasks: list[asyncio.Task[None]] = []

@@ -36,13 +36,14 @@ from bon_gateway.config import GatewayConfig, RewardModelConfig
 from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, WorkerError
 from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
+from bon_gateway.scoring.group import PooledGroup
 from bon_gateway.scoring.handle import WorkerHandle
-from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
+from bon_gateway.scoring.wire import error_param, score_request
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
-from bon_gateway.v1 import best_of_n_pb2, reward_worker_pb2
+from bon_gateway.v1 import reward_worker_pb2
 
 if TYPE_CHECKING:
-    from bon_gateway.engine.protocols import RewardScorer
+    from bon_gateway.engine.protocols import RewardScorer, ScoringGroup
 
 log = logging.getLogger("bon_gateway.scoring")
 
@@ -64,14 +65,6 @@ _RETRYABLE = {
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
 }
-
-
-def _error_param(err: grpc.aio.AioRpcError) -> str | None:
-    """The request field a worker's INVALID_ARGUMENT names in its trailing metadata."""
-    for key, value in err.trailing_metadata() or ():
-        if key == ERROR_PARAM_KEY and isinstance(value, str):
-            return value
-    return None
 
 
 def worker_gpus(entry: RewardModelConfig, index: int) -> str | None:
@@ -229,6 +222,10 @@ class WorkerPool:
             return
         worker.up = up
         model = worker.entry.name
+        if not up:  # a worker that went away took its prefix cache with it
+            worker.cache_bytes = worker.cache_entries = 0
+            if model in self._workers:
+                self._set_cache_gauges(model)
         self.metrics.workers_up.labels(model).set(sum(w.up for w in self._workers.get(model, ())))
         self._up_changed.set()
         self._up_changed = asyncio.Event()
@@ -312,11 +309,16 @@ class WorkerPool:
                 return  # alive: the failure was something else
         self._mark(worker, up=False)
 
-    async def _pick(self, model: str, exclude: set[int], deadline: Deadline) -> WorkerHandle:
-        """The least-loaded live worker, preferring ones not tried yet; waits for a restart
-        (within the request's deadline and the start timeout)."""
+    async def _pick(
+        self, model: str, exclude: set[int], deadline: Deadline, prefer: WorkerHandle | None = None
+    ) -> WorkerHandle:
+        """The least-loaded live worker, preferring `prefer` (a group's worker, which keeps its
+        prompt) and then ones not tried yet; waits for a restart (within the request's
+        deadline and the start timeout)."""
         until = min(time.monotonic() + self.start_timeout_s, deadline.at)
         while True:
+            if prefer is not None and prefer.up and id(prefer) not in exclude:
+                return prefer
             live = [w for w in self._workers[model] if w.up]
             fresh = [w for w in live if id(w) not in exclude] or live
             if fresh:
@@ -331,6 +333,29 @@ class WorkerPool:
             except TimeoutError:
                 pass
 
+    def serves(self, model: str) -> bool:
+        return model in self._workers
+
+    def workers(self, model: str) -> list[WorkerHandle]:
+        return list(self._workers.get(model, ()))
+
+    def live_worker(self, model: str, exclude: set[int]) -> WorkerHandle | None:
+        """The least-loaded worker up now and not in `exclude`, without waiting (None: none)."""
+        if self._closing:
+            return None
+        live = [w for w in self._workers.get(model, ()) if w.up and id(w) not in exclude]
+        return min(live, key=lambda w: w.inflight) if live else None
+
+    async def await_if_dying(self, worker: WorkerHandle) -> None:
+        await self._await_if_dying(worker)
+
+    def open_group(
+        self, model: str, messages: Sequence[Message], *, deadline: Deadline, request_id: str = ""
+    ) -> ScoringGroup:
+        """A group for one request's candidates, sticky to one worker; its OpenGroup call
+        starts now, in the background (see scoring/group.py)."""
+        return PooledGroup(self, model, messages, deadline=deadline, request_id=request_id)
+
     async def score(
         self,
         model: str,
@@ -343,6 +368,21 @@ class WorkerPool:
         request_id: str = "",
     ) -> ScoreBatchResult:
         """Scores in input order; each worker call gets the time left before `deadline`."""
+        request = score_request(
+            model, messages, candidates, steps=steps, activation=activation, request_id=request_id
+        )
+        reply, _ = await self.call_score(model, request, deadline)
+        return self.result(model, reply)
+
+    async def call_score(
+        self,
+        model: str,
+        request: reward_worker_pb2.WorkerScoreRequest,
+        deadline: Deadline,
+        prefer: WorkerHandle | None = None,
+    ) -> tuple[reward_worker_pb2.WorkerScoreResponse, WorkerHandle]:
+        """One group through admission (bounded queue) and a worker (retried once on another
+        when it fails); the reply and the worker that gave it."""
         if model not in self._workers:
             raise InvalidRequest(f"unknown reward model {model!r}", param="reward_model")
         if deadline.expired():
@@ -356,9 +396,7 @@ class WorkerPool:
             )
         self._set_outstanding(model, outstanding + 1)
         try:
-            return await self._score_group(
-                model, messages, candidates, steps, activation, request_id, deadline
-            )
+            return await self._score_group(model, request, deadline, prefer)
         finally:
             self._set_outstanding(model, self._outstanding[model] - 1)
 
@@ -369,24 +407,14 @@ class WorkerPool:
     async def _score_group(
         self,
         model: str,
-        messages: Sequence[Message],
-        candidates: Sequence[str],
-        steps: Sequence[Sequence[str]],
-        activation: str | None,
-        request_id: str,
+        request: reward_worker_pb2.WorkerScoreRequest,
         deadline: Deadline,
-    ) -> ScoreBatchResult:
-        request = reward_worker_pb2.WorkerScoreRequest(
-            request_id=request_id,
-            model=model,
-            messages=[best_of_n_pb2.ChatMessage(role=m.role, content=m.content) for m in messages],
-            candidates=list(candidates),
-            steps=[best_of_n_pb2.StepList(steps=list(s)) for s in steps],
-            activation=activation or "",
-        )
+        prefer: WorkerHandle | None,
+    ) -> tuple[reward_worker_pb2.WorkerScoreResponse, WorkerHandle]:
+        request_id = request.request_id
         tried: set[int] = set()
         for attempt in range(2):  # a group whose worker died is retried once
-            worker = await self._pick(model, tried, deadline)
+            worker = await self._pick(model, tried, deadline, prefer)
             tried.add(id(worker))
             if deadline.expired():
                 raise DeadlineExceeded(f"no time left to score with {model!r}")
@@ -405,7 +433,7 @@ class WorkerPool:
             except grpc.aio.AioRpcError as err:
                 code = err.code()
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidRequest(err.details() or "invalid input", param=_error_param(err)) from None
+                    raise InvalidRequest(err.details() or "invalid input", param=error_param(err)) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise Overloaded(err.details() or f"reward model {model!r} is overloaded") from None
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -428,22 +456,35 @@ class WorkerPool:
             finally:
                 worker.inflight -= 1
             worker.served += 1
-            self._record(model, reply)
-            return ScoreBatchResult(
-                model=model,
-                scores=[
-                    CandidateScore(reward=s.reward, step_rewards=tuple(s.step_rewards), tokens=s.tokens)
-                    for s in reply.scores
-                ],
-                prompt_tokens=reply.prompt_tokens,
-                total_tokens=reply.total_tokens,
-            )
+            self._record(model, reply, worker)
+            return reply, worker
         raise WorkerError(f"reward model {model!r}: no worker could score the request")
 
-    def _record(self, model: str, reply: reward_worker_pb2.WorkerScoreResponse) -> None:
+    @staticmethod
+    def result(model: str, reply: reward_worker_pb2.WorkerScoreResponse) -> ScoreBatchResult:
+        return ScoreBatchResult(
+            model=model,
+            scores=[
+                CandidateScore(reward=s.reward, step_rewards=tuple(s.step_rewards), tokens=s.tokens)
+                for s in reply.scores
+            ],
+            prompt_tokens=reply.prompt_tokens,
+            total_tokens=reply.total_tokens,
+        )
+
+    def _record(self, model: str, reply: reward_worker_pb2.WorkerScoreResponse, worker: WorkerHandle) -> None:
         # Batch figures ride on one group per batch (zero on the others), so they are
         # counted once per forward batch; queue and compute times are per group.
         self.metrics.observe_worker_stats(model, reply.stats, scored_tokens=reply.total_tokens)
+        worker.cache_bytes = reply.stats.cache_bytes
+        worker.cache_entries = reply.stats.cache_entries
+        self._set_cache_gauges(model)
+
+    def _set_cache_gauges(self, model: str) -> None:
+        # Each worker reports its own cache with every reply: the pool's is their sum.
+        workers = self._workers.get(model, ())
+        self.metrics.prompt_cache_bytes.labels(model).set(sum(w.cache_bytes for w in workers))
+        self.metrics.prompt_cache_entries.labels(model).set(sum(w.cache_entries for w in workers))
 
 
 if TYPE_CHECKING:

@@ -8,20 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "candidates", "steps", "activation")
+    __slots__ = ("request_id", "model", "messages", "candidates", "steps", "activation", "group_id", "keep_candidates")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_best_of_n_pb2.ChatMessage]
     candidates: _containers.RepeatedScalarFieldContainer[str]
     steps: _containers.RepeatedCompositeFieldContainer[_best_of_n_pb2.StepList]
     activation: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_best_of_n_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[_Union[_best_of_n_pb2.StepList, _Mapping]]] = ..., activation: _Optional[str] = ...) -> None: ...
+    group_id: str
+    keep_candidates: bool
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_best_of_n_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[_Union[_best_of_n_pb2.StepList, _Mapping]]] = ..., activation: _Optional[str] = ..., group_id: _Optional[str] = ..., keep_candidates: _Optional[bool] = ...) -> None: ...
 
 class WorkerScore(_message.Message):
     __slots__ = ("reward", "step_rewards", "tokens")
@@ -34,20 +38,24 @@ class WorkerScore(_message.Message):
     def __init__(self, reward: _Optional[float] = ..., step_rewards: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("queue_seconds", "compute_seconds", "batch_size", "batch_tokens", "padded_tokens", "reused_prompt_tokens")
+    __slots__ = ("queue_seconds", "compute_seconds", "batch_size", "batch_tokens", "padded_tokens", "reused_prompt_tokens", "cache_bytes", "cache_entries")
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PADDED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REUSED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     queue_seconds: float
     compute_seconds: float
     batch_size: int
     batch_tokens: int
     padded_tokens: int
     reused_prompt_tokens: int
-    def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., reused_prompt_tokens: _Optional[int] = ...) -> None: ...
+    cache_bytes: int
+    cache_entries: int
+    def __init__(self, queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., padded_tokens: _Optional[int] = ..., reused_prompt_tokens: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., cache_entries: _Optional[int] = ...) -> None: ...
 
 class WorkerScoreResponse(_message.Message):
     __slots__ = ("scores", "prompt_tokens", "total_tokens", "stats")
@@ -60,6 +68,42 @@ class WorkerScoreResponse(_message.Message):
     total_tokens: int
     stats: WorkerStats
     def __init__(self, scores: _Optional[_Iterable[_Union[WorkerScore, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ...) -> None: ...
+
+class WorkerOpenGroupRequest(_message.Message):
+    __slots__ = ("request_id", "model", "messages", "ttl_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    messages: _containers.RepeatedCompositeFieldContainer[_best_of_n_pb2.ChatMessage]
+    ttl_s: float
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_best_of_n_pb2.ChatMessage, _Mapping]]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class WorkerOpenGroupResponse(_message.Message):
+    __slots__ = ("group_id", "prompt_tokens", "kept")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    prompt_tokens: int
+    kept: bool
+    def __init__(self, group_id: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., kept: _Optional[bool] = ...) -> None: ...
+
+class WorkerCloseGroupRequest(_message.Message):
+    __slots__ = ("model", "group_id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    group_id: str
+    def __init__(self, model: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
+
+class WorkerCloseGroupResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
     __slots__ = ()

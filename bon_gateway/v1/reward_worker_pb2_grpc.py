@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class RewardWorkerStub:
-    """INVALID_ARGUMENT from Score names the offending request field (candidates[i],
-    activation, ...) in the trailing metadata key "bon-error-param".
+    """INVALID_ARGUMENT from Score and OpenGroup names the offending request field
+    (candidates[i], messages, activation, ...) in the trailing metadata key
+    "bon-error-param".
     """
 
     def __init__(self, channel):
@@ -46,11 +47,22 @@ class RewardWorkerStub:
                 request_serializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerInfoRequest.SerializeToString,
                 response_deserializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerInfoResponse.FromString,
                 _registered_method=True)
+        self.OpenGroup = channel.unary_unary(
+                '/bon_gateway.v1.RewardWorker/OpenGroup',
+                request_serializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerOpenGroupRequest.SerializeToString,
+                response_deserializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerOpenGroupResponse.FromString,
+                _registered_method=True)
+        self.CloseGroup = channel.unary_unary(
+                '/bon_gateway.v1.RewardWorker/CloseGroup',
+                request_serializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerCloseGroupRequest.SerializeToString,
+                response_deserializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerCloseGroupResponse.FromString,
+                _registered_method=True)
 
 
 class RewardWorkerServicer:
-    """INVALID_ARGUMENT from Score names the offending request field (candidates[i],
-    activation, ...) in the trailing metadata key "bon-error-param".
+    """INVALID_ARGUMENT from Score and OpenGroup names the offending request field
+    (candidates[i], messages, activation, ...) in the trailing metadata key
+    "bon-error-param".
     """
 
     def Score(self, request, context):
@@ -61,6 +73,22 @@ class RewardWorkerServicer:
 
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenGroup(self, request, context):
+        """A request's prompt, sent when the request starts: answered once it is tokenized and
+        its length checked (a prompt too long for the model fails here, naming `messages`),
+        while the worker computes and keeps its keys and values in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseGroup(self, request, context):
+        """Release what a group keeps; never fails for an unknown group.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -78,6 +106,16 @@ def add_RewardWorkerServicer_to_server(servicer, server):
                     request_deserializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerInfoRequest.FromString,
                     response_serializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerInfoResponse.SerializeToString,
             ),
+            'OpenGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenGroup,
+                    request_deserializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerOpenGroupRequest.FromString,
+                    response_serializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerOpenGroupResponse.SerializeToString,
+            ),
+            'CloseGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseGroup,
+                    request_deserializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerCloseGroupRequest.FromString,
+                    response_serializer=bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerCloseGroupResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'bon_gateway.v1.RewardWorker', rpc_method_handlers)
@@ -87,8 +125,9 @@ def add_RewardWorkerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RewardWorker:
-    """INVALID_ARGUMENT from Score names the offending request field (candidates[i],
-    activation, ...) in the trailing metadata key "bon-error-param".
+    """INVALID_ARGUMENT from Score and OpenGroup names the offending request field
+    (candidates[i], messages, activation, ...) in the trailing metadata key
+    "bon-error-param".
     """
 
     @staticmethod
@@ -135,6 +174,60 @@ class RewardWorker:
             '/bon_gateway.v1.RewardWorker/Info',
             bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerInfoRequest.SerializeToString,
             bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bon_gateway.v1.RewardWorker/OpenGroup',
+            bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerOpenGroupRequest.SerializeToString,
+            bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerOpenGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bon_gateway.v1.RewardWorker/CloseGroup',
+            bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerCloseGroupRequest.SerializeToString,
+            bon__gateway_dot_v1_dot_reward__worker__pb2.WorkerCloseGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from bon_gateway.engine.protocols import ReadinessListener
+from bon_gateway.engine.protocols import ReadinessListener, RewardScorer, ScoringGroup
 from bon_gateway.errors import BonError
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
 
@@ -33,9 +33,11 @@ class FakeScorer:
 
     Flip `is_ready` to exercise readiness; set `error` to make `score` raise it
     (a worker failure); set `crash` to make it raise an unexpected exception.
-    `calls` records every group scored; `reward_fn` (text -> reward) replaces the
-    table for texts it does not list (partial texts, for speculative rejection).
-    `open_group` gives a group that scores through `score`; `groups` records them.
+    `calls` records every group scored (a group's calls too); `reward_fn` (text -> reward)
+    replaces the table for texts it does not list (partial texts, for speculative
+    rejection); `open_group` returns a
+    FakeGroup, recorded in `groups`; set `open_error` to make its `opened()` raise it
+    (a prompt too long for the reward model: InvalidRequest naming `messages`).
     """
 
     def __init__(
@@ -61,6 +63,8 @@ class FakeScorer:
         self.error: BonError | None = None
         self.crash: Exception | None = None
         self.calls: list[ScoreCall] = []
+        self.groups: list[FakeGroup] = []
+        self.open_error: BonError | None = None
         self.closed = False
 
     def models(self) -> list[ModelInfo]:
@@ -126,7 +130,7 @@ class FakeScorer:
     def open_group(
         self, model: str, messages: Sequence[Message], *, deadline: Deadline, request_id: str = ""
     ) -> FakeGroup:
-        group = FakeGroup(self, model, tuple(messages))
+        group = FakeGroup(self, model, tuple(messages), deadline, request_id)
         self.groups.append(group)
         return group
 
@@ -135,22 +139,46 @@ class FakeScorer:
 
 
 class FakeGroup:
-    """A FakeScorer's ScoringGroup: every score call goes through the scorer's `score`."""
+    """Implements engine.ScoringGroup on a FakeScorer: `score` calls the scorer's own
+    `score` with the group's prompt (so `FakeScorer.calls` sees it); `scored` records the
+    texts of each call, `closed` whether `close` was called."""
 
-    def __init__(self, scorer: FakeScorer, model: str, messages: tuple[Message, ...]) -> None:
+    def __init__(
+        self,
+        scorer: FakeScorer,
+        model: str,
+        messages: tuple[Message, ...],
+        deadline: Deadline,
+        request_id: str,
+    ) -> None:
         self.scorer = scorer
         self.model = model
         self.messages = messages
-        self.scored: list[tuple[str, ...]] = []  # every call's texts, in order
+        self.deadline = deadline
+        self.request_id = request_id
+        self.scored: list[tuple[str, ...]] = []
+        self.opened_calls = 0
         self.closed = False
-        self.prompt_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(words(m.content) for m in self.messages)
 
     async def opened(self) -> None:
-        self.prompt_tokens = sum(words(m.content) for m in self.messages)
+        self.opened_calls += 1
+        if self.scorer.open_error is not None:
+            raise self.scorer.open_error
 
     async def score(self, candidates: Sequence[str], *, deadline: Deadline) -> ScoreBatchResult:
         self.scored.append(tuple(candidates))
-        return await self.scorer.score(self.model, self.messages, candidates, deadline=deadline)
+        return await self.scorer.score(
+            self.model, self.messages, candidates, deadline=deadline, request_id=self.request_id
+        )
 
     async def close(self) -> None:
         self.closed = True
+
+
+def _implements_the_protocols(scorer: FakeScorer, group: FakeGroup) -> tuple[RewardScorer, ScoringGroup]:
+    """mypy checks here that the fakes implement the engine's protocols."""
+    return scorer, group

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bon_gateway.scoring.worker.batching import Batcher, pick_batch
-from bon_gateway.scoring.worker.forward import Group
+from bon_gateway.scoring.worker.forward import ContextLost, Group, Stem
+from bon_gateway.scoring.worker.packed import FAILED, READY, Context
 
 
 def group(length: int, n: int = 1) -> Group:
@@ -112,3 +113,76 @@ async def test_queued_tokens_counts_waiting_groups_only() -> None:
         assert batcher.queued_tokens == 12 + 14
         await asyncio.gather(first, *rest)
         assert batcher.queued_tokens == 0
+
+
+# -- stems and the groups that read them ---------------------------------------------------------
+def stem(length: int, context: Context = ()) -> Group:
+    return Group(seqs=[], positions=[], stem=Stem([1] * length, context))
+
+
+def reader(stem_group: Group, own: int, n: int = 1) -> Group:
+    assert stem_group.stem is not None
+    span = stem_group.stem.span
+    context = ((span, len(stem_group.stem.ids)),)
+    return Group(seqs=[[1] * (len(stem_group.stem.ids) + own)] * n, positions=[[0]] * n, context=context)
+
+
+def test_a_reader_runs_with_the_stem_it_needs() -> None:
+    s = stem(100)
+    other = group(30)
+    r = reader(s, 30)
+    # The stem and its reader go together, the unrelated group as the budget allows.
+    assert pick_batch([s, other, r], 1000) == [0, 1, 2]
+    # Oldest first: the stem alone when the reader does not fit with it.
+    assert pick_batch([s, r], 120) == [0]
+    # A stem still pending with no provider in the queue: the reader cannot run (the batcher
+    # fails it with ContextLost before picking).
+    assert pick_batch([r], 1000) == []
+
+
+def test_a_stem_continuing_a_pending_stem_waits_for_the_next_batch() -> None:
+    first = stem(50)
+    assert first.stem is not None
+    second = stem(20, ((first.stem.span, 50),))
+    assert pick_batch([first, second], 1000) == [0]
+    first.stem.span.state = READY  # its batch ran
+    assert pick_batch([second], 1000) == [0]
+
+
+class FailingStems(FakeForward):
+    """Fails any batch that holds a stem."""
+
+    def __call__(self, groups: list[Group]) -> list[int]:
+        if any(g.stem is not None for g in groups):
+            self.batches.append(len(groups))
+            raise RuntimeError("stem failed")
+        return super().__call__(groups)
+
+
+@pytest.mark.asyncio
+async def test_readers_of_a_failed_or_dropped_stem_get_context_lost() -> None:
+    fake = FailingStems(0.0)
+    async with running(fake, max_batch_tokens=1000, max_wait_ms=0) as batcher:
+        s = stem(40)
+        stem_future = batcher.enqueue(s)
+        reader_future = batcher.enqueue(reader(s, 10))
+        with pytest.raises(RuntimeError):
+            await stem_future
+        with pytest.raises(RuntimeError):
+            await reader_future  # it ran in the stem's batch: a failed batch fails its groups
+        assert s.stem is not None and s.stem.span.state == FAILED
+        # A later reader of the failed stem is failed before any batch runs.
+        with pytest.raises(ContextLost):
+            await batcher.submit(reader(s, 5))
+    fake = FakeForward(0.3)
+    async with running(fake, max_batch_tokens=1000, max_wait_ms=0) as batcher:
+        busy = batcher.enqueue(group(5))
+        await asyncio.to_thread(fake.started.wait)
+        s = stem(40)
+        dropped = batcher.enqueue(s)
+        waiting = batcher.enqueue(reader(s, 10))
+        dropped.cancel()  # its request went away before the stem ran
+        with pytest.raises(ContextLost):
+            await waiting
+        await busy
+        assert fake.batches == [1]

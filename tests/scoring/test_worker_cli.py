@@ -45,6 +45,8 @@ def test_models_from_flags_and_json() -> None:
             "judge",
             "--max-wait-ms",
             "0",
+            "--prefix-cache-bytes",
+            "0",
         ]
     )
     assert (
@@ -55,7 +57,8 @@ def test_models_from_flags_and_json() -> None:
         flag.gguf_file,
         flag.kind,
         flag.max_wait_ms,
-    ) == ("rm", "/models/rm", 128, True, "m.gguf", "judge", 0.0)
+        flag.prefix_cache_bytes,
+    ) == ("rm", "/models/rm", 128, True, "m.gguf", "judge", 0.0, 0)
     entry = RewardModelConfig(name="j", path="/p", normalize_std=2.0)
     (parsed,) = _entries(["--model-json", entry.model_dump_json()])
     assert parsed == entry

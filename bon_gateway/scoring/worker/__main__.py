@@ -53,7 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="shed load above this many queued tokens (default 64 x max_batch_tokens)",
     )
-    p.add_argument("--no-prefix-reuse", action="store_true", help="always recompute the shared prompt")
+    p.add_argument(
+        "--prefix-cache-bytes",
+        type=int,
+        help="bytes of prompt keys/values kept across requests (default 256 MiB; 0: off)",
+    )
+    p.add_argument(
+        "--no-prefix-reuse",
+        action="store_true",
+        help="always recompute the shared prompt (and keep no prefix cache)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     p.add_argument(
@@ -96,6 +105,7 @@ def model_entries(args: argparse.Namespace) -> list[RewardModelConfig]:
                 "max_batch_tokens",
                 "max_wait_ms",
                 "max_length",
+                "prefix_cache_bytes",
             )
         }
         overrides["reward_models.*.truncate_prompt"] = args.truncate_prompt

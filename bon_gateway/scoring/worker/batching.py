@@ -5,6 +5,12 @@ starvation); the groups closest to it in length join while the padded batch
 stays within `max_batch_tokens`, so padding stays small. A group larger than
 the budget runs alone.
 
+Dependencies: a group whose context holds a span that a queued stem computes
+(batch groups, groups.py) runs in that stem's batch, after it, or later; a stem
+that continues a span still being computed waits for the batch after it. When a
+stem's batch fails, or its request drops it before it ran, the groups that read
+it fail with ContextLost and their requests plan them again.
+
 Timing (`Batcher`): the forward pass runs in one thread, one batch at a time.
 Requests that arrive while it is busy queue up and form the next batch, so a
 loaded worker batches without waiting; an idle worker starts at once, waiting
@@ -22,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from bon_gateway.logs import log_phase
-from bon_gateway.scoring.worker.forward import Group, batch_cost
+from bon_gateway.scoring.worker.groups import ContextLost, Group, batch_cost
+from bon_gateway.scoring.worker.packed import FAILED, PENDING, KVSpan
 
 log = logging.getLogger("bon_gateway.worker")
 
@@ -33,18 +40,54 @@ def length_key(group: Group) -> int:
     return group.max_suffix if group.prefix else group.max_len
 
 
+def _provided(group: Group) -> list[KVSpan]:
+    return [group.stem.span] if group.stem is not None else []
+
+
 def pick_batch(queue: Sequence[Group], max_batch_tokens: int) -> list[int]:
-    """Indices (into the queue, oldest first) of the groups to run next."""
+    """Indices (into the queue, oldest first) of the groups to run next.
+
+    A group that reads spans still to be computed comes with the queued stems that
+    compute them (a group computing a stem itself must find its context computed).
+    """
     if not queue:
         return []
-    chosen = [0]
-    anchor = length_key(queue[0])
-    others = sorted(range(1, len(queue)), key=lambda i: (abs(length_key(queue[i]) - anchor), i))
+    provider = {id(span): i for i, g in enumerate(queue) for span in _provided(g)}
+
+    def needs(i: int) -> list[int] | None:
+        """The queued stems group i must run with; None: it cannot run in this batch."""
+        out: list[int] = []
+        for span in queue[i].waiting_on():
+            j = provider.get(id(span))
+            if j is None or queue[i].computes_stem or queue[j].waiting_on():
+                return None
+            out.append(j)
+        return out
+
+    first = next((i for i in range(len(queue)) if needs(i) is not None), None)
+    if first is None:
+        return []
+    chosen = {first, *(needs(first) or [])}
+    anchor = length_key(queue[first])
+    others = sorted(range(len(queue)), key=lambda i: (abs(length_key(queue[i]) - anchor), i))
     for i in others:
-        trial = [queue[j] for j in chosen] + [queue[i]]
-        if batch_cost(trial) <= max_batch_tokens:
-            chosen.append(i)
+        if i in chosen:
+            continue
+        required = needs(i)
+        if required is None:
+            continue
+        trial = chosen | {i, *required}
+        if batch_cost([queue[j] for j in trial]) <= max_batch_tokens:
+            chosen = trial
     return sorted(chosen)
+
+
+def _lost(group: Group, queued: set[int]) -> bool:
+    """Whether a group reads a span that no batch will compute any more."""
+    return any(
+        span.state == FAILED or (span.state == PENDING and id(span) not in queued)
+        for span in group.waiting_on()
+    )
 
 
 @dataclass(slots=True)
@@ -97,18 +140,43 @@ class Batcher(Generic[R]):
         self._incoming -= 1
         self._wakeup.set()
 
-    async def submit(self, group: Group) -> tuple[R, float]:
-        """The batch result for this group and its queue time in seconds."""
+    def enqueue(self, group: Group) -> asyncio.Future[tuple[R, float]]:
+        """Queue a group now (a stem before the groups that read it); its future gives the
+        batch result and the queue time in seconds. Cancelling the future drops the group."""
         future: asyncio.Future[tuple[R, float]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(group, future))
         self._wakeup.set()
-        return await future
+        return future
+
+    async def submit(self, group: Group) -> tuple[R, float]:
+        """The batch result for this group and its queue time in seconds."""
+        return await self.enqueue(group)
+
+    def _drop_lost(self) -> None:
+        """Drop cancelled groups (failing the stems they would have computed) and fail the
+        groups that read spans no batch will compute any more, until nothing changes."""
+        while True:
+            kept: list[_Item[R]] = []
+            for item in self._queue:
+                if item.future.done():
+                    for span in _provided(item.group):
+                        if span.state == PENDING:
+                            span.state = FAILED
+                else:
+                    kept.append(item)
+            self._queue = kept
+            queued = {id(span) for item in kept for span in _provided(item.group)}
+            lost = [item for item in kept if _lost(item.group, queued)]
+            if not lost:
+                return
+            for item in lost:
+                item.future.set_exception(ContextLost("a stem this group reads was not computed"))
 
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            self._queue = [item for item in self._queue if not item.future.done()]  # cancelled
+            self._drop_lost()
             if not self._queue:
                 continue
             deadline = self._queue[0].enqueued + self.max_wait_s
@@ -121,6 +189,11 @@ class Batcher(Generic[R]):
                 except TimeoutError:
                     break
             picked = pick_batch([item.group for item in self._queue], self.max_batch_tokens)
+            if not picked:  # cannot happen while _drop_lost holds; never spin on it
+                oldest = self._queue.pop(0)
+                oldest.future.set_exception(ContextLost("no batch can run this group"))
+                self._wakeup.set()
+                continue
             items = [self._queue[i] for i in picked]
             self._queue = [item for i, item in enumerate(self._queue) if i not in set(picked)]
             started = time.perf_counter()
@@ -129,6 +202,9 @@ class Batcher(Generic[R]):
             except Exception as err:  # a failed batch fails its requests, not the worker
                 log_phase(log, "batch", logging.ERROR, exc_info=True, error=type(err).__name__)
                 for item in items:
+                    for span in _provided(item.group):
+                        if span.state == PENDING:
+                            span.state = FAILED
                     if not item.future.done():
                         item.future.set_exception(err)
             else:

@@ -1,136 +1,80 @@
 """Backbone -> hidden states -> gather positions -> head, for a batch of groups.
 
-A group is one request's candidates. When a group shares a token prefix (its
-prompt), the prefix runs once with `use_cache=True`, the cache is repeated for
-every candidate and only the candidates' own tokens run after it; otherwise
-the full sequences run right-padded. Both give the scores of one unpadded
-sequence (fp32: within ~1e-6) because:
+A group is one request's candidates (groups.py). Rows may continue keys and
+values computed once: the group's shared prompt (computed once in the batch),
+a stem of this batch, or a prefix kept in the worker's cache (a `KVSpan` chain,
+see prefix_cache.py); only the rows' own tokens run after it. Every way gives
+the scores of one unpadded sequence (fp32: within ~1e-6) because:
 
-- the 2-D attention mask always covers everything the queries may see
-  (prefix + own tokens), with pads masked out;
-- position ids are given explicitly: left-padded prefixes count from their
-  first real token, suffixes continue after their own prefix;
-- hidden states are read at the positions the adapter names, and the head runs
-  in fp32 on them.
+- the attention of a row always covers everything it may see (context + own
+  tokens), with pads masked out;
+- position ids are given explicitly: rows continue after their context, and
+  left-padded prefixes count from their first real token;
+- hidden states are read at the positions the adapter names (inside a context
+  from the span that holds them), and the head runs in fp32 on them.
 
-On CPU a batch is not one padded tensor: a big matmul gains nothing from more
-rows there, while padding costs its tokens and an explicit attention mask moves
-SDPA off its fused causal kernel (measured in bench/score_throughput.py: the
-padded batch ran slower than one sequence at a time). Llama-family backbones
-run packed instead (packed.py: rows end to end, no padding, each shared prompt
-attended once for all its candidates). Other CPU backbones run rows of equal
-length together without a mask, and only short rows, where the per-call
-overhead is what counts, are padded together (`split_rows`). On CUDA the batch
-stays one padded tensor: there more rows is what makes the matmuls fast.
+A batch runs in two stages: first every stem (keys and values to keep), then
+every row. On CPU a batch is not one padded tensor: a big matmul gains nothing
+from more rows there, while padding costs its tokens and an explicit attention
+mask moves SDPA off its fused causal kernel (measured in
+bench/score_throughput.py: the padded batch ran slower than one sequence at a
+time). Llama-family backbones run packed instead (packed.py: rows end to end, no
+padding, each context attended once for all the rows that share it). Other
+backbones, and CUDA, run on transformers (hf_batches.py).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from bon_gateway.scoring.worker.adapters import Adapter
-from bon_gateway.scoring.worker.packed import PackedDecoder, PromptCache, packing_limit
+from bon_gateway.scoring.worker.groups import (
+    BatchFigures,
+    ContextLost,
+    Group,
+    GroupResult,
+    Stem,
+    batch_cost,
+    common_prefix,
+)
+from bon_gateway.scoring.worker.hf_batches import (
+    SHORT_ROW_TOKENS,
+    ContextRow,
+    TransformersBatches,
+    split_rows,
+)
+from bon_gateway.scoring.worker.packed import (
+    Context,
+    KVSpan,
+    PackedDecoder,
+    context_hidden,
+    context_length,
+    packing_limit,
+)
+
+__all__ = [
+    "SHORT_ROW_TOKENS",
+    "BatchFigures",
+    "ContextLost",
+    "Forward",
+    "Group",
+    "GroupResult",
+    "Stem",
+    "batch_cost",
+    "common_prefix",
+    "split_rows",
+]
 
 
 @dataclass(slots=True)
-class Group:
-    """One request's candidates, tokenized."""
-
-    seqs: list[list[int]]
-    positions: list[list[int]]  # per candidate: where to read hidden states
-    prefix: int = 0  # leading tokens shared by all seqs, computed once (0: full recompute)
-
-    @property
-    def real_tokens(self) -> int:
-        return sum(len(s) for s in self.seqs)
-
-    @property
-    def max_len(self) -> int:
-        return max(len(s) for s in self.seqs)
-
-    @property
-    def max_suffix(self) -> int:
-        return max(len(s) for s in self.seqs) - self.prefix
-
-
-@dataclass(slots=True)
-class BatchFigures:
-    rows: int = 0
-    batch_tokens: int = 0  # tokens the backbone ran, padding included
-    real_tokens: int = 0
-    reused_tokens: int = 0  # prompt tokens not recomputed
-    extra: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def padded_tokens(self) -> int:
-        return self.batch_tokens - (self.real_tokens - self.reused_tokens)
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Longest common token prefix, leaving every sequence at least one own token."""
-    if len(seqs) < 2:
-        return 0
-    limit = min(len(s) for s in seqs) - 1
-    first = seqs[0]
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in seqs[1:]):
-        n += 1
-    return n
-
-
-def batch_cost(groups: Sequence[Group]) -> int:
-    """Tokens the backbone runs for these groups in one batch (padding included)."""
-    full = [g for g in groups if g.prefix == 0]
-    reuse = [g for g in groups if g.prefix > 0]
-    cost = 0
-    if full:
-        cost += sum(len(g.seqs) for g in full) * max(g.max_len for g in full)
-    if reuse:
-        cost += len(reuse) * max(g.prefix for g in reuse)
-        cost += sum(len(g.seqs) for g in reuse) * max(g.max_suffix for g in reuse)
-    return cost
-
-
-# Rows at most this long are padded into one call on CPU; longer rows never pad.
-SHORT_ROW_TOKENS = 128
-
-
-def split_rows(lengths: Sequence[int], short: int = SHORT_ROW_TOKENS) -> list[list[int]]:
-    """Indices of `lengths` in sub-batches: equal lengths together (no padding, no
-    mask), and rows up to `short` tokens together whatever their lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    out: list[list[int]] = []
-    for i in order:
-        if out and (lengths[out[-1][0]] == lengths[i] or lengths[out[-1][0]] <= short):
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
-def _pad_right(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def _pad_left(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
+class _Row:
+    group: int
+    ids: list[int]  # own tokens
+    context: Context
+    keep: bool
 
 
 class Forward:
@@ -144,218 +88,172 @@ class Forward:
         self.pad_id = int(pad) if pad is not None else 0
         # Rows up to this many tokens pad together; None: one padded batch (see the module docstring).
         self.short_rows: int | None = SHORT_ROW_TOKENS if device.type == "cpu" else None
-        # CPU, Llama-family backbones: packed rows, no padding, shared prompt attention.
+        # CPU, Llama-family backbones: packed rows, no padding, shared context attention.
         limit = packing_limit(adapter.backbone) if device.type == "cpu" else None
         self.packed = PackedDecoder(adapter.backbone) if limit is not None else None
         self.packing_limit = limit or 0
+        self.hf = TransformersBatches(adapter, device, self.pad_id)
 
     @torch.inference_mode()
     def run(self, groups: Sequence[Group]) -> tuple[list[list[torch.Tensor]], BatchFigures]:
         """Per group, per candidate: fp32 logits [positions, labels]."""
+        results, figures = self.run_batch(groups)
+        return [r.logits for r in results], figures
+
+    @torch.inference_mode()
+    def run_batch(self, groups: Sequence[Group]) -> tuple[list[GroupResult], BatchFigures]:
+        """Per group: logits, kept spans and reused tokens; stems' spans are filled in place."""
         figures = BatchFigures(real_tokens=sum(g.real_tokens for g in groups))
-        if self.packed is not None and all(g.max_len <= self.packing_limit for g in groups):
-            return self._run_packed(self.packed, groups, figures), figures
+        provided = {id(g.stem.span) for g in groups if g.stem is not None}
+        for g in groups:
+            # batching.py runs a group only after, or in the batch of, the stems it reads (a stem
+            # only after those it continues: stems run together, in one stage).
+            if any(g.computes_stem or id(span) not in provided for span in g.waiting_on()):
+                raise ContextLost("a group's context was not computed before its batch")
+        packed = self.packed is not None and all(g.max_len <= self.packing_limit for g in groups)
+        plain = [] if packed else [i for i, g in enumerate(groups) if g.plain]
+        hidden: dict[int, list[torch.Tensor]] = {}
+        kept: dict[int, list[KVSpan | None]] = {}
+        reused: dict[int, int] = {}
+        if plain:
+            for i, per in zip(plain, self._run_plain([groups[i] for i in plain], figures), strict=True):
+                hidden[i] = per
+                kept[i] = [None] * len(per)
+                g = groups[i]
+                reused[i] = (len(g.seqs) - 1) * g.prefix if g.prefix > 0 else 0
+        rest = [i for i in range(len(groups)) if i not in set(plain)]
+        if rest:
+            self._run_staged(groups, rest, packed, figures, hidden, kept, reused)
+        results: list[GroupResult] = []
+        picked = [h for i in range(len(groups)) for h in hidden.get(i, [])]
+        logits = self._head(picked)
+        k = 0
+        for i, g in enumerate(groups):
+            per = logits[k : k + len(g.seqs)]
+            k += len(g.seqs)
+            results.append(GroupResult(per, kept.get(i, [None] * len(g.seqs)), reused.get(i, 0)))
+        figures.reused_tokens = sum(r.reused_tokens for r in results)
+        return results, figures
+
+    def _head(self, picked: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not picked:
+            return []
+        logits = self.adapter.head(torch.cat(picked).float())
+        out: list[torch.Tensor] = []
+        k = 0
+        for p in picked:
+            out.append(logits[k : k + p.shape[0]])
+            k += p.shape[0]
+        return out
+
+    def _run_plain(self, groups: list[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
+        """Groups without contexts, on transformers, as before the prefix cache."""
         out: dict[int, list[torch.Tensor]] = {}
         full = [i for i, g in enumerate(groups) if g.prefix == 0]
         reuse = [i for i, g in enumerate(groups) if g.prefix > 0]
         if full:
-            for i, logits in zip(full, self._run_full([groups[i] for i in full], figures), strict=True):
-                out[i] = logits
+            done = self.hf.run_full([groups[i] for i in full], figures, self.short_rows)
+            out.update(zip(full, done, strict=True))
         if reuse:
-            run_reuse = self._run_reuse if self.short_rows is None else self._run_reuse_split
-            for i, logits in zip(reuse, run_reuse([groups[i] for i in reuse], figures), strict=True):
-                out[i] = logits
-        return [out[i] for i in range(len(groups))], figures
-
-    def _split(self, groups: Sequence[Group], gathered: torch.Tensor) -> list[list[torch.Tensor]]:
-        logits = self.adapter.head(gathered.float())
-        result: list[list[torch.Tensor]] = []
-        k = 0
-        for g in groups:
-            per: list[torch.Tensor] = []
-            for pos in g.positions:
-                per.append(logits[k : k + len(pos)])
-                k += len(pos)
-            result.append(per)
-        return result
-
-    def _run_packed(
-        self, decoder: PackedDecoder, groups: Sequence[Group], figures: BatchFigures
-    ) -> list[list[torch.Tensor]]:
-        """All groups in one packed run (see packed.py): each shared prompt once, then
-        every candidate's own tokens end to end, with no padding."""
-        prompts: list[PromptCache] = []
-        rows: list[list[int]] = []
-        prompt_of: list[int] = []
-        for g in groups:
-            if g.prefix > 0:
-                prompts.append(decoder.prompt(g.seqs[0][: g.prefix]))
-                figures.rows += 1
-                figures.batch_tokens += g.prefix
-                figures.reused_tokens += (len(g.seqs) - 1) * g.prefix
-            for s in g.seqs:
-                rows.append(s[g.prefix :])
-                prompt_of.append(len(prompts) - 1 if g.prefix > 0 else -1)
-        hidden = decoder.run(rows, prompt_of, prompts)
-        figures.rows += len(rows)
-        figures.batch_tokens += sum(len(r) for r in rows)
-        picked: list[torch.Tensor] = []
-        k = 0
-        for g in groups:
-            before = prompts[prompt_of[k]].hidden if g.prefix > 0 else None
-            for pos in g.positions:
-                for p in pos:
-                    picked.append(hidden[k][p - g.prefix] if p >= g.prefix or before is None else before[p])
-                k += 1
-        width = hidden[0].shape[-1]
-        return self._split(groups, torch.stack(picked) if picked else hidden[0].new_zeros((0, width)))
-
-    def _run_full(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
-        seqs = [s for g in groups for s in g.seqs]
-        positions = [p for g in groups for p in g.positions]
-        picked: list[torch.Tensor | None] = [None] * len(seqs)
-        lengths = [len(s) for s in seqs]
-        plan = [list(range(len(seqs)))] if self.short_rows is None else split_rows(lengths, self.short_rows)
-        for part in plan:
-            hidden = self._backbone([seqs[i] for i in part], figures)
-            for row, i in enumerate(part):
-                picked[i] = hidden[row, torch.tensor(positions[i], device=hidden.device)]
-        return self._split(groups, torch.cat([p for p in picked if p is not None]))
-
-    def _backbone(self, seqs: Sequence[Sequence[int]], figures: BatchFigures) -> torch.Tensor:
-        """Last hidden states of right-padded `seqs`; no mask at all when nothing is padded."""
-        ids, mask = _pad_right(seqs, self.pad_id)
-        figures.rows += ids.shape[0]
-        figures.batch_tokens += ids.numel()
-        padded = bool((mask == 0).any())
-        hidden: torch.Tensor = self.adapter.backbone(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device) if padded else None,
-            use_cache=False,
-        ).last_hidden_state
-        return hidden
-
-    def _run_reuse_split(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
-        """CPU: per group, the prompt once (one row, no mask), then the candidates' own
-        tokens in `split_rows` sub-batches, each on a broadcast view of the prompt's cache."""
-        from transformers import DynamicCache
-
-        backbone = self.adapter.backbone
-        dev = self.device
-        out: list[list[torch.Tensor]] = []
-        for g in groups:
-            width = g.prefix
-            cache = DynamicCache(config=self.adapter.config)
-            hp = backbone(
-                input_ids=torch.tensor([g.seqs[0][:width]], device=dev),
-                position_ids=torch.arange(width, device=dev).unsqueeze(0),
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state
-            figures.rows += 1
-            figures.batch_tokens += width
-            figures.reused_tokens += (len(g.seqs) - 1) * width
-            suffixes = [s[width:] for s in g.seqs]
-            picked: list[torch.Tensor] = [hp.new_zeros((0, hp.shape[-1]))] * len(suffixes)
-            for part in split_rows([len(x) for x in suffixes], self.short_rows or 0):
-                sids, smask = _pad_right([suffixes[i] for i in part], self.pad_id)
-                rows = len(part)
-                mask = None
-                if bool((smask == 0).any()):
-                    mask = torch.cat([torch.ones((rows, width), dtype=torch.long), smask], dim=1).to(dev)
-                spos = width + torch.arange(sids.shape[1]).unsqueeze(0).expand(rows, -1)
-                hs = backbone(
-                    input_ids=sids.to(dev),
-                    attention_mask=mask,
-                    position_ids=spos.to(dev),
-                    past_key_values=_repeat_cache(cache, rows),
-                    use_cache=True,
-                ).last_hidden_state
-                figures.rows += rows
-                figures.batch_tokens += sids.numel()
-                for row, i in enumerate(part):
-                    vecs = [hs[row, p - width] if p >= width else hp[0, p] for p in g.positions[i]]
-                    if vecs:
-                        picked[i] = torch.stack(vecs)
-            out.extend(self._split([g], torch.cat(picked)))
-        return out
-
-    def _run_reuse(self, groups: Sequence[Group], figures: BatchFigures) -> list[list[torch.Tensor]]:
-        from transformers import DynamicCache
-
-        backbone = self.adapter.backbone
-        dev = self.device
-        # 1. Each group's prefix once, left-padded so that every prefix ends at the same column
-        #    and the suffixes can follow it in the cache.
-        prefixes = [g.seqs[0][: g.prefix] for g in groups]
-        pids, pmask = _pad_left(prefixes, self.pad_id)
-        width = pids.shape[1]
-        ppos = (pmask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.adapter.config)
-        hp = backbone(
-            input_ids=pids.to(dev),
-            attention_mask=pmask.to(dev),
-            position_ids=ppos.to(dev),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        # 2. Repeat each group's cache rows once per candidate.
-        row_group = [gi for gi, g in enumerate(groups) for _ in g.seqs]
-        index = torch.tensor(row_group, device=dev)
-        layers: list[Any] = list(cache.layers)
-        for layer in layers:
-            # Only attention layers can be repeated; recurrent (Mamba, linear-attention) state
-            # cannot continue a left-padded prefix: such adapters set supports_prefix_reuse False.
-            if getattr(layer, "keys", None) is None:
-                raise RuntimeError(f"prompt reuse needs attention KV layers, got {type(layer).__name__}")
-            if len(groups) == 1:
-                # One prompt: a broadcast view, no copy (the next pass concatenates anyway).
-                rows = len(row_group)
-                layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-                layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+            chosen = [groups[i] for i in reuse]
+            if self.short_rows is None:
+                done = self.hf.run_reuse(chosen, figures)
             else:
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
-        # 3. The candidates' own tokens, right-padded; the mask covers prefix + suffix.
-        suffixes = [s[g.prefix :] for g in groups for s in g.seqs]
-        sids, smask = _pad_right(suffixes, self.pad_id)
-        mask = torch.cat([pmask[index.cpu()], smask], dim=1)
-        starts = torch.tensor([groups[gi].prefix for gi in row_group]).unsqueeze(1)
-        spos = starts + torch.arange(sids.shape[1]).unsqueeze(0)
-        hs = backbone(
-            input_ids=sids.to(dev),
-            attention_mask=mask.to(dev),
-            position_ids=spos.to(dev),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        figures.rows += sids.shape[0]
-        figures.batch_tokens += pids.numel() + sids.numel()
-        figures.reused_tokens += sum((len(g.seqs) - 1) * g.prefix for g in groups)
-        # 4. Gather: positions inside the prefix come from the prefix pass.
-        picked: list[torch.Tensor] = []
-        r = 0
-        for gi, g in enumerate(groups):
+                done = self.hf.run_reuse_split(chosen, figures, self.short_rows)
+            out.update(zip(reuse, done, strict=True))
+        return [out[i] for i in range(len(groups))]
+
+    def _run_staged(
+        self,
+        groups: Sequence[Group],
+        indices: list[int],
+        packed: bool,
+        figures: BatchFigures,
+        hidden: dict[int, list[torch.Tensor]],
+        kept: dict[int, list[KVSpan | None]],
+        reused: dict[int, int],
+    ) -> None:
+        """Stage 1: every stem (a stem group's, or a group's in-batch prefix); stage 2: every row."""
+        stems: list[Stem] = []
+        rows: list[_Row] = []
+        for i in indices:
+            g = groups[i]
+            if g.stem is not None:
+                stems.append(g.stem)
+                continue
+            context = g.context
+            if g.prefix > g.context_tokens:  # the group's own shared prefix, dropped after the batch
+                stem = Stem(g.seqs[0][g.context_tokens : g.prefix], g.context)
+                stems.append(stem)
+                context = (*context, (stem.span, g.prefix - g.context_tokens))
+            rows += [_Row(i, s[g.prefix :], context, g.keep) for s in g.seqs]
+        # Rows that share a context run next to each other: one attention call per span slice.
+        order = sorted(range(len(rows)), key=lambda r: tuple(id(span) for span, _ in rows[r].context))
+        row_items: list[ContextRow] = [(rows[r].ids, rows[r].context, rows[r].keep) for r in order]
+        stem_items: list[ContextRow] = [(s.ids, s.context, True) for s in stems]
+        if packed and stems:
+            # One pass: the stems first, filled layer by layer, and the rows that continue them.
+            done = self._packed([*stem_items, *row_items], [s.span for s in stems], figures)
+            done_rows = done[len(stems) :]
+        else:
+            for stem, (_, span) in zip(stems, self._rows(stem_items, packed, figures), strict=True):
+                assert span is not None
+                stem.span.fill(span)
+            done_rows = self._rows(row_items, packed, figures)
+        for stem in stems:
+            stem.span.unpaid = len(stem.ids)
+        by_row = dict(zip(order, done_rows, strict=True))
+        k = 0
+        for i in indices:
+            g = groups[i]
+            if g.stem is not None:
+                hidden[i], kept[i], reused[i] = [], [], 0
+                continue
+            per_hidden: list[torch.Tensor] = []
+            per_kept: list[KVSpan | None] = []
+            saved = 0
             for pos in g.positions:
-                for p in pos:
-                    if p >= g.prefix:
-                        picked.append(hs[r, p - g.prefix])
-                    else:
-                        picked.append(hp[gi, width - g.prefix + p])
-                r += 1
-        return self._split(groups, torch.stack(picked))
+                row = rows[k]
+                own, span = by_row[k]
+                start = context_length(row.context)
+                vecs = [own[p - start] if p >= start else context_hidden(row.context, p) for p in pos]
+                per_hidden.append(torch.stack(vecs) if vecs else own.new_zeros((0, own.shape[-1])))
+                per_kept.append(span)
+                saved += _charge(row.context)
+                k += 1
+            hidden[i], kept[i], reused[i] = per_hidden, per_kept, saved
+
+    def _rows(
+        self, rows: list[ContextRow], packed: bool, figures: BatchFigures
+    ) -> list[tuple[torch.Tensor, KVSpan | None]]:
+        if not rows:
+            return []
+        if packed:
+            return self._packed(rows, [], figures)
+        return self.hf.run_context_rows(rows, figures, self.short_rows)
+
+    def _packed(
+        self, rows: list[ContextRow], fills: list[KVSpan], figures: BatchFigures
+    ) -> list[tuple[torch.Tensor, KVSpan | None]]:
+        """Packed rows; the first len(fills) compute those spans (see PackedDecoder.run_rows)."""
+        assert self.packed is not None
+        targets: list[KVSpan | None] = [*fills, *([None] * (len(rows) - len(fills)))]
+        hidden, spans = self.packed.run_rows(
+            [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], targets
+        )
+        figures.rows += len(rows)
+        tokens = sum(len(r[0]) for r in rows)
+        figures.batch_tokens += tokens
+        figures.computed_tokens += tokens
+        return list(zip(hidden, spans, strict=True))
 
 
-def _repeat_cache(cache: Any, rows: int) -> Any:
-    """A copy of a one-row cache whose attention layers are `rows`-row broadcast views
-    (no copy: the next pass concatenates its own keys into new tensors)."""
-    clone = copy.copy(cache)
-    clone.layers = [copy.copy(layer) for layer in cache.layers]
-    for layer in clone.layers:
-        # Recurrent (Mamba, linear-attention) state has no keys: such adapters set
-        # supports_prefix_reuse False and never get here.
-        if getattr(layer, "keys", None) is None:
-            raise RuntimeError(f"prompt reuse needs attention KV layers, got {type(layer).__name__}")
-        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
-    return clone
+def _charge(context: Context) -> int:
+    """Tokens a row did not compute thanks to its context, less what it pays for spans
+    computed for it (the first readers of a fresh stem pay for its tokens)."""
+    saved = 0
+    for span, n in context:
+        pay = min(span.unpaid, n)
+        span.unpaid -= pay
+        saved += n - pay
+    return saved

@@ -10,11 +10,12 @@ GPUs:
   padding at all;
 - attention runs per row on its slice of the stream, causal, on torch's fused
   CPU flash kernel (which takes grouped KV heads as they are);
-- rows that continue a shared prompt (a request's candidates) see the prompt's
-  keys and values through a second attention call per prompt, made once for
-  the queries of all its rows together, without copying the prompt's cache
-  per row; the two partial results are merged exactly through their
-  log-sum-exp ("cascade" attention).
+- rows that continue keys and values computed before (a request's shared
+  prompt, a prefix kept in the worker's cache, a candidate's earlier partial:
+  a row's *context*, one or more `KVSpan`s) see each span through one more
+  attention call, made once for the queries of all adjacent rows that share it,
+  without copying the span per row; the partial results are merged exactly
+  through their log-sum-exp ("cascade" attention).
 
 The layers themselves are transformers' own modules (norms, projections, rotary
 embedding, MLP), called in the order the model calls them, so a packed run
@@ -58,25 +59,83 @@ def packing_limit(backbone: Any) -> int | None:
     return int(window) if window else 1 << 30
 
 
-@dataclass(slots=True)
-class PromptCache:
-    """A prompt run once: its last hidden states and, per layer, its keys and values
-    [1, kv_heads, prompt, head_dim] (after rotary)."""
+PENDING, READY, FAILED = "pending", "ready", "failed"
 
-    hidden: torch.Tensor  # [prompt, hidden]
+
+@dataclass(slots=True, eq=False)
+class KVSpan:
+    """Consecutive positions run once, kept for the rows that continue them (a shared
+    prompt, a cached prefix, a kept candidate): per layer their keys and values
+    [1, kv_heads, n, head_dim] after rotary (the layout of transformers' caches), and
+    their last hidden states [n, hidden] (a head may read positions inside a span).
+
+    A span can be created `pending` and filled by the batch that computes it; rows
+    that continue it wait for that batch (or run in it, after it: see batching.py).
+    """
+
+    hidden: torch.Tensor
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    state: str = READY
+    # Tokens computed for this span that no reader has been charged for yet: the first
+    # rows that read it count them against their reuse (BatchFigures.reused_tokens).
+    unpaid: int = 0
+
+    @classmethod
+    def pending(cls) -> KVSpan:
+        return cls(hidden=torch.empty(0), keys=[], values=[], state=PENDING)
+
+    def fill(self, computed: KVSpan, *, unpaid: int = 0) -> None:
+        self.hidden, self.keys, self.values = computed.hidden, computed.keys, computed.values
+        self.unpaid = unpaid
+        self.state = READY
 
     @property
     def length(self) -> int:
-        return int(self.hidden.shape[0])
+        return int(self.hidden.shape[0]) if self.state == READY else 0
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.hidden, *self.keys, *self.values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+#: what a row continues: spans and how many of their leading positions, in order (the row's
+#: positions start after all of them)
+Context = tuple[tuple[KVSpan, int], ...]
+
+
+def context_length(context: Context) -> int:
+    return sum(n for _, n in context)
+
+
+def truncate_context(context: Context, length: int) -> Context:
+    """The first `length` positions of `context`."""
+    out: list[tuple[KVSpan, int]] = []
+    left = length
+    for span, n in context:
+        if left <= 0:
+            break
+        out.append((span, min(n, left)))
+        left -= n
+    return tuple(out)
+
+
+def context_hidden(context: Context, position: int) -> torch.Tensor:
+    """The last hidden state at `position` (< context_length) of a context."""
+    offset = 0
+    for span, n in context:
+        if position < offset + n:
+            return span.hidden[position - offset]
+        offset += n
+    raise IndexError(f"position {position} is past the context ({offset} positions)")
 
 
 @dataclass(slots=True)
 class _Row:
     start: int  # offset in the packed stream
     length: int
-    prompt: int  # index into the run's prompts, -1: none
+    context: Context
 
 
 class PackedDecoder:
@@ -97,48 +156,68 @@ class PackedDecoder:
         )
 
     @torch.inference_mode()
-    def prompt(self, ids: Sequence[int]) -> PromptCache:
+    def prompt(self, ids: Sequence[int]) -> KVSpan:
         """Run one prompt alone, keeping its keys and values for the rows that continue it."""
-        cache = PromptCache(hidden=torch.empty(0), keys=[], values=[])
-        cache.hidden = self._run([list(ids)], [-1], [], keep=cache)
-        return cache
+        _, kept = self.run_rows([ids], [()], keep=[True])
+        span = kept[0]
+        assert span is not None
+        return span
 
     @torch.inference_mode()
     def run(
-        self, rows: Sequence[Sequence[int]], prompt_of: Sequence[int], prompts: Sequence[PromptCache]
+        self, rows: Sequence[Sequence[int]], prompt_of: Sequence[int], prompts: Sequence[KVSpan]
     ) -> list[torch.Tensor]:
-        """Last hidden states of each row, [len(row), hidden].
+        """Last hidden states of each row, [len(row), hidden]; row i continues the whole of
+        `prompts[prompt_of[i]]`, or stands alone when prompt_of[i] is -1 (see run_rows)."""
+        contexts = [((prompts[p], prompts[p].length),) if p >= 0 else () for p in prompt_of]
+        hidden, _ = self.run_rows(rows, contexts)
+        return hidden
 
-        Row i continues `prompts[prompt_of[i]]` (its positions start after that
-        prompt) or stands alone when prompt_of[i] is -1. Rows of one prompt should
-        be adjacent: their prompt attention is then one call over a contiguous slice.
-        Rows run in packs of at most `chunk_tokens` tokens (a longer row alone).
+    @torch.inference_mode()
+    def run_rows(
+        self,
+        rows: Sequence[Sequence[int]],
+        contexts: Sequence[Context],
+        keep: Sequence[bool] = (),
+        fills: Sequence[KVSpan | None] = (),
+    ) -> tuple[list[torch.Tensor], list[KVSpan | None]]:
+        """Last hidden states of each row, [len(row), hidden], and for the rows with `keep`
+        their own keys and values (a KVSpan, to be continued later).
+
+        Row i continues `contexts[i]` (its positions start after it). `fills[i]`, when
+        given, is a pending span that row i computes: it is filled layer by layer, so later
+        rows of the same run may continue it (at each layer its keys and values exist
+        before any attention of that layer runs; in a later pack it is complete). Rows that
+        share a span should be adjacent: their attention to it is then one call over a
+        contiguous slice. Rows run in packs of at most `chunk_tokens` tokens (a longer row
+        alone).
         """
         out: list[torch.Tensor] = []
+        kept: list[KVSpan | None] = []
         for part in _chunks([len(r) for r in rows], self.chunk_tokens):
-            hidden = self._run(
-                [list(rows[i]) for i in part], [prompt_of[i] for i in part], list(prompts), keep=None
+            hidden, spans = self._run(
+                [list(rows[i]) for i in part],
+                [contexts[i] for i in part],
+                [(bool(keep) and keep[i]) or (bool(fills) and fills[i] is not None) for i in part],
+                [fills[i] if fills else None for i in part],
             )
             k = 0
-            for i in part:
+            for i, span in zip(part, spans, strict=True):
                 out.append(hidden[k : k + len(rows[i])])
+                kept.append(span)
                 k += len(rows[i])
-        return out
+        return out, kept
 
     def _run(
-        self,
-        rows: list[list[int]],
-        prompt_of: list[int],
-        prompts: list[PromptCache],
-        keep: PromptCache | None,
-    ) -> torch.Tensor:
+        self, rows: list[list[int]], contexts: list[Context], keep: list[bool], fills: list[KVSpan | None]
+    ) -> tuple[torch.Tensor, list[KVSpan | None]]:
         bb = self.backbone
         device = bb.embed_tokens.weight.device
         packed, start = [], 0
         positions: list[torch.Tensor] = []
-        for ids, p in zip(rows, prompt_of, strict=True):
-            first = prompts[p].length if p >= 0 else 0
-            packed.append(_Row(start, len(ids), p))
+        for ids, context in zip(rows, contexts, strict=True):
+            first = context_length(context)
+            packed.append(_Row(start, len(ids), context))
             positions.append(torch.arange(first, first + len(ids)))
             start += len(ids)
         flat = torch.tensor([t for ids in rows for t in ids], dtype=torch.long, device=device)
@@ -147,7 +226,12 @@ class PackedDecoder:
         cos, sin = bb.rotary_emb(h, pos)
         h = h[0]
         tokens = h.shape[0]
-        spans = _prompt_spans(packed)
+        runs = _context_runs(packed)
+        kept_keys: list[list[torch.Tensor]] = [[] for _ in rows]
+        kept_values: list[list[torch.Tensor]] = [[] for _ in rows]
+        for i, span in enumerate(fills):
+            if span is not None:  # grows with every layer below: readers of this run see each layer's
+                span.keys, span.values = kept_keys[i], kept_values[i]
         linear = self.linear
         for index, layer in enumerate(bb.layers):
             attn = layer.self_attn
@@ -160,10 +244,11 @@ class PackedDecoder:
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = self._apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = v.transpose(1, 2)  # [1, heads, T, head_dim] views of the packed stream
-            if keep is not None:
-                keep.keys.append(k.contiguous())
-                keep.values.append(v.contiguous())
-            o = self._attend(q, k, v, packed, spans, prompts, index, attn.scaling)
+            for i, r in enumerate(packed):
+                if keep[i]:
+                    kept_keys[i].append(k[:, :, r.start : r.start + r.length].contiguous())
+                    kept_values[i].append(v[:, :, r.start : r.start + r.length].contiguous())
+            o = self._attend(q, k, v, packed, runs, index, attn.scaling)
             h = linear(o.view(tokens, -1), attn.o_proj, add=h)
             x = layer.post_attention_layernorm(h)
             mlp = layer.mlp
@@ -173,7 +258,14 @@ class PackedDecoder:
             else:
                 h = h + mlp(x)
         hidden: torch.Tensor = bb.norm(h)
-        return hidden
+        spans: list[KVSpan | None] = []
+        for i, r in enumerate(packed):
+            own = hidden[r.start : r.start + r.length].clone() if keep[i] else None
+            span = fills[i]
+            if span is not None and own is not None:
+                span.hidden, span.state = own, READY
+            spans.append(KVSpan(own, kept_keys[i], kept_values[i]) if own is not None else None)
+        return hidden, spans
 
     def _attend(
         self,
@@ -181,32 +273,38 @@ class PackedDecoder:
         k: torch.Tensor,
         v: torch.Tensor,
         rows: list[_Row],
-        spans: list[tuple[int, int, int]],
-        prompts: list[PromptCache],
+        runs: list[tuple[KVSpan, int, int, int]],
         layer: int,
         scale: float,
     ) -> torch.Tensor:
         """Attention output [1, T, heads, head_dim] of every packed row."""
         out = q.new_empty((1, q.shape[2], q.shape[1], q.shape[3]))
-        own_lse: dict[int, torch.Tensor] = {}
-        for i, r in enumerate(rows):
+        own_lse: list[torch.Tensor] = []
+        for r in rows:
             s, e = r.start, r.start + r.length
             o, lse = self._flash(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], 0.0, True, scale=scale)
             out[:, s:e] = o.transpose(1, 2)
-            if r.prompt >= 0:
-                own_lse[i] = lse
-        for p, s, e in spans:
-            # All queries that continue prompt p, against its keys: no mask (every query is
-            # after the whole prompt), one call, the prompt's cache never copied per row.
-            cache = prompts[p]
+            own_lse.append(lse)
+        if not runs:
+            return out
+        lse_all = torch.cat(own_lse, dim=2)  # [1, heads, T]: what each query has attended to so far
+        for span, n, s, e in runs:
+            # All queries of adjacent rows that continue this span, against its first n keys: no
+            # mask (every query comes after the whole span), one call, the span never copied.
             o_p, lse_p = self._flash(
-                q[:, :, s:e], cache.keys[layer], cache.values[layer], 0.0, False, scale=scale
+                q[:, :, s:e],
+                span.keys[layer][:, :, :n],
+                span.values[layer][:, :, :n],
+                0.0,
+                False,
+                scale=scale,
             )
-            lse_own = torch.cat([own_lse[i] for i, r in enumerate(rows) if s <= r.start < e], dim=2)
-            total = torch.logaddexp(lse_p, lse_own)
+            lse_seen = lse_all[:, :, s:e]
+            total = torch.logaddexp(lse_p, lse_seen)
             w_p = torch.exp(lse_p - total).to(o_p.dtype).transpose(1, 2).unsqueeze(-1)
-            w_own = torch.exp(lse_own - total).to(o_p.dtype).transpose(1, 2).unsqueeze(-1)
-            out[:, s:e] = out[:, s:e] * w_own + o_p.transpose(1, 2) * w_p
+            w_seen = torch.exp(lse_seen - total).to(o_p.dtype).transpose(1, 2).unsqueeze(-1)
+            out[:, s:e] = out[:, s:e] * w_seen + o_p.transpose(1, 2) * w_p
+            lse_all[:, :, s:e] = total
         return out
 
 
@@ -278,14 +376,20 @@ def _chunks(lengths: Sequence[int], limit: int) -> list[list[int]]:
     return out
 
 
-def _prompt_spans(rows: list[_Row]) -> list[tuple[int, int, int]]:
-    """(prompt, start, end) runs of adjacent rows that continue the same prompt."""
-    spans: list[tuple[int, int, int]] = []
+def _context_runs(rows: list[_Row]) -> list[tuple[KVSpan, int, int, int]]:
+    """(span, positions used, start, end): runs of adjacent rows whose contexts hold the
+    same span slice, each attended in one call."""
+    runs: list[tuple[KVSpan, int, int, int]] = []
+    open_runs: dict[tuple[int, int], list[Any]] = {}
     for r in rows:
-        if r.prompt < 0:
-            continue
-        if spans and spans[-1][0] == r.prompt and spans[-1][2] == r.start:
-            spans[-1] = (r.prompt, spans[-1][1], r.start + r.length)
-        else:
-            spans.append((r.prompt, r.start, r.start + r.length))
-    return spans
+        for span, n in r.context:
+            key = (id(span), n)
+            run = open_runs.get(key)
+            if run is not None and run[3] == r.start:
+                run[3] = r.start + r.length
+                continue
+            if run is not None:
+                runs.append((run[0], run[1], run[2], run[3]))
+            open_runs[key] = [span, n, r.start, r.start + r.length]
+    runs += [(run[0], run[1], run[2], run[3]) for run in open_runs.values()]
+    return runs

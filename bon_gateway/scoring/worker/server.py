@@ -10,6 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.formatting import InputTooLong
 from bon_gateway.scoring.worker.runtime import ModelRuntime
 from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
@@ -75,13 +76,19 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
                 f"reward model {runtime.entry.name!r} is overloaded: {runtime.batcher.queued_tokens} tokens "
                 f"queued (limit {runtime.max_queue_tokens})",
             )
-        scored = await runtime.score(group, prompt_tokens, activation)
+        owner = runtime.group(request.group_id)
+        scored = await runtime.score(
+            group, prompt_tokens, activation, keep=request.keep_candidates, owner=owner
+        )
         outcome = scored.outcome
         stats = pb.WorkerStats(
             queue_seconds=scored.queue_seconds,
             compute_seconds=outcome.compute_seconds,
             reused_prompt_tokens=outcome.reused_tokens,
         )
+        if runtime.cache is not None:
+            stats.cache_bytes = runtime.cache.used_bytes
+            stats.cache_entries = runtime.cache.entries
         self.groups_scored += 1
         if outcome.figures is not None:
             stats.batch_size = outcome.figures.rows
@@ -96,6 +103,33 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
             total_tokens=sum(scored.tokens),
             stats=stats,
         )
+
+    async def OpenGroup(
+        self, request: pb.WorkerOpenGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerOpenGroupResponse:
+        runtime = await self._runtime(request.model, context)
+        messages = [Message(m.role, m.content) for m in request.messages]
+        try:
+            group, kept = await runtime.open_group(messages, request.ttl_s)
+        except InputTooLong as err:
+            await _invalid(context, err.param, str(err))
+        log_phase(
+            log,
+            "open-group",
+            logging.DEBUG,
+            model=runtime.entry.name,
+            id=request.request_id,
+            group=group.id,
+            prompt_tokens=group.prompt_tokens,
+            kept=kept,
+        )
+        return pb.WorkerOpenGroupResponse(group_id=group.id, prompt_tokens=group.prompt_tokens, kept=kept)
+
+    async def CloseGroup(
+        self, request: pb.WorkerCloseGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerCloseGroupResponse:
+        runtime = await self._runtime(request.model, context)
+        return pb.WorkerCloseGroupResponse(found=runtime.close_group(request.group_id))
 
     async def Info(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
