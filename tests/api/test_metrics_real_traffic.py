@@ -15,11 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.engine import RewardScorer
 from bon_gateway.metrics import Metrics
-from tests.api.conftest import QUESTION, TEXTS
+from tests.api.conftest import QUESTION
 from tests.api.test_http_openai import _promtool
 from tests.fakes import FakeUpstream, ServedGateway, gateway_config
 
 # Gauges that are legitimately 0 between requests: present is enough.
+# Longer than the rejection checkpoint below, so a rejected candidate avoids tokens.
+TEXTS = tuple(f"Answer {i}: " + "one two three four five six seven eight." for i in range(4))
 AT_REST_ZERO = {"bon_requests_in_flight", "bon_score_queue_depth", "bon_score_padding_ratio"}
 
 
@@ -52,6 +54,15 @@ def test_every_metric_present_and_moving_after_real_traffic(tiny_llama_rm: Path)
             url = f"{gateway.http_url}/v1/chat/completions"
             ok = {"messages": QUESTION, "best_of": 4, "seed": 0}
             assert httpx.post(url, json=ok, timeout=120).status_code == 200
+            # Speculative rejection cancels half the candidates at their second token
+            # (tokens 20 ms apart: the candidates are still running at the checkpoint).
+            rejection = {**ok, "strategy": "speculative_rejection", "checkpoints": [2]}
+            upstream.token_delay_s = 0.02
+            rejected = httpx.post(url, json={**rejection, "return_candidates": True}, timeout=120)
+            upstream.token_delay_s = 0.0
+            assert rejected.status_code == 200, rejected.text
+            reasons = [c["finish_reason"] for c in rejected.json()["candidates"]]
+            assert reasons.count("rejected") == 2, reasons
             # One candidate's upstream call fails: an upstream error and a dropped candidate.
             upstream.fail_seeds = {3}
             dropped = httpx.post(url, json={**ok, "min_candidates": 2}, timeout=120)
@@ -72,7 +83,7 @@ def test_every_metric_present_and_moving_after_real_traffic(tiny_llama_rm: Path)
             while True:  # requests are counted once their response is sent
                 scrape = httpx.get(f"{gateway.http_url}/metrics", timeout=10).text
                 values = _families(scrape)
-                if values.get("bon_requests", 0) >= 3 or time.monotonic() > deadline:
+                if values.get("bon_requests", 0) >= 4 or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
     missing = sorted(expected - set(values))
