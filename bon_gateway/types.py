@@ -165,6 +165,7 @@ class ScoredCandidate:
     finish_reason: str = "stop"
     rank: int = 0
     answer: str | None = None
+    tokens: int = 0  # generated candidates: the tokens it took (the upstream's count)
 
 
 @dataclass(slots=True)

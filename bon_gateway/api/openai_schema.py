@@ -248,6 +248,7 @@ def _candidates(result: BonResult) -> list[dict[str, Any]]:
             "reward": c.reward,
             "rank": c.rank,
             "finish_reason": c.finish_reason,
+            "tokens": c.tokens,
             **({"step_rewards": list(c.step_rewards)} if c.step_rewards else {}),
             **({"answer": c.answer} if c.answer is not None else {}),
         }

@@ -27,7 +27,7 @@ import pytest
 
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
-from bon_gateway.types import Message
+from bon_gateway.types import Deadline, Message
 from bon_gateway.verifier.assemble import DEFAULT_DIR, STAMP_NAME, assemble_verifier, is_assembled
 from bon_gateway.verifier.head import load_head
 from tests.fixtures import checkpoints
@@ -84,9 +84,11 @@ async def test_worker_equals_reference_and_the_shipped_head(
         for start in range(0, len(solutions), 4):  # one group per problem, as /v1/rewards sends them
             messages = (Message("user", questions[start]),)
             group = solutions[start : start + 4]
-            got = await pool.score("gsm8k-verifier", messages, group, activation="none")
+            deadline = Deadline.after(300)
+            got = await pool.score("gsm8k-verifier", messages, group, deadline=deadline, activation="none")
             raw += [s.reward for s in got.scores]
-            default = await pool.score("gsm8k-verifier", messages, group)  # the entry's sigmoid
+            # The entry's own activation: sigmoid.
+            default = await pool.score("gsm8k-verifier", messages, group, deadline=deadline)
             probs += [s.reward for s in default.scores]
     finally:
         await pool.aclose()
