@@ -110,7 +110,9 @@ def gateway(upstreams: list[str], max_tokens: int, log_dir: Path) -> Iterator[st
             "retries": 1,
         },
         "reward_models": [
-            {"name": "gsm8k-verifier", "path": str(VERIFIER), "activation": "sigmoid", "workers": 1}
+            # Raw logits, not config/local.toml's sigmoid: the sigmoid saturates at 1.0 for
+            # many answers, which would hide the differences between winners (same ranking).
+            {"name": "gsm8k-verifier", "path": str(VERIFIER), "activation": "none", "workers": 1}
         ],
     }
     config_file = log_dir / "gateway.toml"
@@ -158,7 +160,7 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def upstream_cpu_s(processes: list[psutil.Process]) -> float:
-    return sum(p.cpu_times().user + p.cpu_times().system for p in processes)
+    return float(sum(p.cpu_times().user + p.cpu_times().system for p in processes))
 
 
 def ask(
@@ -178,9 +180,6 @@ def ask(
         "max_tokens": args.max_tokens,
         "return_candidates": True,
         "strategy": config.strategy,
-        # Raw logits: the sigmoid saturates at 1.0 for many answers, which would hide
-        # the differences between winners (the ranking is the same).
-        "activation": "none",
     }
     if config.alpha is not None:
         body |= {"rejection_rate": config.alpha, "checkpoints": args.checkpoints}
@@ -225,11 +224,15 @@ def main() -> None:
     parser.add_argument("--ns", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.75])
     parser.add_argument("--checkpoints", type=int, nargs="+", default=[16, 32, 64])
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--upstreams", type=int, default=None, help="llama.cpp servers (default: max N)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from the .jsonl")
+    parser.add_argument(
+        "--cancel-probe", action="store_true", help="only measure what llama.cpp does when a stream closes"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "early_rejection")
     args = parser.parse_args()
     # A terminated run still stops its servers (the `with` blocks' cleanup runs).
@@ -238,11 +241,17 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "bon_gateway.verifier"], check=True, cwd=REPO)
     # Held-out problems (line index % 3 == 0; the verifier head was trained on the others).
     problems = [p for p in load_gsm8k_candidates() if p.index % 3 == 0][: args.questions]
+    raw = args.out.with_suffix(".jsonl")
+    if args.cancel_probe:
+        cancel_probe(problems[0], args.out.with_name(args.out.name + "_cancel.md"))
+        return
+    if args.report_only:
+        report([json.loads(line) for line in raw.read_text().splitlines()], problems, args)
+        return
     big = max(args.ns)
     configs = [Config("best_of_n", n) for n in args.ns] + [
         Config("speculative_rejection", n, a) for n in args.ns for a in args.alphas
     ]
-    raw = args.out.with_suffix(".jsonl")
     raw.parent.mkdir(parents=True, exist_ok=True)
     done: set[tuple[int, str]] = set()
     if args.resume and raw.exists():
@@ -277,13 +286,70 @@ def main() -> None:
     report(rows, problems, args)
 
 
+def cancel_probe(problem: Problem, path: Path) -> None:
+    """One llama.cpp server: a 200-token stream read to its end, then the same stream closed
+    after 10 chunks; the server's CPU seconds during each and in the 3 s after the close."""
+    with tempfile.TemporaryDirectory() as tmp, llama_servers(1, Path(tmp)) as [(url, server)]:
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": problem.question}],
+            "max_tokens": 200,
+            "temperature": 0.8,
+            "seed": 1,
+            "stream": True,
+            "stop": [],
+        }
+        figures: dict[str, float] = {}
+        with httpx.Client(timeout=300) as client:
+            client.post(f"{url}/chat/completions", json={**body, "stream": False, "max_tokens": 8})  # warm
+            before = upstream_cpu_s([server])
+            chunks = 0
+            with client.stream("POST", f"{url}/chat/completions", json=body) as reply:
+                for line in reply.iter_lines():
+                    chunks += line.startswith("data: {")
+            figures["full_chunks"], figures["full_cpu_s"] = chunks, upstream_cpu_s([server]) - before
+            before = upstream_cpu_s([server])
+            chunks = 0
+            with client.stream("POST", f"{url}/chat/completions", json={**body, "seed": 2}) as reply:
+                for line in reply.iter_lines():
+                    chunks += line.startswith("data: {")
+                    if chunks == 10:
+                        break
+            closed = upstream_cpu_s([server])
+            figures["closed_cpu_s"] = closed - before
+            time.sleep(3)
+            figures["after_close_cpu_s"] = upstream_cpu_s([server]) - closed
+            started = time.perf_counter()
+            client.post(f"{url}/chat/completions", json={**body, "stream": False, "max_tokens": 1})
+            figures["next_request_s"] = time.perf_counter() - started
+    text = (
+        "# llama-cpp-python when a candidate's stream is closed\n\n"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+        f"{os.getloadavg()[0]:.2f}; `python bench/early_rejection.py --cancel-probe`\n\n"
+        "| stream | server CPU s |\n|---|---|\n"
+        f"| read to the end ({figures['full_chunks']:.0f} chunks) | {figures['full_cpu_s']:.2f} |\n"
+        f"| closed after 10 chunks: until the close | {figures['closed_cpu_s']:.2f} |\n"
+        f"| closed after 10 chunks: the 3 s after it | {figures['after_close_cpu_s']:.2f} |\n\n"
+        f"The next request (1 token) was answered in {figures['next_request_s']:.2f} s.\n"
+    )
+    path.write_text(text, encoding="utf-8")
+    print(text)
+
+
 # -- the report -------------------------------------------------------------------
 
 
 def report(rows: list[dict[str, Any]], problems: list[Problem], args: argparse.Namespace) -> None:
     by_index = {p.index: p for p in problems}
-    rows = [r for r in rows if r["question"] in by_index]
-    questions = len({r["question"] for r in rows})
+    # Questions every configuration has answered (an interrupted run leaves partial ones).
+    configs = {r["config"] for r in rows}
+    complete = {
+        q
+        for q in by_index
+        if all(any(r["question"] == q and r["config"] == c for r in rows) for c in configs)
+    }
+    rows = [r for r in rows if r["question"] in complete]
+    questions = len(complete)
     summary: dict[str, dict[str, Any]] = {}
     for key in sorted({r["config"] for r in rows}):
         group = [r for r in rows if r["config"] == key]
