@@ -101,7 +101,13 @@ def gateway(upstreams: list[str], max_tokens: int, log_dir: Path) -> Iterator[st
     """`bon-gateway serve` balancing over the upstreams, the GSM8K verifier as its RM."""
     http_port = free_port()
     config = {
-        "server": {"host": "127.0.0.1", "http_port": http_port, "grpc_port": free_port()},
+        # A loaded machine must not cut a best-of-16 short: the deadline is not what is measured.
+        "server": {
+            "host": "127.0.0.1",
+            "http_port": http_port,
+            "grpc_port": free_port(),
+            "request_timeout_s": 3600.0,
+        },
         "generator": {
             "urls": upstreams,
             "model": "smollm2-135m-instruct",
