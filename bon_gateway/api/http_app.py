@@ -159,12 +159,18 @@ async def _read_body(request: Request, model: type[M]) -> M:
         return model.model_validate_json(raw)
     except ValidationError as err:
         errors = err.errors(include_url=False)
-        if errors[0]["type"] != "json_invalid":
+        if errors[0]["type"] != "json_invalid" or _too_deep(errors[0]):
+            # Too deep for pydantic-core is too deep: Python's json would only hit its own
+            # recursion limit (a RecursionError, a 500) a few hundred levels further down.
             raise RequestValidationError(errors) from None
     try:
         return model.model_validate(_python_json(raw))
     except ValidationError as err:
         raise RequestValidationError(err.errors(include_url=False)) from None
+
+
+def _too_deep(error: Any) -> bool:
+    return "recursion limit" in str((error.get("ctx") or {}).get("error", ""))
 
 
 def _python_json(raw: bytes) -> Any:
@@ -177,6 +183,8 @@ def _python_json(raw: bytes) -> Any:
         detail, pos = err.msg, err.pos
     except UnicodeDecodeError as err:
         detail, pos = "not valid UTF-8", err.start
+    except RecursionError:
+        detail, pos = "nested too deeply", 0
     error = {"type": "json_invalid", "loc": (pos,), "msg": "JSON decode error", "ctx": {"error": detail}}
     raise RequestValidationError([error])
 

@@ -178,6 +178,7 @@ class Engine:
                 reward=candidate_reward(score, request.aggregation),
                 step_rewards=score.step_rewards,
                 finish_reason=gen.finish_reason,
+                tool_calls=gen.tool_calls,
             )
             for gen, score in sorted(outcome.finished, key=lambda pair: pair[0].index)
         ]

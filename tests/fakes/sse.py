@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["done_event", "event", "stream_chunks", "tokens_of"]
+__all__ = ["done_event", "event", "stream_chunks", "tokens_of", "tool_call_chunks"]
 
 
 def tokens_of(text: str) -> list[str]:
@@ -64,6 +64,46 @@ def stream_chunks(
         chunks.append({**base, "choices": [choice(i, None, finish_reason)]})
     if include_usage:
         completion = sum(len(s) for s in split)
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        chunks.append({**base, "choices": [], "usage": usage})
+    return chunks
+
+
+def tool_call_chunks(
+    *, calls: Sequence[tuple[str, str]], model: str, prompt_tokens: int, include_usage: bool
+) -> list[dict[str, Any]]:
+    """A streamed chat reply (one choice, no content) that calls tools, as vLLM sends it:
+    per call a first delta with its id, type and name, then its arguments in two pieces;
+    finish_reason "tool_calls"."""
+    base: dict[str, Any] = {
+        "id": "fake-stream",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+    }
+
+    def chunk(delta: dict[str, Any], reason: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+
+    chunks = [chunk({"role": "assistant", "content": None})]
+    for i, (name, arguments) in enumerate(calls):
+        first = {
+            "index": i,
+            "id": f"call_{i}",
+            "type": "function",
+            "function": {"name": name, "arguments": ""},
+        }
+        chunks.append(chunk({"tool_calls": [first]}))
+        half = len(arguments) // 2
+        for piece in (arguments[:half], arguments[half:]):
+            chunks.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]}))
+    chunks.append(chunk({}, "tool_calls"))
+    if include_usage:
+        completion = 2 * len(calls)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion,
