@@ -93,3 +93,66 @@ def test_bad_scoring_requests_name_the_field(request_: ScoreRequest, param: str)
 def test_explicit_steps_are_scored_as_their_joined_text() -> None:
     admitted = admission().admit_score(ScoreRequest(USER, steps=(("a\n\n", "b"), ("c",))))
     assert admitted.texts == ("a\n\nb", "c") and admitted.reward_model == "rm"
+
+
+# -- text and passthrough values (issue 13, finding 7): both fronts, before any work ----------
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (BonRequest((Message("user", "a\ud800b"),)), "messages[0].content"),
+        (BonRequest((Message("user", "hi", name="\udfff"),)), "messages[0].name"),
+        (BonRequest((), prompt="\ud83d"), "prompt"),
+        (BonRequest(USER, sampling=SamplingParams(stop=("ok", "\ud800"))), "stop[1]"),
+        (BonRequest(USER, model="m\ud800"), "model"),
+        (
+            BonRequest(USER, sampling=SamplingParams(extra={"presence_penalty": float("nan")})),
+            "presence_penalty",
+        ),
+        (
+            BonRequest(USER, sampling=SamplingParams(extra={"logit_bias": {"42": float("-inf")}})),
+            "logit_bias",
+        ),
+        (
+            BonRequest(
+                USER,
+                sampling=SamplingParams(
+                    extra={"response_format": {"json_schema": {"x": [1.0, float("inf")]}}}
+                ),
+            ),
+            "response_format.json_schema.x[1]",
+        ),
+        (BonRequest(USER, sampling=SamplingParams(extra={"tools": [{"d": "\ud800"}]})), "tools[0].d"),
+    ],
+)
+def test_invalid_text_and_non_json_numbers_are_refused_naming_the_field(
+    request_: BonRequest, param: str
+) -> None:
+    assert refused(request_).param == param
+
+
+def test_passthrough_values_nested_too_deep_are_refused() -> None:
+    deep: object = "leaf"
+    for _ in range(1000):
+        deep = [deep]
+    error = refused(BonRequest(USER, sampling=SamplingParams(extra={"response_format": {"a": deep}})))
+    assert error.param is not None and error.param.startswith("response_format.a")
+    assert "nested deeper" in error.message
+    shallow: object = "leaf"
+    for _ in range(20):
+        shallow = [shallow]
+    admission().admit_bon(
+        BonRequest(USER, sampling=SamplingParams(extra={"response_format": {"a": shallow}}))
+    )
+
+
+def test_scoring_inputs_with_lone_surrogates_are_refused() -> None:
+    for request_, param in (
+        (ScoreRequest(USER, candidates=("fine", "bad\ud800")), "candidates[1]"),
+        (ScoreRequest(USER, steps=(("a", "\udc00"),)), "steps[0][1]"),
+        (ScoreRequest((Message("user", "\ud800"),), candidates=("x",)), "messages[0].content"),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            admission().admit_score(request_)
+        assert caught.value.param == param
