@@ -162,6 +162,8 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
+    # The upstream's logprobs of the candidate (OpenAI's shape), when the request asked.
+    logprobs: dict[str, object] | None = None
 
     def scoring_text(self) -> str:
         """The whole assistant message as the reward model reads it (tool calls included)."""
@@ -206,6 +208,7 @@ class ScoredCandidate:
     rank: int = 0
     answer: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: dict[str, object] | None = None
 
 
 @dataclass(slots=True)

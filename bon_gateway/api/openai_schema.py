@@ -60,13 +60,13 @@ PASSTHROUGH_FIELDS = (
     "parallel_tool_calls",
     "user",
     "suffix",
+    "logprobs",
+    "top_logprobs",
 )
 
 # OpenAI fields that cannot mean what the client asks for behind Best-of-N: a 400
 # naming the field, never a silent drop. Why, per field:
 REFUSED_FIELDS = {
-    "logprobs": "the gateway does not return upstream logprobs (rewards rank the candidates)",
-    "top_logprobs": "the gateway does not return upstream logprobs (rewards rank the candidates)",
     "echo": "an echoed prompt would be scored as part of every candidate",
     "functions": "the deprecated functions API is not passed through: use tools",
     "function_call": "the deprecated functions API is not passed through: use tool_choice",
@@ -179,11 +179,12 @@ class _GenerateFields(_Request):
     parallel_tool_calls: StrictBool | None = None
     user: str | None = None
     suffix: str | None = None
+    # Chat: logprobs true / top_logprobs N; completions: logprobs N. Each candidate's come back.
+    logprobs: StrictBool | StrictInt | None = None
+    top_logprobs: StrictInt | None = None
 
     # Refused by name when set (REFUSED_FIELDS says why): typed loosely, so that the
     # client hears the reason rather than a type error.
-    logprobs: Any = None
-    top_logprobs: Any = None
     echo: Any = None
     functions: Any = None
     function_call: Any = None
@@ -196,7 +197,7 @@ class _GenerateFields(_Request):
         for name, why in REFUSED_FIELDS.items():
             value = getattr(self, name)
             if value is None or value is False or (type(value) is int and value == 0):
-                continue  # the default spelled out (logprobs: false, top_logprobs: 0)
+                continue  # the default spelled out (echo: false)
             raise InvalidRequest(f"{name} is not supported by bon-gateway: {why}", param=name)
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
@@ -399,7 +400,7 @@ def chat_completion_body(result: BonResult, request: BonRequest) -> dict[str, An
             "index": i,
             "message": _assistant_message(c),
             "finish_reason": c.finish_reason,
-            "logprobs": None,
+            "logprobs": c.logprobs,
             **_reward_fields(c),
         }
         for i, c in enumerate(result.ranked[: request.n])
@@ -411,7 +412,13 @@ def completion_body(result: BonResult, request: BonRequest) -> dict[str, Any]:
     """An OpenAI text_completion: the best n candidates, best first."""
     body = _envelope(result, request, "text_completion", "cmpl")
     body["choices"] = [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None, **_reward_fields(c)}
+        {
+            "index": i,
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "logprobs": c.logprobs,
+            **_reward_fields(c),
+        }
         for i, c in enumerate(result.ranked[: request.n])
     ]
     return body
@@ -533,7 +540,7 @@ def chat_completion_chunks(
             "index": i,
             "delta": {},
             "finish_reason": c.finish_reason,
-            "logprobs": None,
+            "logprobs": c.logprobs,  # all of the choice's at once (clients join them across chunks)
             **_reward_fields(c),
         }
         chunks.append(_chunk(result, "chat.completion.chunk", "chatcmpl", created, [closing]))
@@ -559,7 +566,7 @@ def completion_chunks(
                     "index": i,
                     "text": "" if streamed and i == 0 else c.text,
                     "finish_reason": c.finish_reason,
-                    "logprobs": None,
+                    "logprobs": c.logprobs,
                     **_reward_fields(c),
                 }
             ],

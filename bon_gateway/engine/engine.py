@@ -200,6 +200,7 @@ class Engine:
                 step_rewards=score.step_rewards,
                 finish_reason=gen.finish_reason,
                 tool_calls=gen.tool_calls,
+                logprobs=gen.logprobs,
             )
             for gen, score in sorted(outcome.finished, key=lambda pair: pair[0].index)
         ]

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 from bon_gateway.errors import BonError, InvalidRequest, UpstreamError
 from bon_gateway.generation.balancer import Endpoint
 from bon_gateway.generation.caller import CandidateFailed, UpstreamRejected
-from bon_gateway.generation.payload import BadResponse, ToolCallDelta, build_payload, parse_chunk
+from bon_gateway.generation.payload import (
+    BadResponse,
+    ToolCallDelta,
+    build_payload,
+    merge_logprobs,
+    parse_chunk,
+)
 from bon_gateway.types import (
     BonRequest,
     Deadline,
@@ -70,6 +76,7 @@ class _Live:
     index: int
     parts: list[str] = field(default_factory=list)
     calls: dict[int, _ToolCallParts] = field(default_factory=dict)  # by the call's index
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # each chunk's, in order
     tokens: int = 0  # content chunks counted (one token each on vLLM, SGLang, llama.cpp)
     finish_reason: str | None = None
     done: bool = False  # finished, failed or cancelled: no more events
@@ -83,6 +90,7 @@ class _Live:
     def clear(self) -> None:
         self.parts.clear()
         self.calls.clear()
+        self.logprobs.clear()
         self.tokens = 0
 
 
@@ -262,6 +270,8 @@ class FanOut:
                     continue  # cancelled (n mode: its stream still runs for the others)
                 for piece in delta.tool_calls:
                     live.calls.setdefault(piece.index, _ToolCallParts()).add(piece)
+                if delta.logprobs is not None:
+                    live.logprobs.append(delta.logprobs)
                 if delta.text or delta.tool_calls:
                     live.parts.append(delta.text)
                     live.tokens += 1
@@ -283,6 +293,7 @@ class FanOut:
             prompt_tokens=call.prompt_tokens,
             completion_tokens=live.tokens,
             tool_calls=live.tool_calls(),
+            logprobs=merge_logprobs(live.logprobs),
         )
 
     def _start_over(self, call: _Call) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "build_payload",
     "completion_as_chunk",
     "error_message",
+    "merge_logprobs",
     "parse_choices",
     "parse_chunk",
 ]
@@ -139,6 +140,8 @@ class ChoiceDelta:
     text: str
     finish_reason: str | None
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    # The chunk's logprobs object as the upstream sent it (asked for with `logprobs`).
+    logprobs: dict[str, Any] | None = None
 
 
 def _tool_call_deltas(raw: Any) -> tuple[ToolCallDelta, ...]:
@@ -182,7 +185,11 @@ def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
             reason = choice.get("finish_reason")
             deltas.append(
                 ChoiceDelta(
-                    int(choice.get("index") or 0), str(text), None if reason is None else str(reason), calls
+                    int(choice.get("index") or 0),
+                    str(text),
+                    None if reason is None else str(reason),
+                    calls,
+                    logprobs if isinstance(logprobs := choice.get("logprobs"), dict) else None,
                 )
             )
         usage = data.get("usage")
@@ -193,6 +200,22 @@ def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
         return deltas, None
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
         raise BadResponse(f"unexpected upstream chunk ({type(err).__name__})") from None
+
+
+def merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One candidate's logprobs out of its chunks' pieces: every list joined in order
+    (chat's `content`, completions' `tokens`, `token_logprobs`, `top_logprobs`,
+    `text_offset`), other values from the first piece that has them."""
+    if not parts:
+        return None
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+            elif merged.get(key) is None:
+                merged[key] = value
+    return merged
 
 
 def completion_as_chunk(data: Any) -> Any:

@@ -92,6 +92,9 @@ class FakeUpstream:
     (those seeds answer 500), `delay_s` (sleep before answering).
     `requests` records every JSON body received.
 
+    `logprobs` in a streamed request: each token chunk carries its logprob
+    (tests.fakes.sse.fake_logprob).
+
     Tool calling: `tool_calls[i]` (a list of (name, arguments JSON text)) makes the
     chat answer of text i a reply that calls those tools instead (content null,
     finish_reason "tool_calls"; streamed as vLLM streams tool-call deltas).
@@ -185,7 +188,12 @@ class FakeUpstream:
             )
         else:
             chunks = stream_chunks(
-                chat=chat, texts=[text], model=model, prompt_tokens=prompt_tokens, include_usage=include_usage
+                chat=chat,
+                texts=[text],
+                model=model,
+                prompt_tokens=prompt_tokens,
+                include_usage=include_usage,
+                logprobs=bool(body.get("logprobs")),
             )
 
         async def events() -> AsyncIterator[bytes]:

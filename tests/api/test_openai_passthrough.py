@@ -1,6 +1,7 @@
-"""Tool calling through the gateway (issue 13, finding 6): the official openai SDK over
-real HTTP, a FakeUpstream whose candidates call tools, FakeScorer rewards on what the
-reward model reads (a tool call rendered into the assistant turn)."""
+"""OpenAI fields through the gateway (issue 13, finding 6): tool calling, logprobs and the
+other fields the gateway passes on, with the official openai SDK over real HTTP, a
+FakeUpstream whose candidates call tools, FakeScorer rewards on what the reward model
+reads (a tool call rendered into the assistant turn). What cannot work is a 400."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import openai
 import pytest
 
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
+from tests.fakes.sse import fake_logprob, tokens_of
 
 pytestmark = pytest.mark.integration
 
@@ -216,8 +218,6 @@ def test_other_openai_fields_pass_through_unchanged(client: openai.OpenAI, upstr
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("logprobs", True),
-        ("top_logprobs", 3),
         ("functions", [{"name": "f", "parameters": {}}]),
         ("function_call", "auto"),
         ("modalities", ["text", "audio"]),
@@ -240,7 +240,7 @@ def test_echo_on_completions_is_a_400_and_defaults_spelled_out_are_fine(
     url = f"{gateway.base_url}/completions"
     echoed = httpx.post(url, json={"prompt": "Hi", "best_of": 2, "echo": True}, timeout=30)
     assert echoed.status_code == 400 and echoed.json()["error"]["param"] == "echo"
-    plain = {"prompt": "Hi", "best_of": 2, "echo": False, "logprobs": None}
+    plain = {"prompt": "Hi", "best_of": 2, "echo": False, "logprobs": None, "prediction": None}
     assert httpx.post(url, json=plain, timeout=30).status_code == 200
     chat = {"messages": QUESTION, "best_of": 2, "logprobs": False, "top_logprobs": 0}
     assert httpx.post(f"{gateway.base_url}/chat/completions", json=chat, timeout=30).status_code == 200
@@ -269,3 +269,56 @@ def test_tool_history_mistakes_are_a_400_naming_the_field(
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
     assert len(upstream.requests) == before
+
+
+# -- logprobs: each candidate's, from the upstream's chunks ---------------------------------------
+
+WINNER = "I am not sure."  # seed 2, best_of 2: "London." (-1) and this (0)
+
+
+def test_chat_logprobs_come_back_with_the_winner(client: openai.OpenAI, upstream: FakeUpstream) -> None:
+    before = len(upstream.requests)
+    reply = client.chat.completions.create(
+        model="fake-generator",
+        messages=QUESTION,  # type: ignore[arg-type]
+        seed=2,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"best_of": 2},
+    )
+    for body in _calls_since(upstream, before):
+        assert body["logprobs"] is True and body["top_logprobs"] == 2
+    best = reply.choices[0]
+    assert best.message.content == WINNER
+    assert best.logprobs is not None and best.logprobs.content is not None
+    assert [t.token for t in best.logprobs.content] == tokens_of(WINNER)
+    assert [t.logprob for t in best.logprobs.content] == [fake_logprob(t) for t in tokens_of(WINNER)]
+
+
+def test_streamed_chat_logprobs_join_in_the_sdk(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="fake-generator",
+        messages=QUESTION,  # type: ignore[arg-type]
+        seed=2,
+        logprobs=True,
+        stream=True,
+        extra_body={"best_of": 2},
+    )
+    tokens = [
+        t.token
+        for chunk in stream
+        for choice in chunk.choices
+        if choice.logprobs is not None
+        for t in choice.logprobs.content or ()
+    ]
+    assert tokens == tokens_of(WINNER)
+
+
+def test_completion_logprobs_come_back_with_the_winner(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="fake-generator", prompt="Weather?", seed=2, logprobs=1, extra_body={"best_of": 2}
+    )
+    best = reply.choices[0]
+    assert best.text == WINNER
+    assert best.logprobs is not None and best.logprobs.tokens == tokens_of(WINNER)
+    assert best.logprobs.token_logprobs == [fake_logprob(t) for t in tokens_of(WINNER)]
