@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bon_gateway.config import LimitsConfig, ServerConfig, StrategyConfig, check_schedule
 from bon_gateway.engine.search import SearchPlan
@@ -109,11 +109,7 @@ class Admission:
         if request.prompt is not None:
             scoring: tuple[Message, ...] = (Message("user", request.prompt),)
         else:
-            # The reward model reads each turn as text: tool calls rendered into theirs.
-            scoring = tuple(
-                Message(m.role, scoring_text(m.content, m.tool_calls)) if m.tool_calls else m
-                for m in request.messages
-            )
+            scoring = _scoring_messages(request.messages)
         return AdmittedBon(request, reward_model, scoring, plan)
 
     def _plan(self, request: BonRequest) -> SearchPlan:
@@ -177,7 +173,17 @@ class Admission:
                 param="candidates",
             )
         reward_model = self.reward_model(request.reward_model, param="model")
+        # Only the reward model reads these messages: tool calls rendered into their turns.
+        request = replace(request, messages=_scoring_messages(request.messages))
         return AdmittedScore(request, reward_model, texts)
+
+
+def _scoring_messages(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """The chat as the reward model reads it: each turn as text, an assistant turn's tool
+    calls rendered after its content (types.scoring_text)."""
+    return tuple(
+        Message(m.role, scoring_text(m.content, m.tool_calls)) if m.tool_calls else m for m in messages
+    )
 
 
 def _check_messages(messages: Sequence[Message]) -> None:

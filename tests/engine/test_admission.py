@@ -7,7 +7,7 @@ import pytest
 from bon_gateway.config import ServerConfig
 from bon_gateway.engine.admission import Admission
 from bon_gateway.errors import InvalidRequest, Unavailable
-from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest
+from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest, ToolCall
 
 USER = (Message("user", "What is 2 + 2?"),)
 
@@ -156,3 +156,31 @@ def test_scoring_inputs_with_lone_surrogates_are_refused() -> None:
         with pytest.raises(InvalidRequest) as caught:
             admission().admit_score(request_)
         assert caught.value.param == param
+
+
+def test_the_reward_model_reads_tool_calls_in_the_assistant_turn() -> None:
+    call = ToolCall("c1", "get_weather", '{"city": "Paris"}')
+    chat = (
+        Message("user", "Weather?"),
+        Message("assistant", "", (call,)),
+        Message("tool", "21 C", tool_call_id="c1"),
+    )
+    rendered = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    bon = admission(max_best_of=8).admit_bon(BonRequest(chat))
+    assert [(m.role, m.content) for m in bon.scoring_messages] == [
+        ("user", "Weather?"),
+        ("assistant", rendered),
+        ("tool", "21 C"),
+    ]
+    assert bon.request.messages == chat  # the upstream gets the turns as they came
+    score = admission().admit_score(ScoreRequest(chat, candidates=("It is 21 C.",)))
+    assert score.request.messages[1].content == rendered
+
+
+def test_tool_calls_only_in_assistant_turns_and_with_a_name() -> None:
+    call = ToolCall("c1", "f", "{}")
+    assert refused(BonRequest((Message("user", "x", (call,)),))).param == "messages[0].tool_calls"
+    nameless = ToolCall("c1", "", "{}")
+    assert refused(BonRequest((Message("assistant", "", (nameless,)),))).param == (
+        "messages[0].tool_calls[0].function.name"
+    )
