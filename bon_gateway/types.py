@@ -6,6 +6,7 @@ inside the front process.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -79,9 +80,43 @@ class Dropped:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call an assistant turn makes (OpenAI `tool_calls[i]`); `arguments` is
+    the JSON text the model wrote, kept as it came (it may not even be valid JSON)."""
+
+    id: str
+    name: str
+    arguments: str
+    type: str = "function"
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     role: str
     content: str
+    # OpenAI tool calling: an assistant turn's calls (its content may then be null,
+    # kept as ""), a tool turn's answer to one call, a participant's name.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+def scoring_text(content: str, tool_calls: tuple[ToolCall, ...]) -> str:
+    """What the reward model reads of an assistant turn: its content, then one
+    `<tool_call>{"name": ..., "arguments": ...}</tool_call>` line per call, the format
+    of the Hermes / Qwen2.5 chat templates (so reward models tuned on those see text they
+    know). Arguments that are valid JSON are embedded as JSON, others as a string."""
+    if not tool_calls:
+        return content
+    lines = [content] if content else []
+    for call in tool_calls:
+        try:
+            arguments: object = json.loads(call.arguments) if call.arguments else {}
+        except (ValueError, RecursionError):
+            arguments = call.arguments
+        rendered = json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
+        lines.append(f"<tool_call>{rendered}</tool_call>")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +161,13 @@ class Generation:
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+    # The upstream's logprobs of the candidate (OpenAI's shape), when the request asked.
+    logprobs: dict[str, object] | None = None
+
+    def scoring_text(self) -> str:
+        """The whole assistant message as the reward model reads it (tool calls included)."""
+        return scoring_text(self.text, self.tool_calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +208,8 @@ class ScoredCandidate:
     rank: int = 0
     answer: str | None = None
     tokens: int = 0  # generated candidates: the tokens it took (the upstream's count)
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: dict[str, object] | None = None
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from bon_gateway.api import grpc_convert as convert
+from bon_gateway.api.grpc_decode import Undecodable, decoded
 from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import (
     BonError,
@@ -129,9 +130,10 @@ class BestOfNService(pb_grpc.BestOfNServicer):
 
     # -- RPCs -----------------------------------------------------------
     async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.GenerateResponse:
         async with self._rpc("Generate", context):
+            request = decoded(request)
             deadline = self._deadline(context)
             admitted = self.engine.admit(convert.bon_request_from_proto(request, self._default_best_of))
             result = await self.engine.run(admitted, deadline)
@@ -139,9 +141,10 @@ class BestOfNService(pb_grpc.BestOfNServicer):
         raise AssertionError("unreachable: _rpc aborts on error")
 
     async def GenerateStream(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateEvent]:
         async with self._rpc("GenerateStream", context):
+            request = decoded(request)
             deadline = self._deadline(context)
             admitted = self.engine.admit(convert.bon_request_from_proto(request, self._default_best_of))
             # The engine reports progress through callbacks; a queue turns them
@@ -175,8 +178,11 @@ class BestOfNService(pb_grpc.BestOfNServicer):
                 run.cancel()
             yield pb.GenerateEvent(result=convert.generate_response(result, admitted.request))
 
-    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+    async def Score(
+        self, request: pb.ScoreRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.ScoreResponse:
         async with self._rpc("Score", context):
+            request = decoded(request)
             deadline = self._deadline(context)
             admitted = self.engine.admit_score(convert.score_request_from_proto(request))
             result = await self.engine.score(admitted, deadline)

@@ -50,7 +50,7 @@ from bon_gateway.api.openai_schema import (
     models_body,
     rewards_body,
 )
-from bon_gateway.api.sse import sse_best_of_n
+from bon_gateway.api.sse import sse_best_of_n, start_run
 from bon_gateway.engine.engine import Engine, new_request_id
 from bon_gateway.engine.search import OnWinnerText
 from bon_gateway.errors import BonError, InvalidRequest
@@ -159,12 +159,18 @@ async def _read_body(request: Request, model: type[M]) -> M:
         return model.model_validate_json(raw)
     except ValidationError as err:
         errors = err.errors(include_url=False)
-        if errors[0]["type"] != "json_invalid":
+        if errors[0]["type"] != "json_invalid" or _too_deep(errors[0]):
+            # Too deep for pydantic-core is too deep: Python's json would only hit its own
+            # recursion limit (a RecursionError, a 500) a few hundred levels further down.
             raise RequestValidationError(errors) from None
     try:
         return model.model_validate(_python_json(raw))
     except ValidationError as err:
         raise RequestValidationError(err.errors(include_url=False)) from None
+
+
+def _too_deep(error: Any) -> bool:
+    return "recursion limit" in str((error.get("ctx") or {}).get("error", ""))
 
 
 def _python_json(raw: bytes) -> Any:
@@ -177,6 +183,8 @@ def _python_json(raw: bytes) -> Any:
         detail, pos = err.msg, err.pos
     except UnicodeDecodeError as err:
         detail, pos = "not valid UTF-8", err.start
+    except RecursionError:
+        detail, pos = "nested too deeply", 0
     error = {"type": "json_invalid", "loc": (pos,), "msg": "JSON decode error", "ctx": {"error": detail}}
     raise RequestValidationError([error])
 
@@ -210,6 +218,24 @@ async def _guarded(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
     raise ClientGone
 
 
+class _RunStreamingResponse(StreamingResponse):
+    """A StreamingResponse over an engine run started before it: the run is cancelled
+    (and waited for) however the response ends, even if its body never started
+    (a client gone before the headers went out)."""
+
+    def __init__(self, task: asyncio.Future[BonResult], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._task = task
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task})
+
+
 @dataclass(frozen=True, slots=True)
 class _GenerateApi:
     """What differs between the two generate routes: the body model and the reply shapes."""
@@ -237,16 +263,21 @@ async def _best_of_n(engine: Engine, api: _GenerateApi, body: GenerateBody, rece
         model = bon.model or engine.generator.default_model
         chat = api.model is ChatCompletionRequest
 
-        def run(on_winner_text: OnWinnerText | None) -> Awaitable[BonResult]:
-            return engine.run(admitted, deadline, on_winner_text=on_winner_text)
+        def run(on_winner_text: OnWinnerText | None, on_opened: Callable[[], None]) -> Awaitable[BonResult]:
+            return engine.run(admitted, deadline, on_winner_text=on_winner_text, on_opened=on_opened)
 
         def live(text: str, first: bool) -> list[dict[str, Any]]:
             return live_chunks(chat, bon.request_id, model, text, first=first)
 
-        return StreamingResponse(
+        # One choice asked for: it may stream as it grows.
+        live_text = live if bon.n == 1 else None
+        # Until the reward model has the prompt, an error is still a plain status (a 400).
+        started = await start_run(run, live_text is not None)
+        return _RunStreamingResponse(
+            started.task,
             sse_best_of_n(
-                run,
-                live if bon.n == 1 else None,  # one choice asked for: it may stream as it grows
+                started,
+                live_text,
                 lambda result, streamed: api.to_chunks(result, bon, include_usage=usage, streamed=streamed),
             ),
             media_type="text/event-stream",

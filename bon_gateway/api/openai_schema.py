@@ -27,6 +27,7 @@ from bon_gateway.types import (
     ScoreResult,
     Selection,
     Strategy,
+    ToolCall,
 )
 
 __all__ = [
@@ -42,10 +43,10 @@ __all__ = [
     "rewards_body",
 ]
 
-# OpenAI sampling fields that change what the generator samples and that
-# OpenAI-compatible servers (vLLM, SGLang, llama.cpp) understand: forwarded to
-# every candidate call. Anything else unknown is ignored, as OpenAI clients
-# send fields (user, metadata, ...) that mean nothing to a generator.
+# OpenAI fields the gateway does not interpret itself but that OpenAI-compatible
+# servers (vLLM, SGLang, llama.cpp) understand: forwarded, unchanged, to every
+# candidate call. Sampling knobs, output constraints and tool calling (a candidate
+# that calls tools comes back with its calls and is scored as its whole message).
 PASSTHROUGH_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
@@ -54,11 +55,34 @@ PASSTHROUGH_FIELDS = (
     "min_p",
     "logit_bias",
     "response_format",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "user",
+    "suffix",
+    "logprobs",
+    "top_logprobs",
 )
+
+# OpenAI fields that cannot mean what the client asks for behind Best-of-N: a 400
+# naming the field, never a silent drop. Why, per field:
+REFUSED_FIELDS = {
+    "echo": "an echoed prompt would be scored as part of every candidate",
+    "functions": "the deprecated functions API is not passed through: use tools",
+    "function_call": "the deprecated functions API is not passed through: use tool_choice",
+    "audio": "audio output cannot be scored by a reward model",
+    "modalities": "only text output can be scored by a reward model",
+    "prediction": "predicted outputs are not passed through",
+}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are ignored (clients send bookkeeping such as metadata or store that
+    # means nothing to a generator); the OpenAI fields that matter are either passed
+    # through (PASSTHROUGH_FIELDS) or refused by name (REFUSED_FIELDS).
+    # NaN / Infinity (which pydantic-core accepts in JSON) are not JSON numbers: a 400
+    # naming the field, never forwarded upstream.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class TextPart(BaseModel):
@@ -66,20 +90,50 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """One call of an assistant turn in the history (OpenAI `tool_calls[i]`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(BaseModel):
-    """One chat turn; `content` may be a string or OpenAI text parts."""
+    """One chat turn; `content` may be a string, OpenAI text parts, or null (an assistant
+    turn that only calls tools)."""
 
     model_config = ConfigDict(extra="ignore")
 
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
-    def to_message(self) -> Message:
+    def to_message(self, index: int) -> Message:
         content = self.content
-        if isinstance(content, list):
+        if content is None:
+            if not self.tool_calls:
+                raise InvalidRequest(
+                    f"messages[{index}].content may be null only in an assistant turn with tool_calls",
+                    param=f"messages[{index}].content",
+                )
+            content = ""
+        elif isinstance(content, list):
             content = "".join(part.text for part in content)
-        return Message(self.role, content)
+        calls = tuple(
+            ToolCall(c.id, c.function.name, c.function.arguments, c.type) for c in self.tool_calls or ()
+        )
+        return Message(self.role, content, calls, self.tool_call_id, self.name)
+
+
+def _messages(messages: list[ChatMessageIn]) -> tuple[Message, ...]:
+    return tuple(m.to_message(i) for i, m in enumerate(messages))
 
 
 class StreamOptions(BaseModel):
@@ -120,6 +174,31 @@ class _GenerateFields(_Request):
     min_p: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    user: str | None = None
+    suffix: str | None = None
+    # Chat: logprobs true / top_logprobs N; completions: logprobs N. Each candidate's come back.
+    logprobs: StrictBool | StrictInt | None = None
+    top_logprobs: StrictInt | None = None
+
+    # Refused by name when set (REFUSED_FIELDS says why): typed loosely, so that the
+    # client hears the reason rather than a type error.
+    echo: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first field set that Best-of-N cannot honour."""
+        for name, why in REFUSED_FIELDS.items():
+            value = getattr(self, name)
+            if value is None or value is False or (type(value) is int and value == 0):
+                continue  # the default spelled out (echo: false)
+            raise InvalidRequest(f"{name} is not supported by bon-gateway: {why}", param=name)
 
     def sampling(self, max_tokens: int | None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -136,6 +215,7 @@ class _GenerateFields(_Request):
     def _bon_request(
         self, default_best_of: int, messages: tuple[Message, ...], prompt: str | None, max_tokens: int | None
     ) -> BonRequest:
+        self.refuse_unsupported()
         return BonRequest(
             messages=messages,
             prompt=prompt,
@@ -163,7 +243,7 @@ class ChatCompletionRequest(_GenerateFields):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     def to_bon_request(self, default_best_of: int) -> BonRequest:
-        messages = tuple(m.to_message() for m in self.messages)
+        messages = _messages(self.messages)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._bon_request(default_best_of, messages, None, max_tokens)
 
@@ -199,7 +279,7 @@ class RewardsRequest(_Request):
 
     def to_score_request(self) -> ScoreRequest:
         return ScoreRequest(
-            messages=tuple(m.to_message() for m in self.messages),
+            messages=_messages(self.messages),
             candidates=tuple(self.candidates or ()),
             steps=tuple(tuple(s) for s in self.steps or ()),
             reward_model=self.model,
@@ -251,6 +331,7 @@ def _candidates(result: BonResult) -> list[dict[str, Any]]:
             "tokens": c.tokens,
             **({"step_rewards": list(c.step_rewards)} if c.step_rewards else {}),
             **({"answer": c.answer} if c.answer is not None else {}),
+            **({"tool_calls": _tool_calls(c.tool_calls)} if c.tool_calls else {}),
         }
         for c in result.ranked
     ]
@@ -288,15 +369,39 @@ def _envelope(result: BonResult, request: BonRequest, obj: str, prefix: str) -> 
     return body
 
 
+def _tool_calls(calls: tuple[ToolCall, ...], *, indexed: bool = False) -> list[dict[str, Any]]:
+    """OpenAI `tool_calls` (`indexed`: as stream deltas, which carry each call's position)."""
+    return [
+        {
+            **({"index": i} if indexed else {}),
+            "id": call.id,
+            "type": call.type,
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for i, call in enumerate(calls)
+    ]
+
+
+def _assistant_message(candidate: ScoredCandidate) -> dict[str, Any]:
+    """The candidate's assistant message; one that only calls tools has `content: null`, as OpenAI's."""
+    if not candidate.tool_calls:
+        return {"role": "assistant", "content": candidate.text}
+    return {
+        "role": "assistant",
+        "content": candidate.text or None,
+        "tool_calls": _tool_calls(candidate.tool_calls),
+    }
+
+
 def chat_completion_body(result: BonResult, request: BonRequest) -> dict[str, Any]:
     """An OpenAI chat.completion: the best n candidates, best first."""
     body = _envelope(result, request, "chat.completion", "chatcmpl")
     body["choices"] = [
         {
             "index": i,
-            "message": {"role": "assistant", "content": c.text},
+            "message": _assistant_message(c),
             "finish_reason": c.finish_reason,
-            "logprobs": None,
+            "logprobs": c.logprobs,
             **_reward_fields(c),
         }
         for i, c in enumerate(result.ranked[: request.n])
@@ -308,7 +413,13 @@ def completion_body(result: BonResult, request: BonRequest) -> dict[str, Any]:
     """An OpenAI text_completion: the best n candidates, best first."""
     body = _envelope(result, request, "text_completion", "cmpl")
     body["choices"] = [
-        {"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None, **_reward_fields(c)}
+        {
+            "index": i,
+            "text": c.text,
+            "finish_reason": c.finish_reason,
+            "logprobs": c.logprobs,
+            **_reward_fields(c),
+        }
         for i, c in enumerate(result.ranked[: request.n])
     ]
     return body
@@ -410,9 +521,13 @@ def chat_completion_chunks(
     created = int(time.time())
     chunks: list[dict[str, Any]] = []
     for i, c in enumerate(result.ranked[: request.n]):
-        for delta in (
-            () if streamed and i == 0 else ({"role": "assistant", "content": ""}, {"content": c.text})
-        ):
+        deltas: list[dict[str, Any]] = (
+            [] if streamed and i == 0 else [{"role": "assistant", "content": ""}, {"content": c.text}]
+        )
+        if c.tool_calls:
+            # Each call whole in one delta (OpenAI splits the arguments; clients join them anyway).
+            deltas.append({"tool_calls": _tool_calls(c.tool_calls, indexed=True)})
+        for delta in deltas:
             chunks.append(
                 _chunk(
                     result,
@@ -426,7 +541,7 @@ def chat_completion_chunks(
             "index": i,
             "delta": {},
             "finish_reason": c.finish_reason,
-            "logprobs": None,
+            "logprobs": c.logprobs,  # all of the choice's at once (clients join them across chunks)
             **_reward_fields(c),
         }
         chunks.append(_chunk(result, "chat.completion.chunk", "chatcmpl", created, [closing]))
@@ -452,7 +567,7 @@ def completion_chunks(
                     "index": i,
                     "text": "" if streamed and i == 0 else c.text,
                     "finish_reason": c.finish_reason,
-                    "logprobs": None,
+                    "logprobs": c.logprobs,
                     **_reward_fields(c),
                 }
             ],

@@ -22,6 +22,7 @@ import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from bon_gateway.api.grpc_decode import add_best_of_n_to_server
 from bon_gateway.api.grpc_guard import GuardInterceptor
 from bon_gateway.api.grpc_service import BestOfNService
 from bon_gateway.api.guard import Guard
@@ -31,7 +32,6 @@ from bon_gateway.engine.engine import Engine
 from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.v1 import best_of_n_pb2 as pb
-from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 
 __all__ = ["GrpcFront", "build_grpc_server", "event_loop_factory", "run_gateway", "serve_gateway"]
 
@@ -139,8 +139,8 @@ def build_grpc_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    # The generated registration helper carries no annotations.
-    pb_grpc.add_BestOfNServicer_to_server(BestOfNService(engine, metrics), server)  # type: ignore[no-untyped-call]
+    # Not the generated helper: its deserializers' DecodeError (bad UTF-8) would be UNKNOWN.
+    add_best_of_n_to_server(BestOfNService(engine, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

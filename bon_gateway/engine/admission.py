@@ -7,23 +7,34 @@ InvalidRequest naming the field, before an upstream call or a worker sees it.
 Field names are the HTTP API's (`temperature`, `max_tokens`, `model` for the
 scoring model); the gRPC front renames the few that differ in its own module.
 
+Text and passthrough values are checked here too, for both fronts: a lone
+UTF-16 surrogate (which Python's json accepts from "\\ud800" but no worker or
+upstream can encode), NaN / Infinity (not JSON: never sent upstream) and values
+nested deeper than MAX_NESTING are refused naming the field.
+
 Pure: no I/O, no clock. The engine owns one `Admission` and exposes it as
 `engine.admit(...)` / `engine.admit_score(...)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from bon_gateway.config import LimitsConfig, ServerConfig, StrategyConfig, check_schedule
 from bon_gateway.engine.search import SearchPlan
 from bon_gateway.errors import InvalidRequest, Unavailable
-from bon_gateway.types import STRATEGIES, BonRequest, Message, SamplingParams, ScoreRequest
+from bon_gateway.types import STRATEGIES, BonRequest, Message, SamplingParams, ScoreRequest, scoring_text
 
-__all__ = ["ROLES", "Admission", "AdmittedBon", "AdmittedScore"]
+__all__ = ["MAX_NESTING", "ROLES", "Admission", "AdmittedBon", "AdmittedScore"]
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
+
+# Passthrough values (tools' JSON schemas, response_format) nest a few levels; far
+# deeper is an attack on every parser on the way (ours, the upstream's).
+MAX_NESTING = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +97,19 @@ class Admission:
         limits = self.server.limits
         if request.prompt is None:
             _check_messages(request.messages)
+        else:
+            _check_text(request.prompt, "prompt")
+        for param, name in (("model", request.model), ("reward_model", request.reward_model)):
+            if name is not None:
+                _check_text(name, param)
         _check_sizes(request.messages, request.prompt, limits)
         _check_sampling(request.sampling, limits)
         plan = self._plan(request)
         reward_model = self.reward_model(request.reward_model)
-        scoring = (Message("user", request.prompt),) if request.prompt is not None else request.messages
+        if request.prompt is not None:
+            scoring: tuple[Message, ...] = (Message("user", request.prompt),)
+        else:
+            scoring = _scoring_messages(request.messages)
         return AdmittedBon(request, reward_model, scoring, plan)
 
     def _plan(self, request: BonRequest) -> SearchPlan:
@@ -129,7 +148,14 @@ class Admission:
         if request.candidates and request.steps:
             raise InvalidRequest("give either candidates or steps, not both", param="steps")
         limits = self.server.limits
+        if request.reward_model is not None:
+            _check_text(request.reward_model, "model")
         _check_sizes(request.messages, None, limits)
+        for i, candidate in enumerate(request.candidates):
+            _check_text(candidate, f"candidates[{i}]")
+        for i, steps in enumerate(request.steps):
+            for j, step in enumerate(steps):
+                _check_text(step, f"steps[{i}][{j}]")
         count = max(len(request.candidates), len(request.steps))
         if count > limits.max_candidates:
             raise InvalidRequest(
@@ -147,7 +173,17 @@ class Admission:
                 param="candidates",
             )
         reward_model = self.reward_model(request.reward_model, param="model")
+        # Only the reward model reads these messages: tool calls rendered into their turns.
+        request = replace(request, messages=_scoring_messages(request.messages))
         return AdmittedScore(request, reward_model, texts)
+
+
+def _scoring_messages(messages: Sequence[Message]) -> tuple[Message, ...]:
+    """The chat as the reward model reads it: each turn as text, an assistant turn's tool
+    calls rendered after its content (types.scoring_text)."""
+    return tuple(
+        Message(m.role, scoring_text(m.content, m.tool_calls)) if m.tool_calls else m for m in messages
+    )
 
 
 def _check_messages(messages: Sequence[Message]) -> None:
@@ -161,6 +197,59 @@ def _check_messages(messages: Sequence[Message]) -> None:
                 f"messages[{i}].role must be {', '.join(ROLES[:-1])} or {ROLES[-1]}",
                 param=f"messages[{i}].role",
             )
+        _check_text(message.content, f"messages[{i}].content")
+        for param, value in (("name", message.name), ("tool_call_id", message.tool_call_id)):
+            if value is not None:
+                _check_text(value, f"messages[{i}].{param}")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest(
+                f"messages[{i}].tool_calls: only an assistant turn calls tools",
+                param=f"messages[{i}].tool_calls",
+            )
+        for j, call in enumerate(message.tool_calls):
+            where = f"messages[{i}].tool_calls[{j}]"
+            if not call.name:
+                raise InvalidRequest(f"{where}.function.name is required", param=f"{where}.function.name")
+            _check_text(call.id, f"{where}.id")
+            _check_text(call.name, f"{where}.function.name")
+            _check_text(call.arguments, f"{where}.function.arguments")
+
+
+def _check_text(value: str, param: str) -> None:
+    """A lone surrogate (JSON's "\\ud800" decodes to one) is not Unicode text: nothing
+    downstream can encode it (protobuf to the workers, UTF-8 to the upstream)."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRequest(
+            f"{param}: a lone UTF-16 surrogate at character {err.start} is not valid Unicode text",
+            param=param,
+        ) from None
+
+
+def _check_value(value: object, param: str, depth: int = 0) -> None:
+    """A passthrough value is plain JSON: finite numbers, Unicode text, bounded nesting."""
+    if depth > MAX_NESTING:
+        raise InvalidRequest(f"{param}: nested deeper than {MAX_NESTING} levels", param=param)
+    if isinstance(value, str):
+        _check_text(value, param)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(
+                f"{param}: {value} is not a JSON number (NaN and Infinity are not)", param=param
+            )
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_text(str(key), param)
+            named = (
+                f"{param}.{key}" if isinstance(key, str) and key.isidentifier() and len(key) <= 64 else param
+            )
+            _check_value(item, named, depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_value(item, f"{param}[{i}]", depth + 1)
 
 
 def _check_sizes(messages: Sequence[Message], prompt: str | None, limits: LimitsConfig) -> None:
@@ -170,7 +259,10 @@ def _check_sizes(messages: Sequence[Message], prompt: str | None, limits: Limits
             "(server.limits.max_messages)",
             param="messages",
         )
-    chars = sum(len(m.content) + len(m.role) for m in messages) + len(prompt or "")
+    chars = sum(
+        len(m.content) + len(m.role) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls)
+        for m in messages
+    ) + len(prompt or "")
     if chars > limits.max_prompt_chars:
         param = "prompt" if prompt is not None else "messages"
         raise InvalidRequest(
@@ -199,3 +291,15 @@ def _check_sampling(sampling: SamplingParams, limits: LimitsConfig) -> None:
             )
     if sum(len(s) for s in sampling.stop) > limits.max_prompt_chars:
         raise InvalidRequest("stop: too long (server.limits.max_prompt_chars)", param="stop")
+    for i, stop in enumerate(sampling.stop):
+        _check_text(stop, f"stop[{i}]")
+    for name, value in sampling.extra.items():
+        _check_value(value, name)
+        # Passed to the upstream with the prompt (tools are read as part of it): the same budget.
+        chars = len(json.dumps(value, ensure_ascii=False))
+        if chars > limits.max_prompt_chars:
+            raise InvalidRequest(
+                f"{name}: {chars} characters of JSON, at most {limits.max_prompt_chars} allowed "
+                "(server.limits.max_prompt_chars)",
+                param=name,
+            )

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from bon_gateway.config import GatewayConfig
@@ -25,7 +25,7 @@ from bon_gateway.engine.protocols import (
 from bon_gateway.engine.search import Callbacks, OnCheckpoint, OnWinnerText, SearchOutcome, search
 from bon_gateway.engine.selection import SelectionResult, select
 from bon_gateway.engine.steps import aggregate_steps
-from bon_gateway.errors import DeadlineExceeded, Overloaded, Unavailable
+from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.types import (
@@ -117,18 +117,28 @@ class Engine:
         on_scored: OnScored | None = None,
         on_checkpoint: OnCheckpoint | None = None,
         on_winner_text: OnWinnerText | None = None,
+        on_opened: Callable[[], None] | None = None,
     ) -> BonResult:
         """Generate the candidates, score each as it finishes, rank them.
 
         Everything (upstream streams, retries, scoring) is bounded by `deadline`:
         when it passes, every call in flight is cancelled and DeadlineExceeded
         raised. `on_winner_text` receives the text of the only candidate left in
-        the race, as it streams (speculative rejection, or best_of 1).
+        the race, as it streams (speculative rejection, or best_of 1). `on_opened`
+        is called once the reward model has taken the prompt, just before the
+        first upstream call: what fails before it is the request's own fault
+        (a streaming front can still answer it with a plain 400).
         """
         callbacks = Callbacks(on_generated, on_scored, on_checkpoint, on_winner_text)
-        return await _bounded(deadline, self._run(admitted, deadline, callbacks))
+        return await _bounded(deadline, self._run(admitted, deadline, callbacks, on_opened))
 
-    async def _run(self, admitted: AdmittedBon, deadline: Deadline, callbacks: Callbacks) -> BonResult:
+    async def _run(
+        self,
+        admitted: AdmittedBon,
+        deadline: Deadline,
+        callbacks: Callbacks,
+        on_opened: Callable[[], None] | None = None,
+    ) -> BonResult:
         request = admitted.request
         reward_model = admitted.reward_model
         plan = admitted.plan
@@ -140,7 +150,18 @@ class Engine:
         )
         try:
             # A prompt the reward model cannot take fails here, before anything is generated.
-            await group.opened()
+            try:
+                await group.opened()
+            except InvalidRequest as err:
+                if request.prompt is None or err.param != "messages":
+                    raise
+                # The reward model read the plain prompt as one user turn: name the client's field.
+                message = err.message.removeprefix("messages")
+                raise InvalidRequest(
+                    "prompt" + message if message != err.message else err.message, param="prompt"
+                ) from None
+            if on_opened is not None:
+                on_opened()
             margin = min(GENERATION_MARGIN_MAX_S, GENERATION_MARGIN_SHARE * deadline.remaining())
             progress = bool(plan.checkpoints) or callbacks.on_winner_text is not None
             run = self.generator.stream(request, deadline.earlier(margin), progress=progress)
@@ -179,6 +200,8 @@ class Engine:
                 step_rewards=score.step_rewards,
                 finish_reason=gen.finish_reason,
                 tokens=gen.completion_tokens,
+                tool_calls=gen.tool_calls,
+                logprobs=gen.logprobs,
             )
             for gen, score in sorted(outcome.finished, key=lambda pair: pair[0].index)
         ]

@@ -168,7 +168,8 @@ class _Search:
         self.inbox.put_nowait(_GenerationDone())
 
     async def _score_final(self, batch: tuple[int, ...]) -> None:
-        texts = [self._generation(i).text for i in batch]
+        # The whole assistant message: a candidate that calls tools is scored with its calls.
+        texts = [self._generation(i).scoring_text() for i in batch]
         result = await self.group.score(texts, deadline=self.deadline)
         self.inbox.put_nowait(_Scored(batch, result))
 

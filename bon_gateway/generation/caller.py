@@ -97,6 +97,12 @@ def _retry_after(error: Exception) -> float | None:
     return None
 
 
+def _encode(body: dict[str, Any]) -> bytes:
+    """Standard JSON only: admission refuses NaN / Infinity, and one that slipped through
+    must fail here (ValueError) rather than reach the upstream as non-standard JSON."""
+    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+
+
 def _deadline_failure(detail: str, cause: _Attempt | None) -> CandidateFailed:
     """A candidate the deadline stopped: after failed attempts, their cause is the
     reason (the deadline only ended the retrying), whatever the timing of the last try."""
@@ -145,7 +151,7 @@ class UpstreamCaller:
         ejected only after failures across different requests, so one request's
         candidates and retries failing together count once.
         """
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        payload = _encode(body)
 
         async def exchange(chosen: Endpoint, limit: float) -> Any:
             response = await self._http.post(
@@ -179,7 +185,7 @@ class UpstreamCaller:
         the chunks delivered so far and takes the retry's from the start).
         Otherwise the stream's failure is final: CandidateFailed.
         """
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        payload = _encode(body)
         delivered = 0
 
         async def on_event(data: str) -> None:

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 from bon_gateway.errors import BonError, InvalidRequest, UpstreamError
 from bon_gateway.generation.balancer import Endpoint
 from bon_gateway.generation.caller import CandidateFailed, UpstreamRejected
-from bon_gateway.generation.payload import BadResponse, build_payload, parse_chunk
+from bon_gateway.generation.payload import (
+    BadResponse,
+    ToolCallDelta,
+    build_payload,
+    merge_logprobs,
+    parse_chunk,
+)
 from bon_gateway.types import (
     BonRequest,
     Deadline,
@@ -34,6 +40,7 @@ from bon_gateway.types import (
     Generation,
     GenerationEvent,
     Progress,
+    ToolCall,
     Usage,
 )
 
@@ -44,17 +51,47 @@ __all__ = ["FanOut"]
 
 
 @dataclass(slots=True)
+class _ToolCallParts:
+    """One tool call of a candidate as its deltas arrive (the arguments come in pieces)."""
+
+    id: str = ""
+    type: str = ""
+    name: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+
+    def add(self, delta: ToolCallDelta) -> None:
+        self.id = self.id or delta.id
+        self.type = self.type or delta.type
+        self.name.append(delta.name)
+        self.arguments.append(delta.arguments)
+
+    def call(self) -> ToolCall:
+        return ToolCall(self.id, "".join(self.name), "".join(self.arguments), self.type or "function")
+
+
+@dataclass(slots=True)
 class _Live:
     """A candidate being generated."""
 
     index: int
     parts: list[str] = field(default_factory=list)
+    calls: dict[int, _ToolCallParts] = field(default_factory=dict)  # by the call's index
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # each chunk's, in order
     tokens: int = 0  # content chunks counted (one token each on vLLM, SGLang, llama.cpp)
     finish_reason: str | None = None
     done: bool = False  # finished, failed or cancelled: no more events
 
     def text(self) -> str:
         return "".join(self.parts)
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return tuple(self.calls[i].call() for i in sorted(self.calls))
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.calls.clear()
+        self.logprobs.clear()
+        self.tokens = 0
 
 
 @dataclass(slots=True)
@@ -231,11 +268,15 @@ class FanOut:
                 live = self._live[call.first + delta.index]
                 if live.done:
                     continue  # cancelled (n mode: its stream still runs for the others)
-                if delta.text:
+                for piece in delta.tool_calls:
+                    live.calls.setdefault(piece.index, _ToolCallParts()).add(piece)
+                if delta.logprobs is not None:
+                    live.logprobs.append(delta.logprobs)
+                if delta.text or delta.tool_calls:
                     live.parts.append(delta.text)
                     live.tokens += 1
                     call.counted_tokens += 1
-                    if self.progress:
+                    if self.progress and delta.text:
                         self._events.put_nowait(Progress(live.index, live.text(), live.tokens))
                 if delta.finish_reason is not None:
                     live.finish_reason = delta.finish_reason
@@ -251,6 +292,8 @@ class FanOut:
             finish_reason=live.finish_reason or "stop",
             prompt_tokens=call.prompt_tokens,
             completion_tokens=live.tokens,
+            tool_calls=live.tool_calls(),
+            logprobs=merge_logprobs(live.logprobs),
         )
 
     def _start_over(self, call: _Call) -> bool:
@@ -260,8 +303,7 @@ class FanOut:
         for index in range(call.first, call.first + call.count):
             live = self._live[index]
             if live.finish_reason is None:
-                live.parts.clear()
-                live.tokens = 0
+                live.clear()
         call.counted_tokens = sum(self._live[i].tokens for i in range(call.first, call.first + call.count))
         return True
 
@@ -274,7 +316,7 @@ class FanOut:
             live = self._live[index]
             if live.done:
                 continue
-            if live.parts:
+            if live.parts or live.calls:
                 self._fail(
                     [index],
                     CandidateFailed(

@@ -11,15 +11,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from bon_gateway.types import BonRequest, Generation
+from bon_gateway.types import BonRequest, Generation, Message
 
 __all__ = [
     "BadResponse",
     "ChoiceDelta",
     "StreamUsage",
+    "ToolCallDelta",
     "build_payload",
     "completion_as_chunk",
     "error_message",
+    "merge_logprobs",
     "parse_choices",
     "parse_chunk",
 ]
@@ -60,8 +62,25 @@ def build_payload(
     if request.prompt is not None:
         body["prompt"] = request.prompt
         return "/completions", body
-    body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    body["messages"] = [_chat_message(m) for m in request.messages]
     return "/chat/completions", body
+
+
+def _chat_message(message: Message) -> dict[str, Any]:
+    """One history turn as OpenAI sends it: tool calls (content null when they are all
+    the turn says), a tool turn's call id, a participant's name."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["content"] = message.content or None
+        out["tool_calls"] = [
+            {"id": c.id, "type": c.type, "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
 
 
 def parse_choices(data: Any, first_index: int, limit: int) -> list[Generation]:
@@ -102,12 +121,46 @@ def parse_choices(data: Any, first_index: int, limit: int) -> list[Generation]:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call of a streamed choice: `index` is the call's position; the
+    id and type come once, the name and the arguments in pieces to be joined."""
+
+    index: int
+    id: str
+    type: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class ChoiceDelta:
     """One choice's piece of a streamed chunk."""
 
     index: int
     text: str
     finish_reason: str | None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    # The chunk's logprobs object as the upstream sent it (asked for with `logprobs`).
+    logprobs: dict[str, Any] | None = None
+
+
+def _tool_call_deltas(raw: Any) -> tuple[ToolCallDelta, ...]:
+    if not raw:
+        return ()
+    deltas = []
+    for position, call in enumerate(raw):
+        function = call.get("function") or {}
+        index = call.get("index")
+        deltas.append(
+            ToolCallDelta(
+                index=position if index is None else int(index),
+                id=str(call.get("id") or ""),
+                type=str(call.get("type") or ""),
+                name=str(function.get("name") or ""),
+                arguments=str(function.get("arguments") or ""),
+            )
+        )
+    return tuple(deltas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,13 +175,22 @@ def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
     try:
         deltas: list[ChoiceDelta] = []
         for choice in data.get("choices") or ():
+            calls: tuple[ToolCallDelta, ...] = ()
             if "delta" in choice:
-                text = (choice.get("delta") or {}).get("content") or ""
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+                calls = _tool_call_deltas(delta.get("tool_calls"))
             else:
                 text = choice.get("text") or ""
             reason = choice.get("finish_reason")
             deltas.append(
-                ChoiceDelta(int(choice.get("index") or 0), str(text), None if reason is None else str(reason))
+                ChoiceDelta(
+                    int(choice.get("index") or 0),
+                    str(text),
+                    None if reason is None else str(reason),
+                    calls,
+                    logprobs if isinstance(logprobs := choice.get("logprobs"), dict) else None,
+                )
             )
         usage = data.get("usage")
         if usage:
@@ -140,6 +202,22 @@ def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
         raise BadResponse(f"unexpected upstream chunk ({type(err).__name__})") from None
 
 
+def merge_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One candidate's logprobs out of its chunks' pieces: every list joined in order
+    (chat's `content`, completions' `tokens`, `token_logprobs`, `top_logprobs`,
+    `text_offset`), other values from the first piece that has them."""
+    if not parts:
+        return None
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, list):
+                merged.setdefault(key, []).extend(value)
+            elif merged.get(key) is None:
+                merged[key] = value
+    return merged
+
+
 def completion_as_chunk(data: Any) -> Any:
     """A whole (non-streamed) completion as the one streamed chunk it amounts to."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
@@ -149,8 +227,14 @@ def completion_as_chunk(data: Any) -> Any:
         if not isinstance(choice, dict):
             return data
         if "message" in choice:
-            content = (choice.get("message") or {}).get("content") or ""
-            choices.append({**choice, "delta": {"content": content}})
+            message = choice.get("message") or {}
+            delta: dict[str, Any] = {"content": message.get("content") or ""}
+            if message.get("tool_calls"):
+                delta["tool_calls"] = [
+                    {**call, "index": i} if isinstance(call, dict) else call
+                    for i, call in enumerate(message["tool_calls"])
+                ]
+            choices.append({**choice, "delta": delta})
         else:
             choices.append(choice)
     return {**data, "choices": choices}

@@ -41,7 +41,8 @@ def test_chat_request_converts_to_a_bon_request() -> None:
             "max_tokens": 10,
             "max_completion_tokens": 20,
             "frequency_penalty": 0.1,
-            "user": "someone",  # OpenAI field with no meaning here: ignored
+            "user": "someone",  # an OpenAI field the gateway does not interpret: passed through
+            "metadata": {"k": "v"},  # OpenAI platform bookkeeping: ignored
             "return_candidates": True,
             "min_candidates": 6,
             "selection": "weighted_vote",
@@ -53,7 +54,7 @@ def test_chat_request_converts_to_a_bon_request() -> None:
     assert (bon.model, bon.best_of, bon.n, bon.min_candidates) == ("m", 8, 2, 6)
     assert bon.sampling.stop == ("\n",) and bon.sampling.temperature == 0.5
     assert bon.sampling.max_tokens == 20  # max_completion_tokens wins, as in OpenAI's API
-    assert bon.sampling.extra == {"frequency_penalty": 0.1}
+    assert bon.sampling.extra == {"frequency_penalty": 0.1, "user": "someone"}
     assert (bon.selection, bon.aggregation, bon.return_candidates) == ("weighted_vote", "min", True)
 
 

@@ -7,7 +7,7 @@ import pytest
 from bon_gateway.config import ServerConfig
 from bon_gateway.engine.admission import Admission
 from bon_gateway.errors import InvalidRequest, Unavailable
-from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest
+from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest, ToolCall
 
 USER = (Message("user", "What is 2 + 2?"),)
 
@@ -93,3 +93,94 @@ def test_bad_scoring_requests_name_the_field(request_: ScoreRequest, param: str)
 def test_explicit_steps_are_scored_as_their_joined_text() -> None:
     admitted = admission().admit_score(ScoreRequest(USER, steps=(("a\n\n", "b"), ("c",))))
     assert admitted.texts == ("a\n\nb", "c") and admitted.reward_model == "rm"
+
+
+# -- text and passthrough values (issue 13, finding 7): both fronts, before any work ----------
+
+
+@pytest.mark.parametrize(
+    ("request_", "param"),
+    [
+        (BonRequest((Message("user", "a\ud800b"),)), "messages[0].content"),
+        (BonRequest((Message("user", "hi", name="\udfff"),)), "messages[0].name"),
+        (BonRequest((), prompt="\ud83d"), "prompt"),
+        (BonRequest(USER, sampling=SamplingParams(stop=("ok", "\ud800"))), "stop[1]"),
+        (BonRequest(USER, model="m\ud800"), "model"),
+        (
+            BonRequest(USER, sampling=SamplingParams(extra={"presence_penalty": float("nan")})),
+            "presence_penalty",
+        ),
+        (
+            BonRequest(USER, sampling=SamplingParams(extra={"logit_bias": {"42": float("-inf")}})),
+            "logit_bias",
+        ),
+        (
+            BonRequest(
+                USER,
+                sampling=SamplingParams(
+                    extra={"response_format": {"json_schema": {"x": [1.0, float("inf")]}}}
+                ),
+            ),
+            "response_format.json_schema.x[1]",
+        ),
+        (BonRequest(USER, sampling=SamplingParams(extra={"tools": [{"d": "\ud800"}]})), "tools[0].d"),
+    ],
+)
+def test_invalid_text_and_non_json_numbers_are_refused_naming_the_field(
+    request_: BonRequest, param: str
+) -> None:
+    assert refused(request_).param == param
+
+
+def test_passthrough_values_nested_too_deep_are_refused() -> None:
+    deep: object = "leaf"
+    for _ in range(1000):
+        deep = [deep]
+    error = refused(BonRequest(USER, sampling=SamplingParams(extra={"response_format": {"a": deep}})))
+    assert error.param is not None and error.param.startswith("response_format.a")
+    assert "nested deeper" in error.message
+    shallow: object = "leaf"
+    for _ in range(20):
+        shallow = [shallow]
+    admission().admit_bon(
+        BonRequest(USER, sampling=SamplingParams(extra={"response_format": {"a": shallow}}))
+    )
+
+
+def test_scoring_inputs_with_lone_surrogates_are_refused() -> None:
+    for request_, param in (
+        (ScoreRequest(USER, candidates=("fine", "bad\ud800")), "candidates[1]"),
+        (ScoreRequest(USER, steps=(("a", "\udc00"),)), "steps[0][1]"),
+        (ScoreRequest((Message("user", "\ud800"),), candidates=("x",)), "messages[0].content"),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            admission().admit_score(request_)
+        assert caught.value.param == param
+
+
+def test_the_reward_model_reads_tool_calls_in_the_assistant_turn() -> None:
+    call = ToolCall("c1", "get_weather", '{"city": "Paris"}')
+    chat = (
+        Message("user", "Weather?"),
+        Message("assistant", "", (call,)),
+        Message("tool", "21 C", tool_call_id="c1"),
+    )
+    rendered = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    bon = admission(max_best_of=8).admit_bon(BonRequest(chat))
+    assert [(m.role, m.content) for m in bon.scoring_messages] == [
+        ("user", "Weather?"),
+        ("assistant", rendered),
+        ("tool", "21 C"),
+    ]
+    assert bon.request.messages == chat  # the upstream gets the turns as they came
+    score = admission().admit_score(ScoreRequest(chat, candidates=("It is 21 C.",)))
+    assert score.request.messages[1].content == rendered
+
+
+def test_tool_calls_only_in_assistant_turns_and_with_a_name() -> None:
+    call = ToolCall("c1", "f", "{}")
+    assert refused(BonRequest((Message("user", "x", (call,)),))).param == "messages[0].tool_calls"
+    nameless = ToolCall("c1", "", "{}")
+    assert refused(BonRequest((Message("assistant", "", (nameless,)),))).param == (
+        "messages[0].tool_calls[0].function.name"
+    )

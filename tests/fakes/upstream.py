@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.fakes.scorer import words
-from tests.fakes.sse import done_event, event, stream_chunks
+from tests.fakes.sse import done_event, event, stream_chunks, tool_call_chunks
 
 __all__ = ["FakeUpstream", "StreamRecord", "ThreadedServer", "unused_port"]
 
@@ -92,6 +92,13 @@ class FakeUpstream:
     (those seeds answer 500), `delay_s` (sleep before answering).
     `requests` records every JSON body received.
 
+    `logprobs` in a streamed request: each token chunk carries its logprob
+    (tests.fakes.sse.fake_logprob).
+
+    Tool calling: `tool_calls[i]` (a list of (name, arguments JSON text)) makes the
+    chat answer of text i a reply that calls those tools instead (content null,
+    finish_reason "tool_calls"; streamed as vLLM streams tool-call deltas).
+
     `stream: true` calls (what the gateway sends) get SSE, one word per chunk,
     `token_delay_s` apart; `streams` records, per streamed call, the tokens it
     sent and whether the client closed it before the end.
@@ -105,6 +112,7 @@ class FakeUpstream:
         self.delay_s = delay_s
         self.fail_status: int | None = None
         self.fail_seeds: set[int] = set()
+        self.tool_calls: dict[int, list[tuple[str, str]]] = {}
         self.requests: list[dict[str, Any]] = []
         self.token_delay_s = 0.0
         self.streams: list[StreamRecord] = []
@@ -164,17 +172,29 @@ class FakeUpstream:
             "total_tokens": prompt_tokens + words(text),
         }
 
+    def calls_for(self, seed: int) -> list[tuple[str, str]] | None:
+        """The tool calls the chat answer for `seed` makes, if it makes any."""
+        return self.tool_calls.get(seed % len(self.texts))
+
     def _stream(self, body: dict[str, Any], text: str, chat: bool, prompt_tokens: int) -> Response:
         record = StreamRecord(seed=int(body.get("seed") or 0))
         self.streams.append(record)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        chunks = stream_chunks(
-            chat=chat,
-            texts=[text],
-            model=str(body.get("model", self.model)),
-            prompt_tokens=prompt_tokens,
-            include_usage=include_usage,
-        )
+        calls = self.calls_for(record.seed) if chat else None
+        model = str(body.get("model", self.model))
+        if calls is not None:
+            chunks = tool_call_chunks(
+                calls=calls, model=model, prompt_tokens=prompt_tokens, include_usage=include_usage
+            )
+        else:
+            chunks = stream_chunks(
+                chat=chat,
+                texts=[text],
+                model=model,
+                prompt_tokens=prompt_tokens,
+                include_usage=include_usage,
+                logprobs=bool(body.get("logprobs")),
+            )
 
         async def events() -> AsyncIterator[bytes]:
             try:
@@ -199,6 +219,26 @@ class FakeUpstream:
         prompt_tokens = sum(words(str(m.get("content", ""))) for m in body.get("messages", []))
         if body.get("stream"):
             return self._stream(body, text, True, prompt_tokens)
+        calls = self.calls_for(int(body.get("seed") or 0))
+        if calls is not None:
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": f"call_{i}", "type": "function", "function": {"name": name, "arguments": args}}
+                    for i, (name, args) in enumerate(calls)
+                ],
+            }
+            return JSONResponse(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", self.model),
+                    "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+                    "usage": self._usage(prompt_tokens, ""),
+                }
+            )
         return JSONResponse(
             {
                 "id": "chatcmpl-fake",
