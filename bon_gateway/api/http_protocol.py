@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from bon_gateway.config import LimitsConfig
+from bon_gateway.metrics import HTTP_CLOSE_REASONS, Metrics
 
 __all__ = ["ConnectionTable", "GuardedHttpProtocol", "guarded_protocol"]
 
@@ -81,6 +82,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     table: ConnectionTable
     header_timeout_s: float
     max_header_bytes: int
+    # bon_http_connections_closed_total's children by reason (empty: not counted).
+    closed_counters: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -102,6 +105,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         table = self.table
         if table.open >= table.limit and not table.evict_oldest():
+            self._count_close("over_limit")
             transport.write(
                 _plain_response(
                     b"503 Service Unavailable",
@@ -132,6 +136,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def evict(self) -> None:
         """Close to make room for a newer connection (its place is free at once)."""
+        self._count_close("evicted")
         self._forget()
         if not self.transport.is_closing():
             self.transport.close()
@@ -147,6 +152,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if self.transport.is_closing():
                 return
             if self._awaiting_head and not self._began:
+                self._count_close("header_too_large")
                 self._refuse(
                     b"431 Request Header Fields Too Large",
                     f"request headers are larger than {self.max_header_bytes} bytes "
@@ -193,6 +199,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
+        self._count_close("header_timeout")
         if self._partial:  # the timer runs from the accept, or from a request's first byte
             self._refuse(
                 b"408 Request Timeout",
@@ -202,14 +209,22 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         else:
             self.transport.close()
 
+    def _count_close(self, reason: str) -> None:
+        counter = self.closed_counters.get(reason)
+        if counter is not None:
+            counter.inc()
+
     def _refuse(self, status: bytes, text: str) -> None:
         self.transport.write(_plain_response(status, text))
         self.transport.close()
 
 
-def guarded_protocol(limits: LimitsConfig, max_connections: int | None = None) -> type[GuardedHttpProtocol]:
+def guarded_protocol(
+    limits: LimitsConfig, max_connections: int | None = None, metrics: Metrics | None = None
+) -> type[GuardedHttpProtocol]:
     """A GuardedHttpProtocol class for one server (uvicorn's `http=`), with its own
-    connection table of `max_connections` (default: `limits.max_connections`)."""
+    connection table of `max_connections` (default: `limits.max_connections`), counting
+    its closes and open connections into `metrics` when given."""
     table = ConnectionTable(max_connections if max_connections is not None else limits.max_connections)
 
     class BoundGuardedHttpProtocol(GuardedHttpProtocol):
@@ -218,4 +233,9 @@ def guarded_protocol(limits: LimitsConfig, max_connections: int | None = None) -
     BoundGuardedHttpProtocol.table = table
     BoundGuardedHttpProtocol.header_timeout_s = limits.header_timeout_s
     BoundGuardedHttpProtocol.max_header_bytes = limits.max_header_bytes
+    if metrics is not None:
+        BoundGuardedHttpProtocol.closed_counters = {
+            reason: metrics.child(metrics.http_connections_closed, reason) for reason in HTTP_CLOSE_REASONS
+        }
+        metrics.http_connections_open.set_function(lambda: table.open)
     return BoundGuardedHttpProtocol

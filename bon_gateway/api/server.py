@@ -52,7 +52,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _http_protocol(config: GatewayConfig) -> type[asyncio.Protocol] | str:
+def _http_protocol(config: GatewayConfig, metrics: Metrics) -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol with the gateway's head timer, head bound and connection
     table (api/http_protocol.py); h11 where httptools is missing, with only the head bound."""
     try:
@@ -61,7 +61,8 @@ def _http_protocol(config: GatewayConfig) -> type[asyncio.Protocol] | str:
         log_phase(log, "http_parser", logging.WARNING, parser="h11", bounds="max_header_bytes only")
         return "h11"
     server = config.server
-    return guarded_protocol(server.limits, _connection_limit(server, config.generator.max_connections))
+    limit = _connection_limit(server, config.generator.max_connections)
+    return guarded_protocol(server.limits, limit, metrics)
 
 
 # Descriptors kept free of HTTP connections: the upstream pool, gRPC, the workers' pipes.
@@ -254,7 +255,10 @@ async def serve_gateway(
         log_level=config.server.log_level.lower(),
         access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
         lifespan="off",
-        http=_http_protocol(config),
+        http=_http_protocol(config, metrics),
+        # No WebSocket routes: an upgrade would hand the connection to a protocol outside
+        # the connection table (which would then never see it close).
+        ws="none",
         # Used only without httptools (h11): its bound on a request head.
         h11_max_incomplete_event_size=config.server.limits.max_header_bytes,
         timeout_graceful_shutdown=max(1, round(config.server.shutdown_grace_s)),

@@ -79,6 +79,10 @@ def answered(served: ServedGateway, api: str, status: str) -> float:
     return _value(served.metrics.child(served.metrics.requests, api, status))
 
 
+def closes(served: ServedGateway, reason: str) -> float:
+    return _value(served.metrics.child(served.metrics.http_connections_closed, reason))
+
+
 def wait_for(condition: object, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -148,6 +152,9 @@ def test_past_max_connections_the_oldest_silent_ones_give_way_and_health_answers
         # The oldest were closed to make room, the newest are still open.
         assert all(closed_within(sock, 10) for sock in silent[:20])
         assert not any(closed_within(sock, 0.05) for sock in silent[-10:])
+        assert closes(served, "evicted") >= 20
+        open_connections = served.metrics.registry.get_sample_value("bon_http_connections_open")
+        assert open_connections is not None and 0 < open_connections <= 20
         # A key holder's request on a fresh connection is served too.
         body = {"messages": [USER], "best_of": 2, "seed": 0}
         assert httpx.post(served.http_url + "/v1/chat/completions", json=body, timeout=10).status_code == 200
@@ -169,6 +176,7 @@ def test_silent_and_slow_heads_are_closed_at_header_timeout(upstream: FakeUpstre
             kept.sendall(b"GET /health HTTP/1.1\r\n")
             answer, closed = read_until_closed(kept, 15)
             assert closed and answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert closes(served, "header_timeout") == 3
 
 
 # -- 3. header size -------------------------------------------------------------------------
@@ -203,6 +211,7 @@ def test_an_8_mb_header_line_is_431_before_authentication(keyed: ServedGateway) 
     # 431, not the 401 of a request without a key: the head never became a request.
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b"server.limits.max_header_bytes" in answer
+    assert closes(keyed, "header_too_large") >= 1
 
 
 def test_unfinished_huge_heads_are_cut_at_the_bound_and_connections_closed(keyed: ServedGateway) -> None:
