@@ -28,13 +28,6 @@ class RequestTooLarge(InvalidRequest):
     code = "request_too_large"
 
 
-class BodyTimeout(InvalidRequest):
-    """A request body not complete within server.limits.body_timeout_s: HTTP 408, the
-    connection closed."""
-
-    code = "request_timeout"
-
-
 class Unauthenticated(BonError):
     code = "unauthenticated"
 

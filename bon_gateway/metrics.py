@@ -52,7 +52,7 @@ CANDIDATE_OUTCOMES = ("generated", "scored", "rejected", *(f"dropped_{reason}" f
 # bon_upstream_errors_total{kind} (generation/caller.py).
 # bon_http_connections_closed_total{reason}: connections the HTTP front closed to protect
 # itself (api/http_protocol.py).
-HTTP_CLOSE_REASONS = ("header_timeout", "header_too_large", "evicted", "over_limit")
+HTTP_CLOSE_REASONS = ("header_timeout", "body_timeout", "header_too_large", "evicted", "over_limit")
 UPSTREAM_ERROR_KINDS = ("timeout", "connect_error", "http_4xx", "http_5xx", "bad_response")
 # bon_upstream_requests_total{status}: 200, the failures the caller names itself, and the
 # HTTP codes of a sick or overloaded upstream (others appear as they happen).
@@ -114,7 +114,7 @@ class Metrics:
         )
         self.http_connections_closed = Counter(
             "bon_http_connections_closed",
-            "HTTP connections closed by the gateway to protect itself: head not complete in time, "
+            "HTTP connections closed by the gateway to protect itself: head or body not complete in time, "
             "head over max_header_bytes, evicted past max_connections (the oldest without a "
             "request), or refused there (every connection busy).",
             ["reason"],

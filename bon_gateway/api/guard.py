@@ -3,13 +3,12 @@
 `Guard` bundles the access policy (keys, per-key rate), the in-flight bound
 and the input limits; one instance is shared by the HTTP app and the gRPC
 server so the bound covers both. `GuardMiddleware` applies it to HTTP before
-any routing, and bounds the body (size, time) as the app reads it, taking the
-in-flight slot once the body is in; api/grpc_guard.py applies it to gRPC.
+any routing, and bounds the body as the app reads it, taking the in-flight
+slot once the body is in; api/grpc_guard.py applies it to gRPC.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from bon_gateway.api.auth import AccessPolicy
 from bon_gateway.api.http_errors import error_response
 from bon_gateway.api.limits import InFlightLimiter
 from bon_gateway.config import LimitsConfig, ServerConfig
-from bon_gateway.errors import BodyTimeout, BonError, InvalidRequest, Overloaded, RequestTooLarge
+from bon_gateway.errors import BonError, InvalidRequest, Overloaded, RequestTooLarge
 
 __all__ = ["ALWAYS_OPEN_PATHS", "Guard", "GuardMiddleware"]
 
@@ -65,15 +64,15 @@ class Guard:
 
 
 class GuardMiddleware:
-    """Pure ASGI: key and rate check, then the app, its body bounded in size and time,
-    and the in-flight slot once the request is in.
+    """Pure ASGI: key and rate check, then the app with its body bounded, and the
+    in-flight slot once the request is in.
 
     Nothing is buffered here. A declared Content-Length over `max_body_bytes` is
     refused before the app runs; otherwise the app's `receive` counts the bytes
     as the app pulls them and refuses the message that passes the bound (as
     Starlette's RequestBodyLimitMiddleware does), so a chunked body is never
-    held past the bound either. The body must be in within `body_timeout_s` of
-    the headers (408, connection closed). A request without a body takes its
+    held past the bound either. (Its time bound, `body_timeout_s`, is the HTTP
+    protocol's: api/http_protocol.py.) A request without a body takes its
     in-flight slot before the app runs; one with a body takes it from `receive`,
     with the body's last message: a slow or stalled sender holds a connection
     (server.limits.max_connections bounds those), never a slot that HTTP and gRPC
@@ -115,7 +114,7 @@ class GuardMiddleware:
                 if bounded:
                     guard.in_flight.leave()
             return
-        body = _BoundedBody(receive, limits, guard.in_flight if bounded else None)
+        body = _BoundedBody(receive, limits.max_body_bytes, guard.in_flight if bounded else None)
         try:
             await self.app(scope, body.receive, send)
         except BonError as err:
@@ -129,47 +128,27 @@ class GuardMiddleware:
 
 
 class _BoundedBody:
-    """A `receive` that bounds the body (RequestTooLarge past `max_body_bytes`, BodyTimeout
-    past `body_timeout_s`) and takes the in-flight slot (Overloaded) with its last message."""
+    """A `receive` that bounds the body (RequestTooLarge past `max_body_bytes`) and takes
+    the in-flight slot (Overloaded) with its last message."""
 
-    __slots__ = (
-        "_receive",
-        "deadline",
-        "holds_slot",
-        "in_flight",
-        "limits",
-        "reading",
-        "received",
-        "refusal",
-    )
+    __slots__ = ("_receive", "holds_slot", "in_flight", "limit", "reading", "received", "refusal")
 
-    def __init__(self, receive: Receive, limits: LimitsConfig, in_flight: InFlightLimiter | None) -> None:
+    def __init__(self, receive: Receive, limit: int, in_flight: InFlightLimiter | None) -> None:
         self._receive = receive
-        self.reading = True  # until the body's last message
-        self.limits = limits
+        self.limit = limit
         self.in_flight = in_flight
-        self.deadline = asyncio.get_running_loop().time() + limits.body_timeout_s
+        self.reading = True  # until the body's last message; then only the disconnect comes
         self.received = 0
         self.holds_slot = False
         self.refusal: BonError | None = None
 
     async def receive(self) -> Message:
-        if not self.reading:  # the body is in: what follows is the disconnect, unbounded
-            return await self._receive()
-        try:
-            async with asyncio.timeout_at(self.deadline):
-                message = await self._receive()
-        except TimeoutError:
-            self.refusal = BodyTimeout(
-                f"request body not complete within {self.limits.body_timeout_s:g} s "
-                "(server.limits.body_timeout_s)"
-            )
-            raise self.refusal from None
-        if message["type"] != "http.request":  # the disconnect
+        message = await self._receive()
+        if not self.reading or message["type"] != "http.request":
             return message
         self.received += len(message.get("body", b""))
-        if self.received > self.limits.max_body_bytes:
-            self.refusal = _too_large(self.limits.max_body_bytes)
+        if self.received > self.limit:
+            self.refusal = _too_large(self.limit)
             raise self.refusal
         if not message.get("more_body", False):
             self.reading = False

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bon_gateway.errors import (
-    BodyTimeout,
     BonError,
     DeadlineExceeded,
     InvalidRequest,
@@ -50,8 +49,6 @@ def http_status(error: BonError) -> int:
     """HTTP status of a gateway error (subclasses first: UpstreamError is an Unavailable)."""
     if isinstance(error, RequestTooLarge):
         return 413
-    if isinstance(error, BodyTimeout):
-        return 408
     if isinstance(error, InvalidRequest):
         return 400
     if isinstance(error, Unauthenticated):
@@ -81,8 +78,6 @@ def error_response(error: BonError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     if isinstance(error, Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
-    if isinstance(error, BodyTimeout):
-        headers["Connection"] = "close"  # the rest of the body would be read as the next request
     return JSONResponse(
         error_body(error.message, error.code, error.param, error.code), status_code=status, headers=headers
     )
