@@ -69,6 +69,16 @@ class LimitsConfig(_Strict):
     max_in_flight: int = Field(default=256, ge=1)  # requests being served, both fronts together
     max_queued_groups: int = Field(default=512, ge=1)  # scoring groups outstanding per reward model
     retry_after_s: float = Field(default=1.0, gt=0)  # what a shed request is told
+    # HTTP transport, against clients that open connections and send slowly or nothing:
+    # the request line and headers together (431 beyond, before authentication) ...
+    max_header_bytes: int = Field(default=64 << 10, ge=1024)
+    # ... complete within this from the accept or a request's first byte (closed beyond) ...
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    # ... and the whole body within this after them (408 beyond); the in-flight slot
+    # is taken only once the body is in.
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    # Open HTTP connections; over it the oldest one without a complete request is closed.
+    max_connections: int = Field(default=1000, ge=1)
 
 
 class ServerConfig(_Strict):

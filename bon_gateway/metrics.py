@@ -50,6 +50,9 @@ PHASES = ("generate", "score", "select", "checkpoint")
 # dropped_<types.DROP_REASONS>.
 CANDIDATE_OUTCOMES = ("generated", "scored", "rejected", *(f"dropped_{reason}" for reason in DROP_REASONS))
 # bon_upstream_errors_total{kind} (generation/caller.py).
+# bon_http_connections_closed_total{reason}: connections the HTTP front closed to protect
+# itself (api/http_protocol.py).
+HTTP_CLOSE_REASONS = ("header_timeout", "body_timeout", "header_too_large", "evicted", "over_limit")
 UPSTREAM_ERROR_KINDS = ("timeout", "connect_error", "http_4xx", "http_5xx", "bad_response")
 # bon_upstream_requests_total{status}: 200, the failures the caller names itself, and the
 # HTTP codes of a sick or overloaded upstream (others appear as they happen).
@@ -108,6 +111,18 @@ class Metrics:
         )
         self.requests_in_flight = Gauge(
             "bon_requests_in_flight", "Requests being processed.", ["api"], registry=r
+        )
+        self.http_connections_closed = Counter(
+            "bon_http_connections_closed",
+            "HTTP connections closed by the gateway to protect itself: head or body not complete in time, "
+            "head over max_header_bytes, evicted past max_connections (the oldest without a "
+            "request), or refused there (every connection busy).",
+            ["reason"],
+            registry=r,
+        )
+        # Set to read the HTTP front's connection table when it serves (api/server.py).
+        self.http_connections_open = Gauge(
+            "bon_http_connections_open", "Open HTTP connections (server.limits.max_connections).", registry=r
         )
         self.phase_duration = Histogram(
             "bon_phase_duration_seconds",
@@ -264,6 +279,8 @@ class Metrics:
             self.child(self.request_duration, api)
             for status in statuses:
                 self.child(self.requests, api, status)
+        for reason in HTTP_CLOSE_REASONS:
+            self.child(self.http_connections_closed, reason)
         for phase in PHASES:
             self.child(self.phase_duration, phase)
         for outcome in CANDIDATE_OUTCOMES:

@@ -27,7 +27,7 @@ from bon_gateway.api.grpc_guard import GuardInterceptor
 from bon_gateway.api.grpc_service import BestOfNService
 from bon_gateway.api.guard import Guard
 from bon_gateway.api.http_app import build_app
-from bon_gateway.config import ConfigError, GatewayConfig, TlsConfig
+from bon_gateway.config import ConfigError, GatewayConfig, ServerConfig, TlsConfig
 from bon_gateway.engine.engine import Engine
 from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
@@ -52,13 +52,44 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def _http_parser() -> str:
-    """uvicorn's httptools parser where installed (a C parser, cheaper per request than h11)."""
+def _http_protocol(config: GatewayConfig, metrics: Metrics) -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with the gateway's head timer, head bound and connection
+    table (api/http_protocol.py); h11 where httptools is missing, with only the head bound."""
     try:
-        import httptools  # noqa: F401
+        from bon_gateway.api.http_protocol import guarded_protocol
     except ImportError:
+        log_phase(log, "http_parser", logging.WARNING, parser="h11", bounds="max_header_bytes only")
         return "h11"
-    return "httptools"
+    server = config.server
+    limit = _connection_limit(server, config.generator.max_connections)
+    return guarded_protocol(server.limits, limit, metrics)
+
+
+# Descriptors kept free of HTTP connections: the upstream pool, gRPC, the workers' pipes.
+_FD_RESERVE = 128
+
+
+def _connection_limit(server: ServerConfig, upstream_connections: int = 0) -> int:
+    """`max_connections`, or fewer when the process may not open that many descriptors
+    (after raising its soft limit toward the hard one): a connection table past the
+    descriptor limit makes accept() fail, and then nobody is served, /health included."""
+    wanted = server.limits.max_connections
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return wanted
+    needed = wanted + upstream_connections + _FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raised = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    limit = max(1, soft - upstream_connections - _FD_RESERVE)
+    log_phase(log, "http_connections_capped", logging.WARNING, max_connections=limit, fd_limit=soft)
+    return limit
 
 
 @dataclass
@@ -224,7 +255,12 @@ async def serve_gateway(
         log_level=config.server.log_level.lower(),
         access_log=False,  # request lines carry no secrets, but one per request drowns the phase logs
         lifespan="off",
-        http=_http_parser(),
+        http=_http_protocol(config, metrics),
+        # No WebSocket routes: an upgrade would hand the connection to a protocol outside
+        # the connection table (which would then never see it close).
+        ws="none",
+        # Used only without httptools (h11): its bound on a request head.
+        h11_max_incomplete_event_size=config.server.limits.max_header_bytes,
         timeout_graceful_shutdown=max(1, round(config.server.shutdown_grace_s)),
         timeout_keep_alive=config.server.http_keep_alive_s,
         ssl_certfile=tls.cert_file,

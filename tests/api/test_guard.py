@@ -1,6 +1,8 @@
 """GuardMiddleware as pure ASGI, against small ASGI apps (no server): the body is
-bounded as the app pulls it, never buffered and replayed; a declared size over
-the bound is refused before the app runs; slots are always given back."""
+bounded as the app pulls it, never buffered and replayed; a
+declared size over the bound is refused before the app runs; the in-flight slot
+is taken once the body is in (before the app for a request without one); slots
+are always given back."""
 
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ def _guard(**limits: object) -> Guard:
     return Guard.from_config(server, environ={})
 
 
-def _scope(headers: list[tuple[bytes, bytes]], path: str = "/v1/chat/completions") -> Scope:
-    return {"type": "http", "method": "POST", "path": path, "headers": headers}
+def _scope(
+    headers: list[tuple[bytes, bytes]], path: str = "/v1/chat/completions", method: str = "POST"
+) -> Scope:
+    return {"type": "http", "method": method, "path": path, "headers": headers}
 
 
 class Client:
@@ -168,3 +172,58 @@ async def test_the_slot_is_given_back_when_the_app_fails() -> None:
         except RuntimeError:
             pass
         assert guard.in_flight.in_flight == 0
+
+
+async def test_the_slot_is_taken_with_the_body_s_last_message_not_before() -> None:
+    # A sender stalled mid-body used to hold its slot (shared with gRPC) for ever.
+    guard = _guard(max_in_flight=1)
+    slots: list[int] = []
+    first = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            slots.append(guard.in_flight.in_flight)
+            first.set()
+            if not message.get("more_body", False):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    client = Client([b"a" * 10, b"b" * 10])
+    task = asyncio.create_task(GuardMiddleware(app, guard)(_scope([]), client.receive, client.send))
+    client.release()
+    await asyncio.wait_for(first.wait(), 5)
+    assert slots == [0] and guard.in_flight.in_flight == 0  # mid-body: no slot
+    client.release()
+    await asyncio.wait_for(task, 5)
+    assert slots == [0, 1] and client.status == 200
+    assert guard.in_flight.in_flight == 0
+
+
+async def test_over_max_in_flight_a_request_is_shed_once_its_body_is_in() -> None:
+    guard = _guard(max_in_flight=1)
+    guard.in_flight.enter()  # someone else holds the only slot
+    client = Client([b"{}"])
+    client.release()
+    await asyncio.wait_for(
+        GuardMiddleware(_reading_app([]), guard)(_scope([]), client.receive, client.send), 5
+    )
+    assert client.status == 429 and client.pulled == 1
+    assert guard.in_flight.in_flight == 1  # the holder's, not given back by the shed one
+
+
+async def test_a_request_without_a_body_takes_its_slot_before_the_app() -> None:
+    guard = _guard(max_in_flight=1)
+    slots: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        slots.append(guard.in_flight.in_flight)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    client = Client([])
+    await asyncio.wait_for(
+        GuardMiddleware(app, guard)(_scope([], "/v1/models", "GET"), client.receive, client.send), 5
+    )
+    assert slots == [1] and client.status == 200 and guard.in_flight.in_flight == 0

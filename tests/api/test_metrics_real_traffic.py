@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -79,6 +80,10 @@ def test_every_metric_present_and_moving_after_real_traffic(tiny_llama_rm: Path)
                 time.sleep(0.05)
             after_kill = httpx.post(url, json=ok, timeout=120)
             assert after_kill.status_code == 200, after_kill.text
+            # A head over max_header_bytes: the HTTP front closes its connection (431).
+            with socket.create_connection(("127.0.0.1", gateway.http_port), timeout=10) as raw:
+                raw.sendall(b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * (65 << 10) + b"\r\n\r\n")
+                assert raw.recv(100).startswith(b"HTTP/1.1 431 ")
             deadline = time.monotonic() + 5
             while True:  # requests are counted once their response is sent
                 scrape = httpx.get(f"{gateway.http_url}/metrics", timeout=10).text
