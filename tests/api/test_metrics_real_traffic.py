@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bon_gateway.config import GatewayConfig
@@ -18,6 +19,8 @@ from bon_gateway.metrics import Metrics
 from tests.api.conftest import QUESTION, TEXTS
 from tests.api.test_http_openai import _promtool
 from tests.fakes import FakeUpstream, ServedGateway, gateway_config
+
+pytestmark = pytest.mark.integration
 
 # Gauges that are legitimately 0 between requests: present is enough.
 AT_REST_ZERO = {"bon_requests_in_flight", "bon_score_queue_depth", "bon_score_padding_ratio"}

@@ -15,6 +15,8 @@ from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
 from tests.fakes.sse import tokens_of
 
+pytestmark = pytest.mark.integration
+
 QUESTION = [{"role": "user", "content": "Pick one."}]
 WEIGHTS = {"good": 1.0, "meh": 0.0, "bad": -1.0}
 # Candidate i answers TEXTS[i] (seed 0). Early words decide the partial rewards.

@@ -21,6 +21,8 @@ import pytest
 from tests.api.conftest import BEST, QUESTION, REWARDS, TEXTS
 from tests.fakes import FakeUpstream, unused_port
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """

@@ -27,6 +27,8 @@ from tests.scoring.helpers import (
     remote_worker_process,
 )
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 
 # How long the slow worker takes before it can serve, on top of its own start (torch

@@ -26,6 +26,8 @@ from tests.scoring.helpers import (
     remote_worker_process,
 )
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 
 

@@ -29,6 +29,8 @@ from bon_gateway.v1 import best_of_n_pb2 as pb
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
 from tests.security.conftest import REWARDS
 
+pytestmark = pytest.mark.integration
+
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
