@@ -167,6 +167,7 @@ def test_deadline_and_min_candidates_hold_on_streams(upstream: FakeUpstream) -> 
         assert reply.status_code == 504  # min_candidates cannot save what never finished
 
 
+@pytest.mark.slow
 def test_nothing_leaks_after_1000_requests_with_faults(upstream: FakeUpstream) -> None:
     # Mixed traffic: both strategies, failing candidates (500s), clients that hang up
     # mid-request. Afterwards the gateway holds no more tasks than before, every scoring
@@ -200,7 +201,7 @@ def test_nothing_leaks_after_1000_requests_with_faults(upstream: FakeUpstream) -
                             timeout = 0.005 if i % 10 == 0 else 30  # some clients leave early
                             reply = await client.post(url, json=payload, timeout=timeout)
                             key = str(reply.status_code)
-                            if key not in ("200", "503"):
+                            if key not in ("200", "503", "504"):
                                 print("ODD", payload, reply.text)
                         except httpx.TimeoutException:
                             key = "client_left"
@@ -210,7 +211,10 @@ def test_nothing_leaks_after_1000_requests_with_faults(upstream: FakeUpstream) -
             return outcomes
 
         outcomes = asyncio.run(traffic())
-        assert outcomes.get("200", 0) > 700 and set(outcomes) <= {"200", "503", "client_left"}, outcomes
+        # 504: on a loaded machine a request can outlive its 30 s deadline; what is
+        # tested is that nothing leaks, whatever each request's outcome.
+        assert outcomes.get("200", 0) > 700, outcomes
+        assert set(outcomes) <= {"200", "503", "504", "client_left"}, outcomes
         assert upstream_wait(lambda: served.in_loop(lambda: len(asyncio.all_tasks())) <= baseline, 10)
         assert upstream_wait(lambda: all(g.closed for g in scorer.groups), 10)
         assert len(scorer.groups) >= 900
