@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ISOLATION_MARKER", "Guard", "guard_for"]
+__all__ = ["ISOLATION_MARKER", "Guard"]
 
 ISOLATION_MARKER = "integration"
 
@@ -104,11 +104,6 @@ class Guard:
 
     def uninstall(self) -> None:
         self._patch.undo()
-
-
-def guard_for(item: pytest.Item) -> Guard | None:
-    """The guard of a running test, None for an integration test."""
-    return item.stash.get(_guard_key, None)
 
 
 @pytest.hookimpl(wrapper=True)
