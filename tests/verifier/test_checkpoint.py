@@ -27,7 +27,7 @@ import pytest
 
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
-from bon_gateway.types import Message
+from bon_gateway.types import Deadline, Message
 from bon_gateway.verifier.assemble import DEFAULT_DIR, STAMP_NAME, assemble_verifier, is_assembled
 from bon_gateway.verifier.head import load_head
 from tests.fixtures import checkpoints
@@ -85,9 +85,12 @@ async def test_worker_equals_reference_and_the_shipped_head(
         for start in range(0, len(solutions), 4):  # one group per problem, as /v1/rewards sends them
             messages = (Message("user", questions[start]),)
             group = solutions[start : start + 4]
-            got = await pool.score("gsm8k-verifier", messages, group, activation="none")
+            got = await pool.score(
+                "gsm8k-verifier", messages, group, activation="none", deadline=Deadline.after(600)
+            )
             raw += [s.reward for s in got.scores]
-            default = await pool.score("gsm8k-verifier", messages, group)  # the entry's sigmoid
+            # the entry's sigmoid
+            default = await pool.score("gsm8k-verifier", messages, group, deadline=Deadline.after(600))
             probs += [s.reward for s in default.scores]
     finally:
         await pool.aclose()
