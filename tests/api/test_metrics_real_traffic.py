@@ -43,6 +43,7 @@ def _families(text: str) -> dict[str, float]:
     return values
 
 
+@pytest.mark.slow
 def test_every_metric_present_and_moving_after_real_traffic(tiny_llama_rm: Path) -> None:
     promtool = _promtool()
     # An Info family is exposed as a gauge named NAME_info.

@@ -60,6 +60,7 @@ def _serving_times(caplog: pytest.LogCaptureFixture) -> list[float]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_pool_ready_right_after_a_slow_worker_serves(
     tiny_llama_rm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -327,6 +327,7 @@ def test_fuzz_grpc_methods(channel: grpc.Channel, method_name: str) -> None:
 
 
 # -- schemathesis: the OpenAPI schema the app itself publishes ----------------------
+@pytest.mark.slow
 def test_fuzz_openapi_schema_with_schemathesis(served: ServedGateway) -> None:
     import schemathesis
 
