@@ -46,7 +46,8 @@ demo: $(STAMP)
 test: $(STAMP) promtool lint
 	$(BIN)/python -m pytest -q
 
-# Unit tests only: no servers, no subprocesses (tests/conftest.py enforces it), under 2 minutes.
+# Unit tests only: no servers, no subprocesses (tests/isolation.py, loaded by tests/conftest.py,
+# fails an unmarked test that starts one), under 2 minutes.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
 

@@ -1,4 +1,8 @@
-"""Session fixtures shared by every test folder: tiny reward-model checkpoints."""
+"""Session fixtures shared by every test folder: tiny reward-model checkpoints.
+
+tests/isolation.py (loaded here) fails any test that starts a subprocess or a
+server without the `integration` marker; pytester tests that guard itself.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import checkpoints
+
+pytest_plugins = ("pytester", "tests.isolation")
 
 
 @pytest.fixture(scope="session")

@@ -41,11 +41,13 @@ def _adapter_modules() -> list[str]:
     return [f"bon_gateway.scoring.worker.adapters.{p.stem}" for p in sorted(ADAPTERS.glob("*.py"))]
 
 
+@pytest.mark.integration
 def test_engine_imports_neither_generation_nor_scoring() -> None:
     found = _imported(["bon_gateway.engine", "bon_gateway.engine.engine", "bon_gateway.engine.protocols"])
     assert _under(found, "bon_gateway.generation", "bon_gateway.scoring") == []
 
 
+@pytest.mark.integration
 def test_worker_imports_neither_the_engine_nor_prometheus() -> None:
     worker = [
         "bon_gateway.scoring.worker.__main__",
@@ -59,6 +61,7 @@ def test_worker_imports_neither_the_engine_nor_prometheus() -> None:
     assert _under(found, "bon_gateway.engine", "prometheus_client") == []
 
 
+@pytest.mark.integration
 def test_front_never_imports_torch() -> None:
     front = [
         "bon_gateway.api.server",

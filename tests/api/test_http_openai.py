@@ -15,6 +15,8 @@ import pytest
 from tests.api.conftest import BEST, QUESTION, RANKED, REWARDS, TEXTS
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def client(gateway: ServedGateway) -> openai.OpenAI:

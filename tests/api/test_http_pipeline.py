@@ -54,6 +54,7 @@ def _post(gateway: ServedGateway, path: str, content: bytes, content_type: str |
     return httpx.post(f"{gateway.base_url}{path}", content=content, headers=headers, timeout=30)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("path", "body"),
     [
@@ -71,6 +72,7 @@ def test_a_body_without_content_type_is_read_as_json_on_every_route(
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
 def test_a_body_that_is_not_json_is_a_400_naming_the_content_type(
     gateway: ServedGateway, content_type: str
@@ -82,6 +84,7 @@ def test_a_body_that_is_not_json_is_a_400_naming_the_content_type(
     assert "Content-Type" in error["message"] and content_type in error["message"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("content_type", "content"),
     [
@@ -101,6 +104,7 @@ def test_json_bodies_fastapi_read_are_still_read(
     assert response.json()["choices"][0]["message"]["content"] == BEST
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("content", "words"),
     [
@@ -119,6 +123,7 @@ def test_unreadable_bodies_are_a_400_saying_why(gateway: ServedGateway, content:
     assert words in error["message"]
 
 
+@pytest.mark.integration
 def test_a_client_leaving_mid_body_is_a_499_and_gives_its_slot_back(gateway: ServedGateway) -> None:
     # Before, FastAPI read the half body as "There was an error parsing the body" (400).
     gone = gateway.metrics.requests.labels("chat_completions", "499")
@@ -146,6 +151,7 @@ def _refs(node: Any) -> list[str]:
     return []
 
 
+@pytest.mark.integration
 def test_openapi_documents_each_request_body_and_every_reference_resolves(gateway: ServedGateway) -> None:
     schema = httpx.get(f"{gateway.http_url}/openapi.json", timeout=10).json()
     components = schema["components"]["schemas"]

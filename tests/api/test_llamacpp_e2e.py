@@ -15,7 +15,7 @@ from bon_gateway.engine.engine import RewardScorer
 from bon_gateway.metrics import Metrics
 from tests.fakes import ServedGateway, gateway_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOL = 1e-4
 QUESTION = [{"role": "user", "content": "Name one fruit that is red."}]

@@ -34,6 +34,7 @@ except ZeroDivisionError:
 """
 
 
+@pytest.mark.integration
 def test_json_mode_emits_one_parseable_object_per_line() -> None:
     result = subprocess.run(
         [sys.executable, "-c", JSON_SCRIPT],
@@ -69,6 +70,7 @@ def test_log_format_is_validated() -> None:
         GatewayConfig.model_validate({"server": {"log_format": "xml"}})
 
 
+@pytest.mark.integration
 def test_info_logs_of_a_request_carry_no_prompt_or_answer(caplog: pytest.LogCaptureFixture) -> None:
     prompt = "Zyxwv secret prompt: what is the capital of France?"
     caplog.set_level(logging.INFO)

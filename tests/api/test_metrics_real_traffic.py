@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bon_gateway.config import GatewayConfig
@@ -19,6 +20,8 @@ from bon_gateway.metrics import Metrics
 from tests.api.conftest import QUESTION
 from tests.api.test_http_openai import _promtool
 from tests.fakes import FakeUpstream, ServedGateway, gateway_config
+
+pytestmark = pytest.mark.integration
 
 # Gauges that are legitimately 0 between requests: present is enough.
 # Longer than the rejection checkpoint below, so a rejected candidate avoids tokens.
@@ -43,6 +46,7 @@ def _families(text: str) -> dict[str, float]:
     return values
 
 
+@pytest.mark.slow
 def test_every_metric_present_and_moving_after_real_traffic(tiny_llama_rm: Path) -> None:
     promtool = _promtool()
     # An Info family is exposed as a gauge named NAME_info.

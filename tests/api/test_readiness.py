@@ -6,10 +6,13 @@ import time
 
 import grpc
 import httpx
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.api.conftest import QUESTION, REWARDS, TEXTS
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
+
+pytestmark = pytest.mark.integration
 
 
 def _health(target: str) -> int:

@@ -15,6 +15,8 @@ from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
 from tests.fakes.sse import tokens_of
 
+pytestmark = pytest.mark.integration
+
 QUESTION = [{"role": "user", "content": "Pick one."}]
 WEIGHTS = {"good": 1.0, "meh": 0.0, "bad": -1.0}
 # Candidate i answers TEXTS[i] (seed 0). Early words decide the partial rewards.
@@ -165,6 +167,7 @@ def test_deadline_and_min_candidates_hold_on_streams(upstream: FakeUpstream) -> 
         assert reply.status_code == 504  # min_candidates cannot save what never finished
 
 
+@pytest.mark.slow
 def test_nothing_leaks_after_1000_requests_with_faults(upstream: FakeUpstream) -> None:
     # Mixed traffic: both strategies, failing candidates (500s), clients that hang up
     # mid-request. Afterwards the gateway holds no more tasks than before, every scoring

@@ -22,6 +22,9 @@ from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 from tests.fakes import FakeUpstream, unused_port
 
+# slow: `bon-gateway serve` with real reward workers takes ~25 s to start here.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-4
 QUESTION = [{"role": "user", "content": "What is 17 * 23? Explain briefly."}]

@@ -21,6 +21,8 @@ import pytest
 from tests.api.conftest import BEST, QUESTION, REWARDS, TEXTS
 from tests.fakes import FakeUpstream, unused_port
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
@@ -140,6 +142,7 @@ def test_sigterm_grace_bounds_the_drain() -> None:
     assert drained_s < 10, drained_s
 
 
+@pytest.mark.slow
 def test_serve_sigterm_under_load_answers_every_request(
     tiny_llama_rm: Path, reference_outcome_reward: Any, tmp_path: Path
 ) -> None:

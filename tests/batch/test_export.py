@@ -31,6 +31,7 @@ def exported(gateway: ServedGateway, tmp_path_factory: pytest.TempPathFactory) -
     return tmp_path
 
 
+@pytest.mark.integration
 def test_pairs_load_with_datasets_in_trl_conversational_format(exported: Path) -> None:
     datasets = pytest.importorskip("datasets")
     pairs = datasets.load_dataset("json", data_files=str(exported / "pairs.jsonl"), split="train")
@@ -50,6 +51,7 @@ def test_pairs_load_with_datasets_in_trl_conversational_format(exported: Path) -
         assert [m["role"] for m in pair["chosen"]] == [m["role"] for m in pair["rejected"]] == ["assistant"]
 
 
+@pytest.mark.integration
 def test_step_labels_rows_line_up(exported: Path) -> None:
     datasets = pytest.importorskip("datasets")
     steps = datasets.load_dataset("json", data_files=str(exported / "steps.jsonl"), split="train")
@@ -62,6 +64,7 @@ def test_step_labels_rows_line_up(exported: Path) -> None:
         assert row["labels"] == [r >= 0.5 for r in STEP_REWARDS[text]]
 
 
+@pytest.mark.integration
 def test_report_and_summary_are_written(exported: Path) -> None:
     page = (exported / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
@@ -77,6 +80,7 @@ def test_report_and_summary_are_written(exported: Path) -> None:
     assert summary["pairs"]["written"] == ROWS
 
 
+@pytest.mark.integration
 def test_png_report(gateway: ServedGateway, gsm8k_slice: Path, tmp_path: Path) -> None:
     out = tmp_path / "report.png"
     argv = batch_argv(
@@ -124,6 +128,7 @@ def test_step_labels_skip_candidates_whose_steps_do_not_line_up() -> None:
     assert counts.skipped_no_steps == 1
 
 
+@pytest.mark.integration
 def test_results_rows_carry_no_nan(exported: Path) -> None:
     for row in read_rows(exported / "results.jsonl"):
         assert "NaN" not in json.dumps(row)

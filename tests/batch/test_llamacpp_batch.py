@@ -14,7 +14,7 @@ import pytest
 
 from tests.batch.conftest import gsm8k_rows, read_rows, start_batch, wait_for_lines
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROWS = 6
 

@@ -9,6 +9,8 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from bon_gateway.batch.clients import EngineClient
 from bon_gateway.batch.rows import read_items
 from bon_gateway.batch.runner import BatchOptions, run_batch
@@ -22,6 +24,8 @@ from tests.batch.conftest import (
     wait_for_lines,
 )
 from tests.fakes import FakeUpstream, ServedGateway, gateway_config
+
+pytestmark = pytest.mark.integration
 
 EXPECTED_IDS = {f"line-{n}" for n in range(1, ROWS + 1)}
 

@@ -339,6 +339,7 @@ def _scrape_fresh_gateway() -> list[tuple[str, dict[str, str]]]:
     ]
 
 
+@pytest.mark.integration
 def test_fresh_gateway_has_a_series_for_every_selector() -> None:
     samples = _scrape_fresh_gateway()
     missing = set()

@@ -16,6 +16,8 @@ import pytest
 
 from bon_gateway.metrics import Metrics
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 

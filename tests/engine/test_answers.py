@@ -9,11 +9,13 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bon_gateway.engine import answers
 from bon_gateway.engine.answers import answers_equivalent, extract_answer, normalize_answer, warm_up
 
 GSM8K_DIR = Path(os.environ.get("BON_GSM8K_DIR") or Path(__file__).resolve().parents[3] / "shared/data/gsm8k")
@@ -144,15 +146,30 @@ def test_not_equivalent(a: str | None, b: str | None) -> None:
     assert not answers_equivalent(b, a)
 
 
-def test_huge_expressions_are_compared_as_strings_not_evaluated() -> None:
-    # Without a timeout sympy would try to build 10^(10^10) and never return.
-    started = time.perf_counter()
+def test_huge_expressions_are_compared_as_strings_not_evaluated(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the guard sympy would try to build 10^(10^10) and never return, or spend
+    # 15 s expanding (x+1)^{999}: none of these may reach math-verify's parser.
+    import math_verify
+
+    real_parse = math_verify.parse
+    parsed: list[str] = []
+
+    def recording_parse(text: str, *args: Any, **kwargs: Any) -> Any:
+        parsed.append(text)
+        if "^" in text or "!" in text:
+            return []  # an unsafe answer got through: fail below instead of hanging
+        return real_parse(text, *args, **kwargs)
+
+    monkeypatch.setattr(math_verify, "parse", recording_parse)
+    # Earlier tests may have cached these answers; start from nothing.
+    answers._parse.cache_clear()
+    answers._equivalent_normalized.cache_clear()
     assert not answers_equivalent("10^{10^{10}}", "5")
     assert not answers_equivalent("2^{2^{2^{2}}}", "65536")
     assert not answers_equivalent("99999!", "1")
-    assert not answers_equivalent("(x+1)^{999}", "x^{999}")  # 15 s of expansion without the guard
+    assert not answers_equivalent("(x+1)^{999}", "x^{999}")
     assert answers_equivalent("10^{10^{10}}", "10^{10^{10}}")
-    assert time.perf_counter() - started < 5.0
+    assert [text for text in parsed if "^" in text or "!" in text] == []
 
 
 @pytest.mark.parametrize(
@@ -166,9 +183,11 @@ def test_huge_expressions_are_compared_as_strings_not_evaluated() -> None:
     ],
 )
 def test_extraction_stays_linear_on_adversarial_text(text: str) -> None:
+    # A time bound (the complexity is what is tested): linear takes milliseconds on
+    # these ~100 KB texts, a quadratic scan minutes; generous for a loaded machine.
     started = time.perf_counter()
     extract_answer(text)
-    assert time.perf_counter() - started < 2.0
+    assert time.perf_counter() - started < 5.0
 
 
 def test_math_verify_defaults_fail_off_the_main_thread_but_ours_work() -> None:

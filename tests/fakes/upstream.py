@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -36,6 +36,17 @@ class StreamRecord:
 
 def _has_text(choice: dict[str, Any]) -> bool:
     return bool((choice.get("delta") or {}).get("content") or choice.get("text"))
+
+
+async def _client_left_within(request: Request, seconds: float) -> bool:
+    """True if the client closes the connection within `seconds` (its body already read)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+    except TimeoutError:
+        return False
+    return True
 
 
 def unused_port(host: str = "127.0.0.1") -> int:
@@ -89,8 +100,10 @@ class FakeUpstream:
     yields every text once.
 
     Faults: `fail_status` (every call answers that status), `fail_seeds`
-    (those seeds answer 500), `delay_s` (sleep before answering).
-    `requests` records every JSON body received.
+    (those seeds answer 500), `delay_s` (wait before answering; a client that
+    closes the connection meanwhile ends the wait, and its body goes to `hung_up`).
+    `requests` records every JSON body received, `answered` those answered (after
+    the delay: tests order events against it).
 
     `logprobs` in a streamed request: each token chunk carries its logprob
     (tests.fakes.sse.fake_logprob).
@@ -114,6 +127,8 @@ class FakeUpstream:
         self.fail_seeds: set[int] = set()
         self.tool_calls: dict[int, list[tuple[str, str]]] = {}
         self.requests: list[dict[str, Any]] = []
+        self.hung_up: list[dict[str, Any]] = []
+        self.answered: list[dict[str, Any]] = []
         self.token_delay_s = 0.0
         self.streams: list[StreamRecord] = []
         app = Starlette(
@@ -137,6 +152,24 @@ class FakeUpstream:
     def text_for(self, seed: int) -> str:
         return self.texts[seed % len(self.texts)]
 
+    def mark(self) -> tuple[int, int]:
+        """How many calls arrived and hung up so far (for `all_hung_up_since`)."""
+        return len(self.requests), len(self.hung_up)
+
+    def all_hung_up_since(self, mark: tuple[int, int]) -> bool:
+        """Calls arrived since `mark`, and the client closed every one of them during delay_s."""
+        sent, hung_up = len(self.requests) - mark[0], len(self.hung_up) - mark[1]
+        return sent > 0 and hung_up == sent
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+        """Poll `predicate` until true or `timeout_s` passed; its last value."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.01)
+        return predicate()
+
     def start(self) -> FakeUpstream:
         self._server.start()
         return self
@@ -152,11 +185,14 @@ class FakeUpstream:
     ) -> None:
         self.stop()
 
-    async def _answer(self, request: Request) -> tuple[dict[str, Any], str, JSONResponse | None]:
+    async def _answer(self, request: Request) -> tuple[dict[str, Any], str, Response | None]:
         body: dict[str, Any] = await request.json()
         self.requests.append(body)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        if self.delay_s and await _client_left_within(request, self.delay_s):
+            # Tests see the gateway give up its call (a cancelled request, a deadline).
+            self.hung_up.append(body)
+            return body, "", Response(status_code=499)
+        self.answered.append(body)
         seed = int(body.get("seed") or 0)
         if self.fail_status is not None:
             error = {"error": {"message": "injected failure", "type": "server_error"}}

@@ -14,6 +14,8 @@ from bon_gateway.config import GatewayConfig
 from tests.fakes import FakeScorer, ServedGateway
 from tests.fakes.fault_upstream import FaultUpstream, Reply
 
+pytestmark = pytest.mark.integration
+
 TEXTS = ("alpha", "beta", "gamma", "delta")
 QUESTION = [{"role": "user", "content": "Say a word."}]
 # What llama-cpp-python's server answered for `top_k: -5` (measured on the real server,

@@ -19,6 +19,8 @@ from bon_gateway.types import BonRequest, BonResult, Deadline, Dropped, Message,
 from tests.fakes import FakeScorer, unused_port
 from tests.fakes.fault_upstream import FaultUpstream, Garbage, Hang, Reply, Reset
 
+pytestmark = pytest.mark.integration
+
 TEXTS = ("alpha", "beta", "gamma", "delta")
 
 
@@ -176,6 +178,7 @@ async def test_retry_after_is_honoured(fault: FaultUpstream) -> None:
     result = await up.generate(request(), Deadline.after(30))
     await up.aclose()
     assert len(result.generations) == 4
+    # A time bound (the retry waits out Retry-After), and a lower one: load only adds to it.
     assert len(calls_for_2) == 2 and calls_for_2[1] - calls_for_2[0] >= 0.38
 
 
@@ -198,25 +201,28 @@ async def test_connect_errors_are_retried_then_dropped() -> None:
 
 
 async def test_slow_call_times_out_and_is_retried(fault: FaultUpstream) -> None:
-    fault.script(Reply(delay_s=2.0))
+    fault.script(Reply(delay_s=30.0))
     up = client(fault.url, timeout_s=0.3, retries=1)
-    started = time.monotonic()
-    result = await up.generate(request(), Deadline.after(30))
+    result = await up.generate(request(), Deadline.after(60))
     await up.aclose()
-    assert len(result.generations) == 4 and time.monotonic() - started < 1.5
-    assert fault.wait_until(lambda: fault.calls[0].closed_by_client is not None)
+    # The first call was given up by the client before the upstream answered it (it
+    # would only after 30 s), and retried: 4 candidates from 5 calls.
+    assert len(result.generations) == 4 and len(fault.calls) == 5
+    slow = fault.calls[0]
+    assert fault.wait_until(lambda: slow.closed_by_client is not None)
+    assert slow.answered is None
 
 
 async def test_retry_is_bounded_by_the_deadline(fault: FaultUpstream) -> None:
     # Retry-After 10 s with 0.5 s left: fail at once instead of sleeping into the deadline.
     fault.rule = lambda body: Reply(429, headers=(("Retry-After", "10"),)) if body["seed"] == 0 else None
     up = client(fault.url, retries=5)
-    started = time.monotonic()
     result = await up.generate(request(), Deadline.after(0.5))
     await up.aclose()
-    assert time.monotonic() - started < 0.4
     assert len(result.generations) == 3
+    # Given up on, not retried and not cut by the deadline while sleeping.
     assert result.dropped[0].reason == "rate_limited" and "no time left" in result.dropped[0].detail
+    assert sum(c.body["seed"] == 0 for c in fault.calls) == 1
 
 
 async def test_backoff_retries_stop_at_the_deadline(fault: FaultUpstream) -> None:
@@ -225,7 +231,9 @@ async def test_backoff_retries_stop_at_the_deadline(fault: FaultUpstream) -> Non
     started = time.monotonic()
     result = await run(engine(up), request(min_candidates=3), 0.6)
     await up.aclose()
-    assert time.monotonic() - started < 0.6
+    # A time bound: the retries end with the 0.6 s deadline; without that bound 1,000
+    # retries at up to 0.1 s apart would take minutes (generous for a loaded machine).
+    assert time.monotonic() - started < 3.0
     assert [c.index for c in result.ranked] != [] and len(result.ranked) == 3
     assert result.dropped[0].reason == "upstream_error"
 
@@ -272,11 +280,13 @@ async def test_deadline_cancels_hung_calls_and_the_upstream_sees_it(fault: Fault
         await run(engine(up), request(), 0.4)
     elapsed = time.monotonic() - started
     await up.aclose()
-    # Generation is cut 10 % before the deadline (leaving time to score what arrived).
-    assert 0.35 <= elapsed < 1.0
+    # A time bound: generation is cut 10 % before the 0.4 s deadline (leaving time to
+    # score what arrived), not earlier; the upper bounds are generous for a loaded
+    # machine (the calls hang forever otherwise).
+    assert 0.35 <= elapsed < 3.0
     assert len(fault.calls) == 4
     assert fault.wait_until(lambda: all(c.closed_by_client is not None for c in fault.calls))
-    assert max(c.closed_by_client or 0 for c in fault.calls) - started < 1.0
+    assert max(c.closed_by_client or 0 for c in fault.calls) - started < 3.0
 
 
 async def test_cancelling_the_request_closes_upstream_connections(fault: FaultUpstream) -> None:
@@ -354,7 +364,9 @@ async def test_a_hung_candidate_is_cut_at_the_deadline_and_the_rest_ranked(fault
     started = time.monotonic()
     result = await run(engine(up), request(min_candidates=3), 1.0)
     await up.aclose()
-    assert 0.85 <= time.monotonic() - started < 1.0
+    # A time bound: the hung call is waited for until the cut at 90 % of the 1 s
+    # deadline, not given up earlier (the upper bound is generous: it hangs forever).
+    assert 0.85 <= time.monotonic() - started < 3.0
     assert sorted(c.index for c in result.ranked) == [0, 2, 3]
     assert result.dropped == [Dropped("deadline", "the request deadline passed during the call")]
     hung = [c for c in fault.calls if c.body["seed"] == 1]

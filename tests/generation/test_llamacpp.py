@@ -15,7 +15,7 @@ from bon_gateway.config import GatewayConfig
 from bon_gateway.generation.upstream import UpstreamClient
 from tests.fakes import FakeScorer, ServedGateway
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 MAX_TOKENS = 6

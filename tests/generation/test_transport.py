@@ -81,6 +81,7 @@ def ok(body: bytes, extra: bytes = b"") -> bytes:
     return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
 
 
+@pytest.mark.integration
 async def test_keep_alive_reuses_one_connection(serve: Serve) -> None:
     raw = await serve([ok(b'{"a":1}')])
     http = UpstreamHttp()
@@ -97,6 +98,7 @@ async def test_keep_alive_reuses_one_connection(serve: Serve) -> None:
     assert request.endswith(b'\r\n\r\n{"q":1}')
 
 
+@pytest.mark.integration
 async def test_chunked_body_headers_and_reuse_after_it(serve: Serve) -> None:
     chunked = (
         b"HTTP/1.1 429 Too Many\r\ntransfer-encoding: chunked\r\nRetry-After: 3\r\n\r\n"
@@ -111,6 +113,7 @@ async def test_chunked_body_headers_and_reuse_after_it(serve: Serve) -> None:
     assert raw.connections == 1
 
 
+@pytest.mark.integration
 async def test_close_delimited_body(serve: Serve) -> None:
     raw = await serve([b"HTTP/1.1 200 OK\r\n\r\nuntil close"], close_after=True)
     http = UpstreamHttp()
@@ -120,6 +123,7 @@ async def test_close_delimited_body(serve: Serve) -> None:
     assert raw.connections == 2
 
 
+@pytest.mark.integration
 async def test_connection_close_header_is_respected(serve: Serve) -> None:
     raw = await serve([ok(b"1", b"connection: close\r\n")], close_after=True)
     http = UpstreamHttp()
@@ -129,6 +133,7 @@ async def test_connection_close_header_is_respected(serve: Serve) -> None:
     assert raw.connections == 2
 
 
+@pytest.mark.integration
 async def test_no_content_has_no_body(serve: Serve) -> None:
     raw = await serve([b"HTTP/1.1 204 No Content\r\n\r\n"])
     http = UpstreamHttp()
@@ -139,6 +144,7 @@ async def test_no_content_has_no_body(serve: Serve) -> None:
     assert raw.connections == 1
 
 
+@pytest.mark.integration
 async def test_closed_early_and_refused_are_connect_errors(serve: Serve) -> None:
     raw = await serve([b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort"], close_after=True)
     http = UpstreamHttp()
@@ -149,6 +155,7 @@ async def test_closed_early_and_refused_are_connect_errors(serve: Serve) -> None
     await http.aclose()
 
 
+@pytest.mark.integration
 async def test_garbage_is_a_protocol_error(serve: Serve) -> None:
     raw = await serve([b"SSH-2.0-OpenSSH\r\n\r\n"])
     http = UpstreamHttp()
@@ -157,6 +164,7 @@ async def test_garbage_is_a_protocol_error(serve: Serve) -> None:
     await http.aclose()
 
 
+@pytest.mark.integration
 async def test_timeout_before_the_head_closes_the_connection(serve: Serve) -> None:
     raw = await serve([b""])  # hang
     http = UpstreamHttp()
@@ -166,6 +174,7 @@ async def test_timeout_before_the_head_closes_the_connection(serve: Serve) -> No
     await http.aclose()
 
 
+@pytest.mark.integration
 async def test_cancel_mid_body_closes_the_connection_and_never_pools_it(serve: Serve) -> None:
     raw = await serve([b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial"], hold=True)
     http = UpstreamHttp()
@@ -183,6 +192,7 @@ async def test_cancel_mid_body_closes_the_connection_and_never_pools_it(serve: S
     assert raw.connections == 2
 
 
+@pytest.mark.integration
 async def test_max_connections_bounds_concurrency(serve: Serve) -> None:
     raw = await serve([ok(b"x")])
     http = UpstreamHttp(max_connections=2)
@@ -192,6 +202,7 @@ async def test_max_connections_bounds_concurrency(serve: Serve) -> None:
     assert raw.connections <= 2
 
 
+@pytest.mark.integration
 async def test_an_idle_connection_closed_by_the_server_is_replaced(serve: Serve) -> None:
     raw = await serve([ok(b"x")], close_after=True)  # the server closes after each answer, unannounced
     http = UpstreamHttp()
@@ -203,6 +214,7 @@ async def test_an_idle_connection_closed_by_the_server_is_replaced(serve: Serve)
     assert raw.connections == 2
 
 
+@pytest.mark.integration
 async def test_https_with_a_private_ca(serve: Serve, tmp_path: Path) -> None:
     cert, key = self_signed_cert(tmp_path)
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -13,6 +13,7 @@ from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.loading import load_adapter
 from bon_gateway.scoring.worker.runtime import ModelRuntime
 from tests.fixtures import checkpoints
+from tests.marks import slow_except
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, mixed_candidates
 
 TOL = 1e-4
@@ -30,7 +31,7 @@ def _score(runtime: ModelRuntime, candidates: list[str], activation: str = "none
 
 
 @pytest.mark.parametrize("build", [checkpoints.tiny_gemma2_rm, checkpoints.tiny_jamba_rm])
-@pytest.mark.parametrize("reuse", [True, False])
+@pytest.mark.parametrize("reuse", slow_except([True, False], True))
 def test_hybrid_and_softcapped_families_equal_reference(build: Callable[[], Path], reuse: bool) -> None:
     path = build()
     runtime = _runtime(path, reuse)

@@ -16,6 +16,7 @@ from bon_gateway.scoring.worker.loading import load_adapter
 from bon_gateway.scoring.worker.runtime import ModelRuntime
 from bon_gateway.types import Message
 from tests.fixtures import checkpoints
+from tests.marks import slow_except
 from tests.scoring.helpers import mixed_candidates
 
 TOL = 1e-4
@@ -36,7 +37,7 @@ def _dicts(messages: tuple[Message, ...]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "judge"])
+@pytest.fixture(scope="module", params=slow_except(["llama", "qwen2", "qwen3", "judge"], "llama"))
 def runtime_and_ref(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     builders = {
         "llama": checkpoints.tiny_llama_rm,

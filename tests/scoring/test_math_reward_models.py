@@ -240,6 +240,7 @@ def _reused(pool: WorkerPool, model: str) -> float:
 PRMS = {"prm": reference_qwen2_prm, "shepherd": reference_causal_prm}
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("model", ["prm", "shepherd"])
 async def test_prm_steps_alone_batched_and_reused(
@@ -275,6 +276,7 @@ async def test_prm_steps_alone_batched_and_reused(
             assert score.step_rewards == pytest.approx(want[lists.index(steps)], abs=TOL)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("model", ["prm", "shepherd"])
 async def test_prm_splits_candidates_on_the_delimiter(
@@ -287,6 +289,7 @@ async def test_prm_splits_candidates_on_the_delimiter(
         assert score.step_rewards == pytest.approx(PRMS[model](paths[model], QUESTION, steps), abs=TOL)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_prm_separator_text_in_user_input_is_not_a_step(
     pool: WorkerPool, paths: dict[str, Path]
@@ -328,6 +331,7 @@ async def test_prm_separator_text_in_user_input_is_not_a_step(
     assert got.scores[0].step_rewards == pytest.approx([float(p) for p in probs], abs=TOL)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_causal_prm_tag_text_in_a_step_is_not_a_step(pool: WorkerPool, paths: dict[str, Path]) -> None:
     """A "ки" inside a step is text: the tag positions come from construction, not from the ids."""
@@ -348,6 +352,7 @@ OUTCOME = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("model", ["math_rm", "internlm2", "internlm2_bias"])
 async def test_outcome_rm_alone_batched_and_reused(
@@ -378,6 +383,7 @@ async def test_outcome_rm_alone_batched_and_reused(
             assert score.reward == pytest.approx(want[candidates.index(answer)], abs=TOL)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_models_report_architectures(pool: WorkerPool) -> None:
     got = {m.name: m.architecture for m in pool.models()}

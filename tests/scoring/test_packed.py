@@ -18,6 +18,7 @@ from bon_gateway.scoring.worker.packed import (
     packing_limit,
 )
 from tests.fixtures import checkpoints
+from tests.marks import slow_except
 
 TOL = 1e-5
 
@@ -46,7 +47,7 @@ def _tiny_mistral(window: int) -> Path:
     )
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
+@pytest.fixture(scope="module", params=slow_except(["llama", "qwen2", "qwen3", "mistral"], "llama"))
 def backbone(request: pytest.FixtureRequest) -> Any:
     paths = {
         "llama": checkpoints.tiny_llama_rm,

@@ -27,6 +27,8 @@ from tests.scoring.helpers import (
     remote_worker_process,
 )
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 
 # How long the slow worker takes before it can serve, on top of its own start (torch
@@ -58,6 +60,7 @@ def _serving_times(caplog: pytest.LogCaptureFixture) -> list[float]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_pool_ready_right_after_a_slow_worker_serves(
     tiny_llama_rm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -16,6 +16,8 @@ from bon_gateway.scoring.pool import WorkerPool
 from bon_gateway.types import Deadline
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 
 

@@ -49,6 +49,7 @@ def want(path: Path, answer: str) -> float:
     return checkpoints.reference_outcome_reward(path, MESSAGE_DICTS, answer)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_candidates_scored_as_they_finish_against_the_kept_prompt(
     pool: WorkerPool, tiny_llama_rm: Path
@@ -75,6 +76,7 @@ async def test_candidates_scored_as_they_finish_against_the_kept_prompt(
     await group.close()  # twice: nothing happens
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_partials_reuse_the_candidate_s_earlier_text(pool: WorkerPool, tiny_llama_rm: Path) -> None:
     group = pool.open_group("rm", MESSAGES, deadline=Deadline.after(60))
@@ -95,6 +97,7 @@ async def test_partials_reuse_the_candidate_s_earlier_text(pool: WorkerPool, tin
     await group.close()
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_a_prompt_too_long_fails_when_the_group_opens(pool: WorkerPool) -> None:
     group = pool.open_group("short", LONG_PROMPT, deadline=Deadline.after(60))
@@ -118,6 +121,7 @@ async def test_a_prompt_too_long_fails_when_the_group_opens(pool: WorkerPool) ->
     await unknown.close()
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_unknown_and_closed_group_ids_fall_back(pool: WorkerPool, tiny_llama_rm: Path) -> None:
     (worker,) = pool.workers("rm")
@@ -145,6 +149,7 @@ async def test_unknown_and_closed_group_ids_fall_back(pool: WorkerPool, tiny_lla
     assert reply.scores[0].reward == pytest.approx(want(tiny_llama_rm, "391"), abs=TOL)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio(loop_scope="module")
 async def test_one_sample_per_request_reuses_the_prompt(pool: WorkerPool, tiny_llama_rm: Path) -> None:
     """The RLHF case: requests of one sample each, the same prompt, many in flight."""
@@ -163,6 +168,7 @@ async def test_one_sample_per_request_reuses_the_prompt(pool: WorkerPool, tiny_l
     assert reused(pool, "rm") - before >= (len(samples) - 1) * (prompt_tokens - 2)
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_a_group_moves_when_its_worker_dies(tiny_llama_rm: Path) -> None:
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm), "workers": 2}), Metrics())

@@ -58,6 +58,7 @@ def _truncated_reference(path: Path, answer: str, limit: int) -> float:
         return float(model(input_ids=torch.tensor([ids])).logits[0][0])
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_unsupported_architecture_fails_at_start_with_the_list(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
@@ -83,6 +84,7 @@ async def test_unsupported_architecture_fails_at_start_with_the_list(tmp_path: P
     assert _children() - before == set()
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_overlong_input_truncation_and_clean_shutdown(tiny_llama_rm: Path) -> None:
     config = gateway_config(
@@ -126,6 +128,7 @@ async def test_overlong_input_truncation_and_clean_shutdown(tiny_llama_rm: Path)
     assert metrics.workers_up.labels("strict")._value.get() == 0
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_worker_dying_before_it_serves_is_a_start_failure(tiny_llama_rm: Path) -> None:
     # A crash (here: a kill while it loads) leaves no status: the exit code says what happened.
@@ -138,6 +141,7 @@ async def test_worker_dying_before_it_serves_is_a_start_failure(tiny_llama_rm: P
         await starting
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_deadline_bounds_the_worker_call(tiny_llama_rm: Path) -> None:
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm)}), Metrics())

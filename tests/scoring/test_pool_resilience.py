@@ -26,6 +26,8 @@ from tests.scoring.helpers import (
     remote_worker_process,
 )
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 
 
@@ -36,6 +38,7 @@ def _candidates_and_reference(checkpoint: Path) -> tuple[list[str], list[float]]
     return candidates, want
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_killed_worker_restarted_and_inflight_requests_answered(
     tiny_llama_rm: Path, caplog: pytest.LogCaptureFixture
@@ -85,6 +88,7 @@ async def test_killed_worker_restarted_and_inflight_requests_answered(
         await pool.aclose()
 
 
+@pytest.mark.slow
 @pytest.mark.asyncio
 async def test_only_worker_killed_inflight_requests_wait_for_its_restart(tiny_llama_rm: Path) -> None:
     # With one worker there is no other to retry on: the retry waits for the restart

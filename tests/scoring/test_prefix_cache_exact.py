@@ -29,6 +29,7 @@ from bon_gateway.scoring.worker.runtime import ModelRuntime, Scored, kv_bytes_pe
 from bon_gateway.steps import split_steps
 from bon_gateway.types import Message
 from tests.fixtures import checkpoints, reward_checkpoints
+from tests.marks import slow_except
 from tests.scoring.helpers import mixed_candidates
 from tests.scoring.test_math_reward_models import QUESTION, reference_causal_prm, reference_qwen2_prm
 
@@ -122,7 +123,7 @@ def prompt_for(name: str, which: str = "A") -> tuple[Message, ...]:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", list(PATHS))
+@pytest.mark.parametrize("name", slow_except(PATHS, "llama-packed", "gemma2-transformers"))
 async def test_outcome_cold_warm_across_requests(name: str) -> None:
     build, packed, short_rows = PATHS[name]
     path = build()
@@ -162,7 +163,10 @@ async def test_outcome_cold_warm_across_requests(name: str) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", ["llama-packed", "llama-transformers-one-call", "gemma2-transformers"])
+@pytest.mark.parametrize(
+    "name",
+    slow_except(["llama-packed", "llama-transformers-one-call", "gemma2-transformers"], "llama-packed"),
+)
 async def test_eviction_and_a_full_cache_stay_exact(name: str) -> None:
     build, packed, short_rows = PATHS[name]
     path = build()
@@ -255,7 +259,7 @@ PRMS: dict[str, tuple[Callable[[], Path], str, Callable[[Path, str, Sequence[str
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("name", list(PRMS))
+@pytest.mark.parametrize("name", slow_except(PRMS, "qwen2-prm"))
 @pytest.mark.parametrize("packed", [True, False])
 async def test_prm_partials_reuse_their_earlier_work(name: str, packed: bool) -> None:
     """A candidate's successive partials (speculative rejection's checkpoints) in a group:

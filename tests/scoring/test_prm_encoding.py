@@ -9,12 +9,13 @@ from bon_gateway.scoring.worker.formatting import InputTooLong
 from bon_gateway.scoring.worker.loading import load_adapter
 from bon_gateway.types import Message
 from tests.fixtures import checkpoints, reward_checkpoints
+from tests.marks import slow_except
 
 LONG_QUESTION = "How many apples? " + "Tom counts apples again and again. " * 40
 STEPS = ["Tom has 3 apples.", "He buys 4 more.", "So \\boxed{7}."]
 
 
-@pytest.mark.parametrize("kind", ["prm", "shepherd"])
+@pytest.mark.parametrize("kind", slow_except(["prm", "shepherd"], "prm"))
 def test_left_truncation_cuts_the_prompt_and_keeps_every_step(kind: str) -> None:
     path = reward_checkpoints.tiny_qwen2_prm() if kind == "prm" else checkpoints.tiny_judge_lm()
     extra = {} if kind == "prm" else {"kind": "causal_prm"}

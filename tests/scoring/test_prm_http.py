@@ -18,6 +18,8 @@ from tests.fakes.gateway import ServedGateway, gateway_config
 from tests.fixtures import checkpoints, reward_checkpoints
 from tests.scoring.test_math_reward_models import QUESTION, reference_causal_prm, reference_qwen2_prm
 
+pytestmark = pytest.mark.integration
+
 TOL = 1e-4
 STEPS = [
     ["Tom has 3 apples.", "He buys 4 more, so 3 + 4 = 7.", "The answer is \\boxed{7}."],

@@ -11,7 +11,7 @@ from bon_gateway.types import Deadline, Message
 from tests.fixtures import checkpoints
 from tests.scoring.helpers import gateway_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.asyncio

@@ -75,6 +75,7 @@ def test_status_lines_round_trip() -> None:
         decode_status(b'{"ready": true}\n')
 
 
+@pytest.mark.integration
 def test_start_up_error_on_the_status_pipe_and_one_line_on_stderr(tmp_path: Path) -> None:
     """What the pool reads (a typed status) and what an operator reads (one stderr line)."""
     read_fd, write_fd = os.pipe()

@@ -109,6 +109,7 @@ def _headers(key: str | None) -> dict[str, str]:
     return {} if key is None else {"Authorization": f"Bearer {key}"}
 
 
+@pytest.mark.integration
 def test_every_http_route_but_health_refuses_missing_or_wrong_keys(keyed: ServedGateway) -> None:
     routes = _http_routes(keyed)
     paths = {path for _, path in routes}
@@ -169,6 +170,7 @@ def _methods(
             yield service, method
 
 
+@pytest.mark.integration
 def test_every_rpc_but_health_refuses_missing_or_wrong_keys(keyed: ServedGateway) -> None:
     assert len(BEST_OF_N.methods) >= 4  # Generate, GenerateStream, Score, ListModels (at least)
     with grpc.insecure_channel(keyed.grpc_target) as channel:
@@ -190,6 +192,7 @@ def test_every_rpc_but_health_refuses_missing_or_wrong_keys(keyed: ServedGateway
         )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("open_monitoring", [False, True])
 def test_metrics_and_ready_protection_is_configurable(
     upstream: FakeUpstream, keys_file: Path, open_monitoring: bool
@@ -211,6 +214,7 @@ def test_metrics_and_ready_protection_is_configurable(
         assert client.get("/v1/models").status_code == 401
 
 
+@pytest.mark.integration
 def test_per_key_rate_limit_on_both_fronts(upstream: FakeUpstream, keys_file: Path) -> None:
     auth = auth_config(keys_file, rate_limit_per_s=0.1, rate_limit_burst=2)
     config = gateway_config(upstream.url, auth=auth)
@@ -242,6 +246,7 @@ def test_per_key_rate_limit_on_both_fronts(upstream: FakeUpstream, keys_file: Pa
             assert int(trailing["retry-after"]) >= 1
 
 
+@pytest.mark.integration
 def test_keys_never_reach_the_logs(keyed: ServedGateway, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     with httpx.Client(base_url=keyed.http_url, timeout=10) as client:

@@ -29,6 +29,8 @@ from bon_gateway.v1 import best_of_n_pb2 as pb
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
 from tests.security.conftest import REWARDS
 
+pytestmark = pytest.mark.integration
+
 SELECTIONS: tuple[str, ...] = get_args(Selection)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 ACTIVATIONS: tuple[str, ...] = get_args(Activation)
@@ -325,6 +327,7 @@ def test_fuzz_grpc_methods(channel: grpc.Channel, method_name: str) -> None:
 
 
 # -- schemathesis: the OpenAPI schema the app itself publishes ----------------------
+@pytest.mark.slow
 def test_fuzz_openapi_schema_with_schemathesis(served: ServedGateway) -> None:
     import schemathesis
 

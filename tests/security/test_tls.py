@@ -14,6 +14,8 @@ from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
 from tests.security.conftest import KEYS, REWARDS, auth_config, self_signed_cert
 
+pytestmark = pytest.mark.integration
+
 
 def test_https_and_grpc_tls_with_a_self_signed_certificate(
     upstream: FakeUpstream, keys_file: Path, tmp_path: Path

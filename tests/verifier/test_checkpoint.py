@@ -71,6 +71,7 @@ def test_assembled_checkpoint_is_ordinary_and_assembling_again_is_a_no_op(verifi
     assert (verifier_dir / STAMP_NAME).is_file()
 
 
+@pytest.mark.integration
 @pytest.mark.asyncio
 async def test_worker_equals_reference_and_the_shipped_head(
     verifier_dir: Path, sample: dict[str, np.ndarray]
