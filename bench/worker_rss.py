@@ -2,7 +2,7 @@
 
 A WorkerPool (the gateway's own, in this process) spawns one worker process per
 reward model of the tests' tiny checkpoints (Llama and Qwen2 sequence classifiers,
-prefix cache on; a Qwen3 one with prefix_cache_bytes = 0) and gets --requests
+prefix cache on, --prefix-cache-mib each; a Qwen3 one with prefix_cache_bytes = 0) and gets --requests
 requests, --concurrency at a time, drawn at random (seeded):
 
 - model: one of the three;
@@ -68,12 +68,13 @@ def text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def config() -> GatewayConfig:
+def config(cache_mib: int) -> GatewayConfig:
     from tests.fixtures import checkpoints
 
+    cache = cache_mib << 20
     entries: list[dict[str, Any]] = [
-        {"name": "llama", "path": str(checkpoints.tiny_llama_rm())},
-        {"name": "qwen2", "path": str(checkpoints.tiny_qwen2_rm())},
+        {"name": "llama", "path": str(checkpoints.tiny_llama_rm()), "prefix_cache_bytes": cache},
+        {"name": "qwen2", "path": str(checkpoints.tiny_qwen2_rm()), "prefix_cache_bytes": cache},
         {"name": "qwen3-nocache", "path": str(checkpoints.tiny_qwen3_rm()), "prefix_cache_bytes": 0},
     ]
     return GatewayConfig.model_validate(
@@ -112,7 +113,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ[key] = value
     rng = random.Random(args.seed)
     prompts = [text(rng, rng.randint(5, args.max_prompt_words)) for _ in range(24)]
-    pool = WorkerPool(config(), Metrics(), start_timeout_s=300)
+    pool = WorkerPool(config(args.prefix_cache_mib), Metrics(), start_timeout_s=300)
     await pool.start()
     samples: list[dict[str, Any]] = []
     try:
@@ -174,6 +175,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "failures": failures,
         "seconds": round(seconds, 1),
         "worker_env": args.worker_env,
+        "prefix_cache_mib": args.prefix_cache_mib,
         "workers": figures,
         "samples": samples,
     }
@@ -184,7 +186,8 @@ def table(result: dict[str, Any], tag: str) -> str:
         f"# Worker RSS{f' ({tag})' if tag else ''}: {result['requests']:,} varied requests, "
         f"concurrency {result['concurrency']}, {result['seconds']:.0f} s, {result['failures']} failed",
         "",
-        f"Worker environment: {' '.join(result['worker_env']) or '(as the gateway)'}. Warm-up: the first "
+        f"Worker environment: {' '.join(result['worker_env']) or '(as the gateway)'}; prefix cache "
+        f"{result['prefix_cache_mib']} MiB (llama, qwen2). Warm-up: the first "
         f"{result['warmup_requests']:,} requests. Growth = (largest RSS after warm-up - RSS at warm-up) "
         "/ RSS at warm-up; target <= +15 %.",
         "",
@@ -229,6 +232,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-prompt-words", type=int, default=600)
     parser.add_argument("--max-answer-words", type=int, default=400)
+    # The tiny models' keys and values take ~1.3 KB a token: the default 256 MiB budget fills
+    # only after ~2,000 of these requests, past the warm-up; 64 MiB fills within it.
+    parser.add_argument("--prefix-cache-mib", type=int, default=64)
     parser.add_argument("--sample-every", type=int, default=100)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the run")
     parser.add_argument("--worker-env", action="append", default=[], metavar="KEY=VALUE")
