@@ -21,6 +21,15 @@ against the RSS at its end (+15 % is the target), per worker.
     python bench/worker_rss.py --worker-env MALLOC_ARENA_MAX=2   # workers' environment
 
 Writes bench/results/worker_rss{,-TAG}.{md,json,png} (--tag names a variant).
+
+Figures (2026-12-03, shared 2-core machine, 10,000 requests, 64 MiB caches; growth after
+the 1,000-request warm-up, llama / qwen2 / qwen3-nocache):
+- before (a1850d1: oneDNN's and ideep's per-shape caches at 1,024 entries): ~1 MiB per
+  request per worker, +106 / +106 / +91 % within 600 requests, still climbing;
+- those caches bounded to 16 (the worker's default now): +11.3 / +16.9 / +2.1 %, levelled
+  off at 786 / 789 / 594 MiB;
+- plus MALLOC_ARENA_MAX=2 (the pool's default for spawned workers now): +12.7 / +11.8 /
+  +1.4 %, levelled off at 691 / 703 / 518 MiB.
 """
 
 from __future__ import annotations
