@@ -156,6 +156,20 @@ class StepConfig(_Strict):
     bad_token: str = "-"
 
 
+class ProbeConfig(_Strict):
+    """How the pool checks that each worker still answers (a bounded Info call).
+
+    A worker that misses one probe is marked down: new groups go elsewhere and its
+    in-flight calls are retried on another worker. One that answers again is up
+    again; a spawned one still silent `restart_after_s` after it was marked down
+    is killed (SIGKILL) and restarted.
+    """
+
+    interval_s: float = Field(2.0, ge=0)  # between probes of one worker; 0: no probing
+    timeout_s: float = Field(3.0, gt=0)  # a probe not answered in this long is missed
+    restart_after_s: float = Field(30.0, ge=0)  # 0: never kill a hung worker
+
+
 class RewardModelConfig(_Strict):
     name: str
     path: str  # local directory or hub id (e.g. Skywork/Skywork-Reward-V2-Qwen3-0.6B)
@@ -187,6 +201,7 @@ class RewardModelConfig(_Strict):
     trust_remote_code: bool = False
     judge: JudgeConfig = JudgeConfig()
     steps: StepConfig = StepConfig()
+    probe: ProbeConfig = ProbeConfig()
 
     @model_validator(mode="after")
     def _workers_or_addresses(self) -> RewardModelConfig:

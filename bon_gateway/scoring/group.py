@@ -16,9 +16,9 @@ releases, as soon as the engine has what it needs.
 
 Failures change nothing that would fail without a group: a worker that cannot
 open the group (down, dying) leaves the group without one, and its candidates
-are scored like any others; when the group's worker dies, its calls go to
-another worker (which recomputes the prompt, or finds it in its own cache) and
-the group moves there. Only a prompt the reward model cannot take fails, in
+are scored like any others; when the group's worker dies (or is found hung,
+see prober.py), its calls go to another worker (which recomputes the prompt, or
+finds it in its own cache) and the group moves there. Only a prompt the reward model cannot take fails, in
 `opened()`, with InvalidRequest naming `messages`.
 
 Front process: no torch.
@@ -124,12 +124,14 @@ class PooledGroup:
             tried.add(id(worker))
             try:
                 try:
-                    reply = await worker.stub.OpenGroup(request, timeout=self.deadline.remaining())
+                    call = worker.stub.OpenGroup(request, timeout=self.deadline.remaining())
+                    reply = await worker.call(call)
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise  # close() gave up waiting for it
-                    # The supervisor closed the channel of a worker that died under the call.
+                    # The supervisor closed the channel of a worker that died under the call,
+                    # or the prober found the worker hung.
                     raise _cancelled() from None
             except grpc.aio.AioRpcError as err:
                 code = err.code()
@@ -183,9 +185,13 @@ class PooledGroup:
             self.worker, self.group_id = None, ""
             if worker is None or not group_id or not worker.up or worker.stub is None:
                 return
-            await worker.stub.CloseGroup(
-                reward_worker_pb2.WorkerCloseGroupRequest(model=self.model, group_id=group_id),
-                timeout=_CLOSE_TIMEOUT_S,
-            )
+            request = reward_worker_pb2.WorkerCloseGroupRequest(model=self.model, group_id=group_id)
+            try:
+                await worker.call(worker.stub.CloseGroup(request, timeout=_CLOSE_TIMEOUT_S))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                raise _cancelled() from None  # its worker was found hung (or its channel closed)
         except Exception as err:  # the worker expires the group at its deadline anyway
             log_phase(log, "close-group-failed", logging.DEBUG, model=self.model, error=type(err).__name__)

@@ -20,6 +20,7 @@ import os
 import signal
 import time
 from collections import deque
+from typing import Any
 
 import grpc
 
@@ -102,6 +103,44 @@ class WorkerHandle:
         self.info: reward_worker_pb2.WorkerInfoResponse | None = None
         self.tail: deque[str] = deque(maxlen=40)
         self.tasks: list[asyncio.Task[None]] = []
+        # Calls on the worker now (Score, OpenGroup, CloseGroup): cancelled when it is
+        # found hung, so that they are retried elsewhere instead of waiting for it.
+        self.calls: set[Any] = set()
+        self.hung_since: float | None = None  # monotonic time it was found hung (None: it is not)
+        self.connects = 0  # channels opened: a probe's answer is stale once this moved
+
+    async def call(self, call: Any) -> Any:
+        """Await a call on this worker's channel (a grpc.aio call), cancellable by `cancel_calls`."""
+        self.calls.add(call)
+        try:
+            return await call
+        finally:
+            self.calls.discard(call)
+
+    def cancel_calls(self) -> int:
+        """Cancel every call on the worker (their callers see a cancelled call: a worker
+        failure, retried elsewhere); how many there were."""
+        calls = list(self.calls)
+        self.calls.clear()
+        for call in calls:
+            call.cancel()
+        return len(calls)
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Whether the worker answers Info within `timeout_s`."""
+        stub = self.stub
+        if stub is None:
+            return False
+        try:
+            await stub.Info(reward_worker_pb2.WorkerInfoRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return False  # its channel was closed under the probe (a restart)
+        return True
 
     @property
     def name(self) -> str:
@@ -184,6 +223,7 @@ class WorkerHandle:
     async def connect(self, timeout_s: float) -> None:
         """Wait until the worker serves, then until it answers Info."""
         await self.close_channel()
+        self.connects += 1
         started = time.monotonic()
         if self.argv is not None:
             await self._wait_serving(timeout_s)

@@ -38,6 +38,7 @@ from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.group import PooledGroup
 from bon_gateway.scoring.handle import WorkerHandle
+from bon_gateway.scoring.prober import is_probed, probe_until_closed
 from bon_gateway.scoring.wire import error_param, score_request
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
 from bon_gateway.v1 import reward_worker_pb2
@@ -135,6 +136,9 @@ class WorkerPool:
             for w in workers:
                 if w.argv is not None:
                     self._supervisors.append(asyncio.create_task(self._supervise(w)))
+                if is_probed(w):  # a hung worker is marked down, retried around, restarted
+                    watch = probe_until_closed(w, self._set_up, lambda: self._closing)
+                    self._supervisors.append(asyncio.create_task(watch, name=f"probe-{w.target}"))
 
     async def _bring_up(self, worker: WorkerHandle) -> None:
         await worker.connect(self.start_timeout_s)
@@ -174,6 +178,10 @@ class WorkerPool:
         # Weight-loading progress bars (GGUF de-quantizing, safetensors) would reach the
         # gateway log as one long line per refresh; the worker logs its own load phases.
         env.setdefault("TQDM_DISABLE", "1")
+        # glibc gives each thread that allocates its own arena (the batch threads, torch's);
+        # a worker's prefix cache churn fragmented them: over 10,000 varied requests its RSS
+        # levelled off ~90 MiB lower with 2 (bench/worker_rss.py). glibc reads it at exec.
+        env.setdefault("MALLOC_ARENA_MAX", "2")
         gpus = worker_gpus(entry, index)
         if gpus is not None and "CUDA_VISIBLE_DEVICES" not in env:
             env["CUDA_VISIBLE_DEVICES"] = gpus
@@ -187,6 +195,7 @@ class WorkerPool:
             code = await worker.proc.wait()
             if self._closing:
                 return
+            worker.hung_since = None  # dead now, whatever it was before: restarted below
             self._mark(worker, up=False)
             log_phase(
                 log, "worker-died", logging.WARNING, model=worker.entry.name, target=worker.target, code=code
@@ -215,6 +224,9 @@ class WorkerPool:
             self.metrics.worker_restarts.labels(worker.entry.name).inc()
             self._mark(worker, up=True)
             log_phase(log, "worker-restarted", model=worker.entry.name, target=worker.target)
+
+    def _set_up(self, worker: WorkerHandle, up: bool) -> None:
+        self._mark(worker, up=up)
 
     def _mark(self, worker: WorkerHandle, *, up: bool) -> None:
         """Set whether `worker` takes calls; a change wakes waiting calls and the listeners."""
@@ -422,13 +434,14 @@ class WorkerPool:
             try:
                 assert worker.stub is not None
                 try:
-                    reply = await worker.stub.Score(request, timeout=deadline.remaining())
+                    reply = await worker.call(worker.stub.Score(request, timeout=deadline.remaining()))
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
                     if task is not None and task.cancelling():
                         raise  # this request was cancelled (deadline, client gone)
                     # The call was cancelled under us: the supervisor closed the channel of
-                    # a worker that died. That is a worker failure, not the caller's.
+                    # a worker that died, or the prober found the worker hung. That is a
+                    # worker failure, not the caller's.
                     raise _channel_closed() from None
             except grpc.aio.AioRpcError as err:
                 code = err.code()

@@ -28,6 +28,21 @@ from bon_gateway.scoring.worker.status import Serving, StartFailed, write_status
 
 log = logging.getLogger("bon_gateway.worker")
 
+#: Bounds of oneDNN's primitive cache and ideep's (torch's oneDNN wrapper) LRU of computations,
+#: set before torch is imported (an operator's own values win). Each holds one entry per
+#: input shape, and packed batches have a new token count nearly every time: with their
+#: defaults (1,024 each) a worker's RSS grew from ~420 MiB to over 1.2 GiB within 600 varied
+#: requests of a tiny model (issue 13, finding 11; bench/worker_rss.py) and kept growing.
+#: With 16, RSS stays flat and scoring was no slower (the fused linears rebuild a primitive
+#: for a new shape either way).
+ONEDNN_CACHE_DEFAULTS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "LRU_CACHE_CAPACITY": "16"}
+
+
+def bound_onednn_caches() -> None:
+    for key, value in ONEDNN_CACHE_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 #: printed before the message of a fatal start-up error, for an operator reading stderr
 #: (the pool that spawned the worker gets the error on its status pipe instead)
 ERROR_PREFIX = "bon-gateway worker: error: "
@@ -166,6 +181,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
+    bound_onednn_caches()  # before anything imports torch
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.status_fd is not None:
         # Only this process holds the pipe: a child it might start must not keep it open,
