@@ -71,6 +71,13 @@ def run_upstream(port: int) -> None:
         body = await request.json()
         seed = int(body.get("seed", 0))
         words = solution(seed).split(" ")
+        if not body.get("stream"):  # the old engine's calls: the whole answer at the end
+            await asyncio.sleep(duration(seed))
+            message = {"role": "assistant", "content": solution(seed)}
+            usage = {"prompt_tokens": 1, "completion_tokens": len(words), "total_tokens": len(words) + 1}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return web.json_response({"id": f"s{seed}", "object": "chat.completion", "created": 0,
+                                      "model": "bench", "choices": [choice], "usage": usage})  # fmt: skip
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
         base = {"id": f"s{seed}", "object": "chat.completion.chunk", "created": 0, "model": "bench"}
