@@ -6,15 +6,15 @@
 Each tree's real gateway (`bon-gateway serve`, its own reward worker: the GSM8K
 verifier, SmolLM2-135M) runs against one streaming upstream (its own process,
 aiohttp): candidate `seed` streams a real GSM8K solution word by word over a fixed
-duration (0.3-1.2 s, a function of the seed), so candidates finish at different
+duration (within --spread, default 0.3-1.2 s, a function of the seed), so candidates finish at different
 times and the slowest one's generation time is known. Requests alternate between the
 trees, one at a time. Per request:
 
 - tail = end-to-end latency - the slowest candidate's stream duration: what the
   gateway spends after the last token (the old engine scores all N candidates then;
   the streaming one has scored the others already and only the last is left);
-- one = a POST /v1/rewards of that slowest candidate alone on the same gateway (prompt
-  included: an upper bound on scoring one candidate against a kept prompt);
+- one = a POST /v1/rewards of one candidate of that length alone on the same gateway
+  ("So, " + its text: new tokens; the streaming tree's worker may still hold the prompt);
 - all = a POST /v1/rewards of all N candidates (what the old engine pays at the end).
 
 Target (issue 15, section 2): tail <= one + 5 ms. Writes streaming_latency.{md,json}
@@ -45,13 +45,14 @@ from gsm8k_rewards import _toml as toml_text
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 VERIFIER = ROOT / ".cache" / "models" / "gsm8k-verifier"
-MIN_S, MAX_S = 0.3, 1.2
+SPREAD_S = [0.3, 1.2]  # --spread: the shortest and longest stream
 QUESTIONS = load_gsm8k_candidates()[:64]
 
 
 def duration(seed: int) -> float:
-    """Deterministic 0.3-1.2 s per seed: the stream's length in time."""
-    return MIN_S + (MAX_S - MIN_S) * (((seed * 2654435761) % 1000) / 999)
+    """Deterministic per seed, within SPREAD_S: the stream's length in time."""
+    low, high = SPREAD_S
+    return low + (high - low) * (((seed * 2654435761) % 1000) / 999)
 
 
 def solution(seed: int) -> str:
@@ -103,7 +104,10 @@ def run_upstream(port: int) -> None:
 @contextlib.contextmanager
 def upstream() -> Iterator[str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, __file__, "_upstream", str(port)], stdout=subprocess.PIPE)
+    spread = [str(x) for x in SPREAD_S]
+    process = subprocess.Popen(
+        [sys.executable, __file__, "_upstream", str(port), *spread], stdout=subprocess.PIPE
+    )
     try:
         assert process.stdout is not None
         if not process.stdout.readline().startswith(b"ready"):
@@ -175,7 +179,9 @@ def one_request(client: httpx.Client, url: str, request: int, n: int) -> dict[st
         raise RuntimeError("the gateway dropped candidates")
     seeds = [seed + i for i in range(n)]
     slowest = max(seeds, key=duration)
-    one = _rewards(client, url, messages, [solution(slowest)])
+    # A text the worker has not seen (the prompt it may have kept; not this candidate's own
+    # tokens, which the request just scored): what scoring one more candidate costs.
+    one = _rewards(client, url, messages, ["So, " + solution(slowest)])
     every = _rewards(client, url, messages, [solution(s) for s in seeds])
     return {
         "e2e": e2e,
@@ -197,6 +203,7 @@ def _rewards(client: httpx.Client, url: str, messages: list[dict[str, str]], tex
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "_upstream":
+        SPREAD_S[:] = [float(sys.argv[3]), float(sys.argv[4])]
         run_upstream(int(sys.argv[2]))
         return
     parser = argparse.ArgumentParser(
@@ -205,9 +212,11 @@ def main() -> None:
     parser.add_argument("--gateway-src", action="append", type=GatewayVersion.parse, metavar="[LABEL=]DIR")
     parser.add_argument("--ns", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--requests", type=int, default=24, help="per tree and N")
+    parser.add_argument("--spread", type=float, nargs=2, default=SPREAD_S, metavar=("MIN_S", "MAX_S"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "streaming_latency")
     args = parser.parse_args()
+    SPREAD_S[:] = args.spread
     versions: list[GatewayVersion] = args.gateway_src or [GatewayVersion("checkout", ROOT)]
     requests = 4 if args.quick else args.requests
     if not (VERIFIER / "config.json").exists():
@@ -238,7 +247,8 @@ def report(rows: list[dict[str, Any]], versions: list[GatewayVersion], args: arg
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; reward model: the GSM8K verifier "
-        "(SmolLM2-135M) on CPU; candidates: real GSM8K solutions streamed over 0.3-1.2 s. "
+        "(SmolLM2-135M) on CPU; candidates: real GSM8K solutions streamed over "
+        f"{SPREAD_S[0]}-{SPREAD_S[1]} s. "
         "Medians in ms.",
         "",
         "| tree (commit) | N | requests | e2e | slowest stream | tail = e2e - slowest "
