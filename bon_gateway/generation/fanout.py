@@ -94,6 +94,14 @@ class _Live:
         self.tokens = 0
 
 
+class _Wake:
+    """Queued by `cancel` when it leaves no candidate live: the iterator, waiting for an
+    event, must see that nothing more will come."""
+
+
+_WAKE = _Wake()
+
+
 @dataclass(slots=True)
 class _Call:
     """One upstream call and the candidates it carries (one, or `n` of them)."""
@@ -125,7 +133,7 @@ class FanOut:
         self.base_seed = base_seed
         self.deadline = deadline
         self.progress = progress
-        self._events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
+        self._events: asyncio.Queue[GenerationEvent | BaseException | _Wake] = asyncio.Queue()
         self._live = {i: _Live(i) for i in range(request.best_of)}
         self._calls: list[_Call] = []
         self._closed = False
@@ -143,6 +151,8 @@ class FanOut:
             event = await self._events.get()
             if isinstance(event, BaseException):
                 raise event
+            if isinstance(event, _Wake):
+                continue
             yield event
         # Every candidate is finished, failed or cancelled; calls still open are only
         # reading their stream's end (the usage chunk, [DONE]): let them, so their
@@ -161,6 +171,8 @@ class FanOut:
         if live.done:
             return
         live.done = True
+        if all(c.done for c in self._live.values()):
+            self._events.put_nowait(_WAKE)
         for call in self._calls:
             if call.first <= index < call.first + call.count and call.task is not None:
                 carried = [self._live[i] for i in range(call.first, call.first + call.count)]

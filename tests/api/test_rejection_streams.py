@@ -221,3 +221,19 @@ def test_nothing_leaks_after_1000_requests_with_faults(upstream: FakeUpstream) -
         assert upstream_wait(lambda: all(g.closed for g in scorer.groups), 10)
         assert len(scorer.groups) >= 900
         assert upstream_wait(lambda: all(s.completed or s.closed_by_client for s in upstream.streams), 10)
+
+
+def test_rejecting_the_last_live_candidate_ends_the_request() -> None:
+    # Candidate 0 finishes at once ("good"), candidate 1 is still streaming at the
+    # checkpoint with a weak start: rejecting it leaves no stream open. The generation
+    # run must end then (it once waited for an event that never came: a 504).
+    texts = ("good", " ".join(["bad"] * 40))
+    with FakeUpstream(texts) as server:
+        server.token_delay_s = TOKEN_DELAY_S
+        config = gateway_config(server.url, max_best_of=16, request_timeout_s=10)
+        with ServedGateway(config, FakeScorer(reward_fn=reward)) as served:
+            payload = body(best_of=2, checkpoints=[5])
+            reply = httpx.post(f"{served.http_url}/v1/chat/completions", json=payload, timeout=30)
+            assert reply.status_code == 200, reply.text
+            candidates = {c["index"]: c for c in reply.json()["candidates"]}
+            assert candidates[0]["rank"] == 1 and candidates[1]["finish_reason"] == "rejected"
