@@ -94,7 +94,7 @@ def test_error_message_shapes() -> None:
 def test_error_messages_reach_clients_without_tracebacks_or_server_paths() -> None:
     raw = (
         "1 validation error:\n  {'loc': ('body', 'top_p'), 'msg': 'Input should be <= 1'}\n\n"
-        '  File "/work/.venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in f\n'
+        '  File "/opt/server/.venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, in f\n'
         "    raise\n"
     )
     cleaned = error_message(json.dumps({"error": {"message": raw}}).encode())
