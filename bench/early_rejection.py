@@ -89,11 +89,11 @@ def llama_servers(count: int, log_dir: Path) -> Iterator[list[tuple[str, psutil.
                 procs.append(subprocess.Popen([*argv, *flags.split()], stdout=sink, stderr=subprocess.STDOUT))
             urls.append(f"http://127.0.0.1:{port}/v1")
         for url, proc in zip(urls, procs, strict=True):
-            _wait_ready(f"{url}/models", proc, 180)
+            wait_ready(f"{url}/models", proc, 180)
         print(f"phase=upstreams count={count} ready", flush=True)
         yield [(url, psutil.Process(proc.pid)) for url, proc in zip(urls, procs, strict=True)]
     finally:
-        _stop(procs)
+        stop_processes(procs)
 
 
 @contextlib.contextmanager
@@ -132,14 +132,15 @@ def gateway(upstreams: list[str], max_tokens: int, log_dir: Path) -> Iterator[st
         )
     try:
         url = f"http://127.0.0.1:{http_port}"
-        _wait_ready(f"{url}/ready", proc, 300)
+        wait_ready(f"{url}/ready", proc, 300)
         print("phase=gateway ready", flush=True)
         yield url
     finally:
-        _stop([proc])
+        stop_processes([proc])
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Poll `url` until it answers 200; fail if `proc` exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -151,7 +152,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> No
     raise TimeoutError(f"{url} never answered 200")
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         proc.terminate()
     for proc in procs:

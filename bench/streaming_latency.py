@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from early_rejection import stop_processes, wait_ready
 from gateway_overhead import GatewayVersion, free_port
 from gsm8k import load_gsm8k_candidates
 from gsm8k_rewards import _toml as toml_text
@@ -145,25 +146,11 @@ def gateway(version: GatewayVersion, upstream_url: str, log_dir: Path) -> Iterat
         )
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{version.label}'s gateway exited; see {log_dir}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.3)
-        else:
-            raise TimeoutError(f"{version.label}'s gateway never became ready")
+        wait_ready(f"{url}/ready", process, 300)
         print(f"phase=gateway version={version.label} ready", flush=True)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_processes([process])
 
 
 # -- the driver -----------------------------------------------------------------------------
