@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   install everything, start llama.cpp + the gateway, one Best-of-4 request, stop
 #   make test   install everything and run the test suite
+#   make serve  llama.cpp + the gateway with the local reward models, until Ctrl-C
 #   make install  also assembles the GSM8K verifier checkpoint (config/local.toml)
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ STAMP := $(VENV)/.installed
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install verifier demo test test-fast lint proto promtool bench clean
+.PHONY: install verifier demo serve test test-fast lint proto promtool bench clean
 
 install: $(STAMP) verifier
 
@@ -41,6 +42,13 @@ promtool:
 
 demo: $(STAMP)
 	$(BIN)/bon-gateway demo
+
+# The local setup, until Ctrl-C: llama.cpp on SmolLM2 (127.0.0.1:8000) + the gateway
+# (HTTP 8080, gRPC 50051) with smollm2-judge and gsm8k-verifier. The README's "Calling
+# it" examples run against it. Other ports: make serve SERVE_ARGS="--http-port 9080".
+SERVE_ARGS ?=
+serve: install
+	$(BIN)/bon-gateway local $(SERVE_ARGS)
 
 # The full suite, after the lint (CI runs this through .ci/run).
 test: $(STAMP) promtool lint
