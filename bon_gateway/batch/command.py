@@ -170,6 +170,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace, client: Any, options: Any, errors: Path, delimiter: str) -> int:
+    from bon_gateway.batch.clients import RequestFailed, check_reward_model
     from bon_gateway.batch.rows import read_items
     from bon_gateway.batch.runner import install_stop_signals, run_batch
 
@@ -189,6 +190,14 @@ async def _main(args: argparse.Namespace, client: Any, options: Any, errors: Pat
         except Exception as err:  # e.g. a reward model that cannot load
             print(f"bon-gateway batch: cannot start: {type(err).__name__}: {err}", file=sys.stderr)
             return EXIT_START_FAILED
+        try:
+            # Once, before the first row: a wrong --reward-model would fail every row.
+            served = await client.served_models()
+            reward_model = check_reward_model(served, options.reward_model, _where(args))
+        except RequestFailed as err:
+            print(f"bon-gateway batch: {err}", file=sys.stderr)
+            return EXIT_START_FAILED
+        produced_by = _produced_by(args, options, served.generator, reward_model)
         items = read_items(args.input, args.format, limit=args.limit)
         stats = await run_batch(items, client, args.output, errors, options, stop=stop)
     finally:
@@ -196,14 +205,47 @@ async def _main(args: argparse.Namespace, client: Any, options: Any, errors: Pat
         await client.aclose()
     # Exports and the report are rebuilt from the whole output file, so a resumed
     # run's pairs cover every row once, whatever run produced it.
-    summary = await asyncio.to_thread(_finish, args, stats, errors, delimiter)
+    summary = await asyncio.to_thread(_finish, args, stats, errors, delimiter, produced_by)
     print(summary, flush=True)
     if stats.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_ROWS_FAILED if stats.failed or stats.invalid else EXIT_OK
 
 
-def _finish(args: argparse.Namespace, stats: Any, errors: Path, delimiter: str) -> str:
+def _where(args: argparse.Namespace) -> str:
+    return f"the gateway at {args.gateway_url}" if args.gateway_url else f"the config {args.config}"
+
+
+def _produced_by(
+    args: argparse.Namespace, options: Any, generator_model: str | None, reward_model: str
+) -> dict[str, Any]:
+    """What produced this run's rows, for the report and --summary-json."""
+    from datetime import UTC, datetime
+
+    from bon_gateway import __version__
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "bon_gateway": __version__,
+        "gateway": args.gateway_url or f"in-process engine ({args.config})",
+        "generator": options.model or generator_model,
+        "reward_model": reward_model,
+        "best_of": options.best_of,
+        "selection": options.selection,
+        "aggregation": options.aggregation,
+        "temperature": options.temperature,
+        "top_p": options.top_p,
+        "max_tokens": options.max_tokens,
+        "seed": options.seed,
+        "stop": list(options.stop) or None,
+        "input": str(args.input),
+        "output": str(args.output),
+    }
+
+
+def _finish(
+    args: argparse.Namespace, stats: Any, errors: Path, delimiter: str, produced_by: dict[str, Any]
+) -> str:
     from bon_gateway.batch.export import ExportCounts, preference_pairs, step_label_rows
     from bon_gateway.batch.io import atomic_write_jsonl, iter_jsonl
     from bon_gateway.batch.summary import compute_figures
@@ -213,8 +255,15 @@ def _finish(args: argparse.Namespace, stats: Any, errors: Path, delimiter: str) 
         if "candidates" in row:
             rows.setdefault(str(row.get("id")), row)
     figures = compute_figures(rows.values())
-    lines = _summary_lines(stats, figures, errors)
-    report: dict[str, Any] = {"run": _stats_dict(stats), "output": figures.as_dict()}
+    this_run = [rows[i] for i in stats.finished_ids if i in rows]
+    run_figures = compute_figures(this_run)
+    lines = _summary_lines(stats, figures, errors, run_figures)
+    report: dict[str, Any] = {
+        "produced_by": produced_by,
+        "run": _stats_dict(stats),
+        "this_run": run_figures.as_dict(),
+        "output": figures.as_dict(),
+    }
     if args.pairs is not None:
         counts = ExportCounts()
         n = atomic_write_jsonl(
@@ -241,7 +290,13 @@ def _finish(args: argparse.Namespace, stats: Any, errors: Path, delimiter: str) 
         from bon_gateway.batch.report import write_report
 
         write_report(
-            args.report, figures, extra=_stats_dict(stats), title=f"bon-gateway batch: {args.input.name}"
+            args.report,
+            figures,
+            extra=_stats_dict(stats),
+            title=f"bon-gateway batch: {args.input.name}",
+            produced_by=produced_by,
+            run_figures=run_figures,
+            examples=this_run or list(rows.values()),
         )
         lines.append(f"  report               {args.report}")
     if args.summary_json is not None:
@@ -273,7 +328,15 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
-def _summary_lines(stats: Any, figures: Any, errors: Path) -> list[str]:
+def _accuracy_line(label: str, figures: Any, scope: str) -> str:
+    return (
+        f"  {label} selected {_pct(figures.accuracy(figures.correct_selected))}, "
+        f"first {_pct(figures.accuracy(figures.correct_first))}, "
+        f"oracle {_pct(figures.accuracy(figures.correct_oracle))} ({figures.with_reference} {scope})"
+    )
+
+
+def _summary_lines(stats: Any, figures: Any, errors: Path, run_figures: Any = None) -> list[str]:
     tok_rate = stats.completion_tokens / stats.seconds if stats.seconds else 0.0
     lines = [
         "batch summary" + (" (interrupted: run the same command to resume)" if stats.interrupted else ""),
@@ -288,11 +351,9 @@ def _summary_lines(stats: Any, figures: Any, errors: Path) -> list[str]:
         f"  output rows          {figures.rows} ({figures.candidates} candidates, all runs)",
     ]
     if figures.with_reference:
-        lines.append(
-            f"  accuracy             selected {_pct(figures.accuracy(figures.correct_selected))}, "
-            f"first {_pct(figures.accuracy(figures.correct_first))}, "
-            f"oracle {_pct(figures.accuracy(figures.correct_oracle))} ({figures.with_reference} rows)"
-        )
+        lines.append(_accuracy_line("accuracy            ", figures, "rows, all runs"))
+    if run_figures is not None and run_figures.with_reference and run_figures.rows != figures.rows:
+        lines.append(_accuracy_line("accuracy, this run  ", run_figures, "rows"))
     if figures.gains:
         gain = sum(figures.gains) / len(figures.gains)
         best = sum(figures.selected_rewards) / len(figures.selected_rewards)

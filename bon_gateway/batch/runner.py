@@ -80,6 +80,8 @@ class RunStats:
     candidates: int = 0
     completion_tokens: int = 0
     correct: list[bool] = field(default_factory=list)  # selected-candidate correctness, this run
+    finished_ids: list[str] = field(default_factory=list)  # rows this run wrote, in completion order
+    candidates_seen: int = 0  # candidates reported finished while rows were in flight
 
     @property
     def rows_per_second(self) -> float:
@@ -167,14 +169,16 @@ def _plan(
     return todo
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, *, unit: str = "row", position: int = 0) -> Any:
     from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     interactive = sys.stderr.isatty()
     # Logs (not a terminal) get a line every 30 s instead of a redraw every 0.1 s.
     return tqdm(
         total=total,
-        unit="row",
+        unit=unit,
+        desc=f"{unit}s",
+        position=position,
         dynamic_ncols=True,
         disable=not enabled,
         mininterval=0.5 if interactive else 30.0,
@@ -192,8 +196,13 @@ async def run_batch(
     *,
     stop: asyncio.Event | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_candidates: Callable[[int], None] | None = None,
 ) -> RunStats:
-    """Run every row not yet in `output`; returns what this run did. Never raises for one row."""
+    """Run every row not yet in `output`; returns what this run did. Never raises for one row.
+
+    Two progress bars: finished rows, and candidates as the client reports them finishing
+    (`follow_candidates`), so the display moves while long rows are still in flight;
+    `on_candidates` receives the same counts."""
     stop = stop or asyncio.Event()
     stats = RunStats()
     started = time.perf_counter()
@@ -218,6 +227,18 @@ async def run_batch(
             stats.seconds = time.perf_counter() - started
             return stats
         bar = _progress(len(todo), options.progress)
+        candidate_bar = _progress(len(todo) * options.best_of, options.progress, unit="candidate", position=1)
+
+        def candidates_finished(count: int) -> None:
+            stats.candidates_seen += count
+            candidate_bar.update(count)
+            if on_candidates is not None:
+                on_candidates(count)
+
+        follow = getattr(client, "follow_candidates", None)
+        follower = (
+            asyncio.create_task(follow(candidates_finished), name="batch-candidates") if follow else None
+        )
         queue = iter(todo)
         halt = asyncio.Event()  # set by the consecutive-failure breaker
         streak = [0]
@@ -270,6 +291,7 @@ async def run_batch(
             out.write(record)
             streak[0] = 0
             stats.done += 1
+            stats.finished_ids.append(str(record["id"]))
             stats.candidates += len(record["candidates"])
             stats.completion_tokens += int(record["usage"].get("completion_tokens") or 0)
             if "correct" in record:
@@ -296,6 +318,7 @@ async def run_batch(
         stopper = asyncio.create_task(stop.wait(), name="batch-stop")
         halter = asyncio.create_task(halt.wait(), name="batch-halt")
         watchers = {stopper, halter}
+        extra_tasks = [follower] if follower is not None else []
         try:
             pending: set[asyncio.Task[Any]] = set(lanes)
             while pending and not stop.is_set() and not halt.is_set():
@@ -305,9 +328,11 @@ async def run_batch(
                     break  # a lane crashed: stop the others
         finally:
             stats.interrupted = stop.is_set() and stats.done + stats.failed < stats.todo
-            for task in (*lanes, *watchers):
+            for task in (*lanes, *watchers, *extra_tasks):
                 task.cancel()
             results = await asyncio.gather(*lanes, *watchers, return_exceptions=True)
+            await asyncio.gather(*extra_tasks, return_exceptions=True)  # progress only: never fatal
+            candidate_bar.close()
             bar.close()
             stats.seconds = time.perf_counter() - started
         crashes = [r for r in results if isinstance(r, Exception)]
