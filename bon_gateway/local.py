@@ -76,7 +76,9 @@ def stop_process(proc: subprocess.Popen[bytes] | None, name: str, say: Callable[
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    say(f"stopped {name} (exit {proc.returncode})")
+    # Stopped by our SIGTERM (or exiting cleanly on it) is the normal end, not an error.
+    normal = proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    say(f"stopped {name}" if normal else f"stopped {name} (exit {proc.returncode})")
 
 
 def start_llama_server(gguf: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
