@@ -171,8 +171,8 @@ def _check_reply(text: str, where: str) -> None:
     assert body.get("choices") or body.get("data"), f"{where}: {text[:500]}"
 
 
-def _curl_via_httpx(command: str) -> str:
-    """What the curl command would send, with httpx: the URL, -H headers and the -d body."""
+def curl_request(command: str) -> tuple[str, str, dict[str, str], str | None]:
+    """What a README curl command sends: method, URL, -H headers and the -d body."""
     argv = shlex.split(command.replace("\\\n", " "))
     url, headers, data = "", {}, None
     i = 1
@@ -190,10 +190,22 @@ def _curl_via_httpx(command: str) -> str:
         else:
             url = arg if "://" in arg else "http://" + arg
             i += 1
-    response = httpx.request(
-        "POST" if data is not None else "GET", url, headers=headers, content=data, timeout=600
-    )
-    return response.text
+    return ("POST" if data is not None else "GET"), url, headers, data
+
+
+def test_curl_commands_parse_for_the_httpx_fallback() -> None:
+    curls = [e for e in EXAMPLES if e.kind == "curl"]
+    assert curls
+    for example in curls:
+        method, url, headers, data = curl_request(_with_ports(example.code, LocalPorts(1, 18080, 2)))
+        assert method == "POST" and url.startswith("http://localhost:18080/v1/"), url
+        assert headers == {"content-type": "application/json"}
+        assert isinstance(json.loads(data or ""), dict)
+
+
+def _curl_via_httpx(command: str) -> str:
+    method, url, headers, data = curl_request(command)
+    return httpx.request(method, url, headers=headers, content=data, timeout=600).text
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.id for e in EXAMPLES])
