@@ -52,10 +52,24 @@ class LocalPorts:
         return cls(free_port(), free_port(), free_port())
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
-    """Poll `check` until it is true; fail early when the process died."""
-    deadline = time.monotonic() + timeout_s
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    timeout_s: float,
+    proc: subprocess.Popen[bytes],
+    *,
+    heartbeat: Callable[[float], None] | None = None,
+    heartbeat_s: float = 20.0,
+) -> None:
+    """Poll `check` until it is true; fail early when the process died. `heartbeat`
+    gets the seconds waited every `heartbeat_s`, so a long wait is not silent."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    next_beat = started + heartbeat_s
     while time.monotonic() < deadline:
+        if heartbeat is not None and time.monotonic() >= next_beat:
+            heartbeat(time.monotonic() - started)
+            next_beat += heartbeat_s
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode}")
         try:
@@ -125,12 +139,18 @@ def start_gateway(config_path: Path, env: dict[str, str]) -> subprocess.Popen[by
     )
 
 
-def wait_gateway_ready(proc: subprocess.Popen[bytes], http_port: int, timeout_s: float = 300.0) -> None:
+def wait_gateway_ready(
+    proc: subprocess.Popen[bytes],
+    http_port: int,
+    timeout_s: float = 600.0,
+    heartbeat: Callable[[float], None] | None = None,
+) -> None:
     wait_until(
         lambda: httpx.get(f"http://127.0.0.1:{http_port}/ready").status_code == 200,
         "bon-gateway",
         timeout_s,
         proc,
+        heartbeat=heartbeat,
     )
 
 
@@ -223,7 +243,13 @@ def local_setup(
             wait_llama_server(llama, ports.generator)
             say(f"llama.cpp server ready; starting bon-gateway serve (loading {', '.join(names)})")
             gateway = start_gateway(config_path, env)
-            wait_gateway_ready(gateway, ports.http)
+            wait_gateway_ready(
+                gateway,
+                ports.http,
+                heartbeat=lambda waited: say(
+                    f"still loading the reward models ({waited:.0f} s; /ready turns 200 when they are)"
+                ),
+            )
             yield LocalSetup(ports, llama, gateway, tuple(names))
         finally:
             stop_process(gateway, "bon-gateway", say)
