@@ -10,14 +10,22 @@ from pathlib import Path
 from bon_gateway.config import (
     ConfigError,
     GatewayConfig,
+    ServerConfig,
     load_config,
     parse_reward_model_flag,
     with_overrides,
 )
+from bon_gateway.helpformat import DefaultsHelpFormatter
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("serve", help="run the gateway (HTTP + gRPC)")
+    p = subparsers.add_parser(
+        "serve",
+        help="run the gateway (HTTP + gRPC)",
+        description="Run the gateway. Flags override the config file; without either, the "
+        "defaults below apply.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument(
         "--generator-url",
@@ -34,11 +42,31 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="NAME=PATH_OR_HF_ID",
         help="reward model (repeatable); replaces the config file's list",
     )
-    p.add_argument("--device", help="device for the reward models (cpu, cuda, cuda:N, auto)")
-    p.add_argument("--workers", type=int, help="worker processes per reward model")
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--host")
+    server = ServerConfig()  # the defaults shown by --help are the config's own
+    p.add_argument(
+        "--device",
+        help="device for the reward models: cpu, cuda, cuda:N, auto (default: the file's, else cpu)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes spawned here per reward model (default: the file's, else 1; "
+        "0 with remote addresses)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help=f"HTTP port: OpenAI API, /v1/rewards, /health, /ready, /metrics "
+        f"(default: server.http_port, else {server.http_port})",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help=f"gRPC port: BestOfN, health, reflection (default: server.grpc_port, else {server.grpc_port})",
+    )
+    p.add_argument("--host", help=f"address both ports listen on (default: server.host, else {server.host})")
 
 
 def apply_serve_flags(config: GatewayConfig, args: argparse.Namespace) -> GatewayConfig:
@@ -79,6 +107,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The `bon-gateway` parser (serve, demo, batch; worker and verifier have their own)."""
+    parser = argparse.ArgumentParser(prog="bon-gateway", description="Best-of-N reranking gateway")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(subparsers)
+    subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
+    subparsers.add_parser("verifier", help="assemble the GSM8K verifier checkpoint (config/local.toml)")
+    demo = subparsers.add_parser(
+        "demo",
+        help="llama.cpp + gateway + one Best-of-4 request, then stop",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    demo.add_argument("--best-of", type=int, default=4, help="candidates generated and ranked")
+    demo.add_argument("--prompt", default=None, help="the user message (default: a study tip question)")
+    # argparse only; the runner loads lazily
+    from bon_gateway.batch.command import add_batch_parser
+
+    add_batch_parser(subparsers)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["worker"]:
@@ -92,17 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
         verifier_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="bon-gateway", description="Best-of-N reranking gateway")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_serve_parser(subparsers)
-    subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
-    subparsers.add_parser("verifier", help="assemble the GSM8K verifier checkpoint (config/local.toml)")
-    demo = subparsers.add_parser("demo", help="llama.cpp + gateway + one Best-of-4 request, then stop")
-    demo.add_argument("--best-of", type=int, default=4)
-    demo.add_argument("--prompt", default=None)
-    from bon_gateway.batch.command import add_batch_parser  # argparse only; the runner loads lazily
-
-    add_batch_parser(subparsers)
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
