@@ -15,6 +15,7 @@ from bon_gateway.config import (
     parse_reward_model_flag,
     with_overrides,
 )
+from bon_gateway.errors import BonError
 from bon_gateway.helpformat import DefaultsHelpFormatter
 
 
@@ -157,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"bon-gateway: {err.message}", file=sys.stderr)
         code = 2
+    except BonError as err:  # a worker that cannot start, ...: one line, no traceback
+        print(f"bon-gateway: {err.message}", file=sys.stderr)
+        code = 1
     except OSError as err:  # a port taken, a file that cannot be read: one line, no traceback
         print(f"bon-gateway: {err}", file=sys.stderr)
         code = 1
