@@ -25,6 +25,11 @@ from bon_gateway.config import (
 )
 from bon_gateway.logs import configure_logging, log_phase
 from bon_gateway.scoring.preflight import all_local, check_device, check_hub, check_path
+from bon_gateway.scoring.worker.owner import (
+    die_with_owner,
+    exit_at_once_on_signals,
+    remove_socket_dir_if_orphan,
+)
 from bon_gateway.scoring.worker.status import Serving, StartFailed, write_status
 
 log = logging.getLogger("bon_gateway.worker")
@@ -175,6 +180,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
     for runtime in runtimes.values():
         await runtime.batcher.aclose()
     log_phase(log, "stopped")
+    remove_socket_dir_if_orphan(args.listen, args.parent_pid)
     # The server has stopped and nothing is in flight: skip asyncio's and the interpreter's
     # teardown of torch and gRPC, which takes seconds and delays every shutdown and restart.
     logging.shutdown()
@@ -189,6 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         # Only this process holds the pipe: a child it might start must not keep it open,
         # or the pool would not see it close when this process dies.
         os.set_inheritable(args.status_fd, False)
+    if args.parent_pid:
+        die_with_owner(args.parent_pid)
+    exit_at_once_on_signals(args.listen, args.parent_pid)
     configure_logging(args.log_level, args.log_format, sys.stderr)
     try:
         entries = model_entries(args)
