@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from bon_gateway.config import (
@@ -129,8 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_grpc_environment(env: MutableMapping[str, str]) -> None:
+    """Before grpc is imported (here and in spawned workers): no fork handlers and no
+    INFO notices. Neither the gateway nor a worker forks a process that uses gRPC (a
+    spawned worker execs at once), and gRPC's fork support printed a fork_posix.cc
+    notice in every clean run. An operator's own values win."""
+    env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_grpc_environment(os.environ)
     if argv[:1] == ["worker"]:
         # The worker has its own parser; it is the only command that imports torch.
         from bon_gateway.scoring.worker.__main__ import main as worker_main

@@ -60,7 +60,9 @@ def _stop(proc: subprocess.Popen[bytes] | None, name: str) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-    _say(f"stopped {name} (exit {proc.returncode})")
+    # Stopped by our SIGTERM (or exiting cleanly on it) is the normal end, not an error.
+    normal = proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    _say(f"stopped {name}" if normal else f"stopped {name} (exit {proc.returncode})")
 
 
 def demo_config(gguf: Path, generator_port: int, http_port: int, grpc_port: int) -> str:

@@ -168,6 +168,10 @@ class WorkerPool:
             str(os.getpid()),
             "--log-level",
             self.config.server.log_level,
+            # JSON lines, re-emitted here once with their fields (handle.py): not a
+            # second timestamp and level inside this process's own line.
+            "--log-format",
+            "json",
         ]
         if entry.device == "cpu":
             argv += ["--threads", str(threads)]
@@ -182,6 +186,8 @@ class WorkerPool:
         # Weight-loading progress bars (GGUF de-quantizing, safetensors) would reach the
         # gateway log as one long line per refresh; the worker logs its own load phases.
         env.setdefault("TQDM_DISABLE", "1")
+        env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as cli.quiet_grpc_environment
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
         # glibc gives each thread that allocates its own arena (the batch threads, torch's);
         # a worker's prefix cache churn fragmented them: over 10,000 varied requests its RSS
         # levelled off ~90 MiB lower with 2 (bench/worker_rss.py). glibc reads it at exec.

@@ -5,6 +5,7 @@ serving, or killed while its worker still loads."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,13 @@ def test_sigint_stops_the_workers_and_removes_the_socket_dir(gateway: Gateway) -
     assert gateway.process.wait(60) == 0, gateway.output()
     assert _gone(worker), "worker outlived its owner"
     assert gateway.socket_dirs() == []
+    # A clean run reads clean: the worker's lines forwarded once, with one timestamp.
+    log = gateway.log.read_text(errors="replace")
+    [serving] = [line for line in log.splitlines() if "phase=serving" in line]
+    assert len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", serving)) == 1, serving
+    assert " INFO bon_gateway.worker phase=serving " in serving and serving.endswith(" worker=tiny")
+    for alarming in ("fork_posix", "Traceback", " ERROR "):
+        assert alarming not in log, log[-4000:]
 
 
 def test_sigkill_of_a_serving_owner_ends_its_worker(gateway: Gateway) -> None:
