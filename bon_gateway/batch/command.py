@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -144,6 +145,13 @@ def run_batch_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_ARGS
     if args.best_of < 1 or args.concurrency < 1:
         print("bon-gateway batch: --best-of and --concurrency must be >= 1", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    if args.report is not None and importlib.util.find_spec("matplotlib") is None:
+        # Said before the run, not after hours of it: the report's plots need the batch extra.
+        print(
+            "bon-gateway batch: --report needs matplotlib: pip install 'bon-gateway[batch]'",
+            file=sys.stderr,
+        )
         return EXIT_BAD_ARGS
     config = None
     client: Any

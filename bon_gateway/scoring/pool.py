@@ -38,7 +38,7 @@ from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.group import PooledGroup
 from bon_gateway.scoring.handle import WorkerHandle
-from bon_gateway.scoring.preflight import check_path
+from bon_gateway.scoring.preflight import check_path, check_worker_extra
 from bon_gateway.scoring.prober import is_probed, probe_until_closed
 from bon_gateway.scoring.wire import error_param, score_request
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
@@ -113,6 +113,7 @@ class WorkerPool:
         """Spawn or connect every worker and wait until all have loaded their models."""
         for entry in self.config.reward_models:
             if entry.workers:
+                check_worker_extra(entry)  # a gateway installed without torch: say what to install
                 check_path(entry)  # before spawning: a missing local model fails in a second
         self._dir = tempfile.mkdtemp(prefix="bon-workers-")
         local_count = sum(m.workers for m in self.config.reward_models)

@@ -2,6 +2,8 @@
 failure is one line naming the model, its path and what to do, in seconds instead
 of after the hub's retries.
 
+- Workers spawned here need the `worker` extra (torch, transformers): a gateway
+  installed without it says so (`pip install 'bon-gateway[worker]'`).
 - A path that names a local directory (absolute, `./`, `../`, `~`, or more than the
   one slash of a hub id `ORG/NAME`) must exist; a hub id is left to the hub.
 - Workers whose every model is a local directory run with `HF_HUB_OFFLINE=1`: nothing
@@ -16,6 +18,7 @@ Stdlib only: the front's pool imports it (no torch there).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from collections.abc import Iterable
@@ -25,7 +28,14 @@ from urllib.parse import urlsplit
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.errors import WorkerError
 
-__all__ = ["all_local", "check_device", "check_hub", "check_path", "is_local_path"]
+__all__ = [
+    "all_local",
+    "check_device",
+    "check_hub",
+    "check_path",
+    "check_worker_extra",
+    "is_local_path",
+]
 
 
 def is_local_path(path: str) -> bool:
@@ -35,6 +45,21 @@ def is_local_path(path: str) -> bool:
         or path.count("/") > 1
         or Path(path).expanduser().exists()
     )
+
+
+WORKER_MODULES = ("torch", "transformers")
+
+
+def check_worker_extra(entry: RewardModelConfig) -> None:
+    """WorkerError when workers are to be spawned here and their modules are missing
+    (looked up, not imported: the front never imports torch)."""
+    missing = [name for name in WORKER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise WorkerError(
+            f"reward model {entry.name!r}: workers = {entry.workers} are spawned here and need "
+            f"{' and '.join(missing)}, not installed: pip install 'bon-gateway[worker]' "
+            "(or run the workers elsewhere and list them in `addresses`, with workers = 0)"
+        )
 
 
 def check_path(entry: RewardModelConfig) -> None:
