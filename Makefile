@@ -23,6 +23,7 @@ install: $(STAMP) verifier
 # (dequantized) + the shipped head, as a LlamaForSequenceClassification directory in
 # .cache/models/gsm8k-verifier (~540 MB, ~30 s; a no-op when it is up to date).
 verifier: $(STAMP)
+	@echo "[install] the GSM8K verifier checkpoint in .cache/models/gsm8k-verifier (~1 min the first time)"
 	$(BIN)/python -m bon_gateway.verifier --out .cache/models/gsm8k-verifier
 
 # One venv, installed to the level a target needs: `make demo` the demo extra (the

@@ -145,7 +145,7 @@ def run_demo(*, best_of: int = 4, prompt: str | None = None) -> int:
                 120,
                 llama,
             )
-            _say("starting bon-gateway serve (loading the SmolLM2 judge reward model)")
+            _say("starting bon-gateway serve (loading the SmolLM2 judge reward model: ~20-40 s here)")
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "bon_gateway", "serve", "--config", str(config_path)], env=env
             )
