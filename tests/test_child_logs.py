@@ -7,8 +7,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +91,38 @@ def test_other_lines_pass_through_once(captured: io.StringIO) -> None:
         "worker=rm {not json",
         'worker=rm {"no": "message"}',
     ]
+
+
+FORK_WHILE_GRPC_RUNS = """
+import asyncio, os, sys
+if sys.argv[1] == "quiet":
+    from bon_gateway.cli import quiet_grpc_environment
+    quiet_grpc_environment(os.environ)
+import grpc, uvloop
+
+async def main():
+    server = grpc.aio.server()
+    server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # The pool spawns its workers this way (uvloop forks) while the gRPC front runs.
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await child.wait()
+    await server.stop(0)
+
+uvloop.run(main())
+"""
+
+
+@pytest.mark.integration
+def test_spawning_workers_prints_no_grpc_fork_notice() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+
+    def stderr_of(mode: str) -> str:
+        argv = [sys.executable, "-c", FORK_WHILE_GRPC_RUNS, mode]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stderr
+
+    assert "fork_posix" in stderr_of("default")  # what every clean run printed
+    assert stderr_of("quiet") == ""
