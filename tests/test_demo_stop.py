@@ -1,0 +1,33 @@
+"""The demo's last lines: a server stopped by the demo's SIGTERM is a normal stop, not
+an exit code that reads like an error (issue 16, item 5)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bon_gateway.demo import _stop
+
+pytestmark = pytest.mark.integration  # starts a subprocess
+
+
+def test_a_normal_stop_shows_no_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    _stop(sleeper, "llama.cpp server")
+    assert sleeper.returncode == -15
+    assert capsys.readouterr().out == "[demo] stopped llama.cpp server\n"
+
+
+def test_a_failure_at_stop_shows_its_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(15, lambda *a: sys.exit(3))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)"
+    )
+    failing = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert failing.stdout is not None and failing.stdout.readline() == "ready\n"  # its handler is set
+    _stop(failing, "bon-gateway")
+    assert capsys.readouterr().out == "[demo] stopped bon-gateway (exit 3)\n"
