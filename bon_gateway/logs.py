@@ -11,6 +11,7 @@ text is never logged at INFO or above; only DEBUG lines may carry it.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from typing import Any, Literal, TextIO
@@ -18,7 +19,7 @@ from typing import Any, Literal, TextIO
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _LibraryJsonFormatter
 
-__all__ = ["JsonFormatter", "LogFormat", "configure_logging", "log_phase"]
+__all__ = ["JsonFormatter", "LogFormat", "configure_logging", "forward_child_line", "log_phase"]
 
 LogFormat = Literal["text", "json"]
 
@@ -88,3 +89,39 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+def forward_child_line(line: str, fallback: logging.Logger, **context: Any) -> str:
+    """Log one stderr line of a child process (a spawned reward worker) once, here.
+
+    The pool starts its workers with `--log-format json`: each of their log lines is
+    re-emitted as this process's record, under the worker's logger and level, with its
+    phase fields (typed, in json mode) and `context` (which worker) added, and this
+    process's timestamp only. Any other line (a crash traceback, a library's print) goes
+    to `fallback` at INFO as it is, prefixed with the context. Returns the line's text
+    (its message, for a JSON line).
+    """
+    data: object = None
+    if line.startswith("{"):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            data = None
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+        where = "".join(f"{key}={_text(value)} " for key, value in context.items())
+        fallback.info("%s%s", where, line)
+        return line
+    logger = logging.getLogger(str(data.get("logger") or fallback.name))
+    level = logging.getLevelName(str(data.get("level", "INFO")))
+    level = level if isinstance(level, int) else logging.INFO
+    if not logger.isEnabledFor(level):
+        return str(data["message"])
+    fields = {key: value for key, value in data.items() if key not in _RESERVED}
+    message = str(data["message"])
+    pairs = " ".join(f"{key}={_text(value)}" for key, value in context.items() if key not in fields)
+    if pairs:
+        message = f"{message} {pairs}"
+    if isinstance(data.get("exc_info"), str):
+        message = f"{message}\n{data['exc_info']}"
+    logger.log(level, "%s", message, extra={FIELDS_ATTR: {**fields, **context}})
+    return str(data["message"])

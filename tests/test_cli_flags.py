@@ -98,3 +98,36 @@ def test_reward_model_flag_takes_a_gguf_file_and_entry_keys() -> None:
 def test_reward_model_flag_rejects_an_unknown_key() -> None:
     with pytest.raises(ConfigError, match="workers"):
         apply_serve_flags(parse_config(FILE), _parse(["--reward-model", "rm=/m,workers=3"]))
+
+
+def _subcommand(name: str) -> argparse.ArgumentParser:
+    from bon_gateway.cli import build_parser
+
+    [subparsers] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return subparsers.choices[name]
+
+
+@pytest.mark.parametrize("command", ["serve", "batch", "demo", "local"])
+def test_help_explains_every_option_and_shows_its_default(command: str) -> None:
+    parser = _subcommand(command)
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        if action.default not in (None, False, []):
+            shown = f"(default: {action.default})"
+            assert shown in text or "default" in action.help, f"{action.option_strings[0]}: no default"
+
+
+def test_serve_help_names_the_ports_host_and_their_defaults() -> None:
+    text = " ".join(_subcommand("serve").format_help().split())
+    assert "HTTP port" in text and "else 8080" in text
+    assert "gRPC port" in text and "else 50051" in text
+    assert "--host HOST address both ports listen on" in text and "else 127.0.0.1" in text
+
+
+def test_batch_help_shows_the_request_defaults() -> None:
+    text = " ".join(_subcommand("batch").format_help().split())
+    for shown in ("(default: 4)", "(default: 0.8)", "(default: 256)", "(default: argmax)"):
+        assert shown in text

@@ -87,3 +87,38 @@ def test_an_adapter_borrows_nothing_from_a_sibling_adapter(path: Path) -> None:
         assert siblings <= SHARED_ADAPTER_MODULES, (
             f"{path.stem} imports {sorted(siblings - SHARED_ADAPTER_MODULES)}"
         )
+
+
+# What `pip install bon-gateway` leaves out (pyproject.toml extras worker, batch, demo).
+EXTRAS_ONLY = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "accelerate",
+    "gguf",
+    "matplotlib",
+    "llama_cpp",
+    "numpy",
+)
+
+
+@pytest.mark.integration
+def test_front_batch_and_demo_import_nothing_from_the_extras() -> None:
+    # The core install (no extras) must run serve, batch and the demo's own module;
+    # the extras' modules load only in the worker, the verifier and batch --report.
+    found = _imported(
+        [
+            "bon_gateway.cli",
+            "bon_gateway.api.server",
+            "bon_gateway.scoring.pool",
+            "bon_gateway.scoring.preflight",
+            "bon_gateway.batch.command",
+            "bon_gateway.batch.runner",
+            "bon_gateway.batch.clients",
+            "bon_gateway.batch.export",
+            "bon_gateway.batch.summary",
+            "bon_gateway.engine.answers",
+            "bon_gateway.demo",
+        ]
+    )
+    assert _under(found, *EXTRAS_ONLY) == []

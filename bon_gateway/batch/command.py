@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -25,11 +26,14 @@ EXIT_OK, EXIT_START_FAILED, EXIT_BAD_ARGS, EXIT_ROWS_FAILED, EXIT_INTERRUPTED = 
 
 def add_batch_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `batch` on the `bon-gateway` parser."""
+    from bon_gateway.helpformat import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
         "batch",
         help="offline Best-of-N over a JSONL file (resumable), preference pairs, step labels",
         description="Run Best-of-N over every row of a JSONL file. Rows already in --output are skipped, "
         "so the same command resumes an interrupted run.",
+        formatter_class=DefaultsHelpFormatter,
     )
     io = p.add_argument_group("files")
     io.add_argument(
@@ -77,14 +81,24 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     target.add_argument("--timeout", type=float, default=600.0, help="seconds per request (HTTP)")
 
     req = p.add_argument_group("Best-of-N request")
-    req.add_argument("--best-of", type=int, default=4)
+    req.add_argument("--best-of", type=int, default=4, help="candidates generated and ranked per row")
     req.add_argument("--reward-model", help="reward model name (default: the gateway's first)")
-    req.add_argument("--selection", choices=("argmax", "weighted_vote", "majority_vote"), default="argmax")
-    req.add_argument("--aggregation", choices=("last", "min", "prod", "mean"), default="last")
+    req.add_argument(
+        "--selection",
+        choices=("argmax", "weighted_vote", "majority_vote"),
+        default="argmax",
+        help="how the selected candidate is picked",
+    )
+    req.add_argument(
+        "--aggregation",
+        choices=("last", "min", "prod", "mean"),
+        default="last",
+        help="a PRM's step rewards to one reward",
+    )
     req.add_argument("--model", help="generator model name (default: the gateway's)")
-    req.add_argument("--temperature", type=float, default=0.8)
-    req.add_argument("--top-p", type=float)
-    req.add_argument("--max-tokens", type=int, default=256)
+    req.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    req.add_argument("--top-p", type=float, help="nucleus sampling (default: the generator's)")
+    req.add_argument("--max-tokens", type=int, default=256, help="tokens per candidate at most")
     req.add_argument("--seed", type=int, help="base seed: candidate i of every row samples with SEED + i")
     req.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
 
@@ -99,7 +113,7 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPar
     run.add_argument(
         "--no-fsync", action="store_true", help="do not fsync each output line (faster, less safe)"
     )
-    run.add_argument("--log-level", default="WARNING")
+    run.add_argument("--log-level", default="WARNING", help="engine and worker log lines on stderr")
 
 
 def _delimiter(args: argparse.Namespace, config: Any) -> str:
@@ -131,6 +145,13 @@ def run_batch_command(args: argparse.Namespace) -> int:
         return EXIT_BAD_ARGS
     if args.best_of < 1 or args.concurrency < 1:
         print("bon-gateway batch: --best-of and --concurrency must be >= 1", file=sys.stderr)
+        return EXIT_BAD_ARGS
+    if args.report is not None and importlib.util.find_spec("matplotlib") is None:
+        # Said before the run, not after hours of it: the report's plots need the batch extra.
+        print(
+            "bon-gateway batch: --report needs matplotlib: pip install 'bon-gateway[batch]'",
+            file=sys.stderr,
+        )
         return EXIT_BAD_ARGS
     config = None
     client: Any

@@ -26,6 +26,7 @@ import grpc
 
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.errors import WorkerError
+from bon_gateway.logs import forward_child_line
 from bon_gateway.scoring.worker.status import Serving, StartFailed, decode_status
 from bon_gateway.v1 import reward_worker_pb2, reward_worker_pb2_grpc
 
@@ -187,12 +188,12 @@ class WorkerHandle:
         self.status = None
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        # Forward the worker's log lines (never prompt text) and keep the last ones for a crash.
+        # Forward the worker's log lines (never prompt text) once, with their own level and
+        # fields (the pool starts it with --log-format json), and keep the last ones for a crash.
         assert proc.stderr is not None
         while line := await proc.stderr.readline():
             text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            log.info("worker %s: %s", self.entry.name, text)
+            self.tail.append(forward_child_line(text, log, worker=self.entry.name))
 
     async def _wait_serving(self, timeout_s: float) -> Serving:
         """The spawned worker's status: Serving, else WorkerError with its own reason."""

@@ -38,6 +38,7 @@ from bon_gateway.logs import log_phase
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.group import PooledGroup
 from bon_gateway.scoring.handle import WorkerHandle
+from bon_gateway.scoring.preflight import check_path, check_worker_extra
 from bon_gateway.scoring.prober import is_probed, probe_until_closed
 from bon_gateway.scoring.wire import error_param, score_request
 from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
@@ -110,6 +111,10 @@ class WorkerPool:
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
         """Spawn or connect every worker and wait until all have loaded their models."""
+        for entry in self.config.reward_models:
+            if entry.workers:
+                check_worker_extra(entry)  # a gateway installed without torch: say what to install
+                check_path(entry)  # before spawning: a missing local model fails in a second
         self._dir = tempfile.mkdtemp(prefix="bon-workers-")
         local_count = sum(m.workers for m in self.config.reward_models)
         threads = max(1, (os.cpu_count() or 1) // max(1, local_count))
@@ -164,6 +169,10 @@ class WorkerPool:
             str(os.getpid()),
             "--log-level",
             self.config.server.log_level,
+            # JSON lines, re-emitted here once with their fields (handle.py): not a
+            # second timestamp and level inside this process's own line.
+            "--log-format",
+            "json",
         ]
         if entry.device == "cpu":
             argv += ["--threads", str(threads)]
@@ -178,6 +187,8 @@ class WorkerPool:
         # Weight-loading progress bars (GGUF de-quantizing, safetensors) would reach the
         # gateway log as one long line per refresh; the worker logs its own load phases.
         env.setdefault("TQDM_DISABLE", "1")
+        env.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # as cli.quiet_grpc_environment
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
         # glibc gives each thread that allocates its own arena (the batch threads, torch's);
         # a worker's prefix cache churn fragmented them: over 10,000 varied requests its RSS
         # levelled off ~90 MiB lower with 2 (bench/worker_rss.py). glibc reads it at exec.

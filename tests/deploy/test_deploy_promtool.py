@@ -28,7 +28,7 @@ def promtool() -> str:
     if path is None:
         if os.environ.get("CI"):
             pytest.fail("promtool is missing (install it with `make promtool`)")
-        pytest.skip("promtool not installed (`make promtool`)")
+        pytest.skip("promtool not installed: Debian package prometheus (`make promtool`, as root)")
     return path
 
 

@@ -54,9 +54,10 @@ def _slow_start_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _serving_times(caplog: pytest.LogCaptureFixture) -> list[float]:
-    """When the pool read each `phase=serving` line its workers wrote (forwarded stderr)."""
+    """When the pool read each `phase=serving` line its workers wrote (forwarded stderr,
+    re-emitted under the worker's own logger)."""
     return [
-        r.created for r in caplog.records if r.name == "bon_gateway.scoring" and "phase=serving" in r.message
+        r.created for r in caplog.records if r.name == "bon_gateway.worker" and "phase=serving" in r.message
     ]
 
 
@@ -65,7 +66,7 @@ def _serving_times(caplog: pytest.LogCaptureFixture) -> list[float]:
 async def test_pool_ready_right_after_a_slow_worker_serves(
     tiny_llama_rm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="bon_gateway.scoring")
+    caplog.set_level(logging.INFO, logger="bon_gateway.worker")
     _slow_start_hook(tmp_path, monkeypatch)
     pool = WorkerPool(gateway_config({"name": "rm", "path": str(tiny_llama_rm)}), Metrics())
     spawned = time.time()

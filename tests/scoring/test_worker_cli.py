@@ -77,21 +77,21 @@ def test_status_lines_round_trip() -> None:
 
 @pytest.mark.integration
 def test_start_up_error_on_the_status_pipe_and_one_line_on_stderr(tmp_path: Path) -> None:
-    """What the pool reads (a typed status) and what an operator reads (one stderr line)."""
+    """What the pool reads (a typed status; the pool reports it, so not also on stderr)
+    and what an operator reads when starting a worker by hand (one stderr line)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "bon_gateway.scoring.worker",
+        "--listen",
+        f"unix:{tmp_path}/w.sock",
+        "--reward-model",
+        f"rm={tmp_path / 'missing'}",
+    ]
     read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bon_gateway.scoring.worker",
-                "--listen",
-                f"unix:{tmp_path}/w.sock",
-                "--reward-model",
-                f"rm={tmp_path / 'missing'}",
-                "--status-fd",
-                str(write_fd),
-            ],
+            [*argv, "--status-fd", str(write_fd)],
             pass_fds=(write_fd,),
             capture_output=True,
             text=True,
@@ -103,4 +103,7 @@ def test_start_up_error_on_the_status_pipe_and_one_line_on_stderr(tmp_path: Path
         status = decode_status(pipe.read())
     assert proc.returncode == 2
     assert isinstance(status, StartFailed) and "missing" in status.error
-    assert f"{ERROR_PREFIX}{status.error}" in proc.stderr
+    assert ERROR_PREFIX not in proc.stderr
+    by_hand = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert by_hand.returncode == 2
+    assert by_hand.stderr.strip().splitlines() == [f"{ERROR_PREFIX}{status.error}"]

@@ -24,6 +24,12 @@ from bon_gateway.config import (
     with_overrides,
 )
 from bon_gateway.logs import configure_logging, log_phase
+from bon_gateway.scoring.preflight import all_local, check_device, check_hub, check_path
+from bon_gateway.scoring.worker.owner import (
+    die_with_owner,
+    exit_at_once_on_signals,
+    remove_socket_dir_if_orphan,
+)
 from bon_gateway.scoring.worker.status import Serving, StartFailed, write_status
 
 log = logging.getLogger("bon_gateway.worker")
@@ -149,6 +155,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
 
     runtimes = {}
     for entry in entries:
+        check_device(entry)
         adapter = await asyncio.to_thread(load_adapter, entry)
         runtimes[entry.name] = ModelRuntime(
             entry, adapter, prefix_reuse=not args.no_prefix_reuse, max_queue_tokens=args.max_queue_tokens
@@ -173,6 +180,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
     for runtime in runtimes.values():
         await runtime.batcher.aclose()
     log_phase(log, "stopped")
+    remove_socket_dir_if_orphan(args.listen, args.parent_pid)
     # The server has stopped and nothing is in flight: skip asyncio's and the interpreter's
     # teardown of torch and gRPC, which takes seconds and delays every shutdown and restart.
     logging.shutdown()
@@ -187,9 +195,17 @@ def main(argv: list[str] | None = None) -> None:
         # Only this process holds the pipe: a child it might start must not keep it open,
         # or the pool would not see it close when this process dies.
         os.set_inheritable(args.status_fd, False)
+    if args.parent_pid:
+        die_with_owner(args.parent_pid)
+    exit_at_once_on_signals(args.listen, args.parent_pid)
     configure_logging(args.log_level, args.log_format, sys.stderr)
     try:
         entries = model_entries(args)
+        for entry in entries:
+            check_path(entry)  # a missing local directory: one line at once, not the hub's retries
+        if all_local(entries):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+        check_hub(entries)  # no network: cached models offline, else one line at once
         if args.threads:
             import torch
 
@@ -203,8 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         message = err.message if isinstance(err, BonError) else str(err) or type(err).__name__
         log.debug("start-up failure", exc_info=True)
         if args.status_fd is not None:
+            # The pool that spawned it reports the error (once, with the model's name).
             write_status(args.status_fd, StartFailed(message))
-        print(ERROR_PREFIX + message.replace("\n", " "), file=sys.stderr, flush=True)
+        else:
+            print(ERROR_PREFIX + message.replace("\n", " "), file=sys.stderr, flush=True)
         sys.exit(2)
 
 
