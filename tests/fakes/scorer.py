@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bon_gateway.engine.protocols import ReadinessListener, RewardScorer, ScoringGroup
 from bon_gateway.errors import BonError
-from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, RawInput, ScoreBatchResult
 
 __all__ = ["FakeGroup", "FakeScorer", "ScoreCall", "words"]
 
@@ -103,7 +103,11 @@ class FakeScorer:
         steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",
+        raw: Sequence[RawInput] = (),
+        truncate_prompt_tokens: int = 0,
     ) -> ScoreBatchResult:
+        if raw:  # scored on their text (token ids as words)
+            candidates = [r.text or " ".join(map(str, r.token_ids)) for r in raw]
         self.calls.append(
             ScoreCall(model, tuple(messages), tuple(candidates), tuple(tuple(s) for s in steps), activation)
         )
