@@ -351,7 +351,7 @@ class WorkerPool:
                     # Over every configured worker, not the live ones: a prompt keeps its
                     # worker while others come and go (and its cached prefix with it).
                     home = workers[affinity % len(workers)]
-                    if home in fresh and home.inflight <= least.inflight + AFFINITY_SLACK:
+                    if any(w is home for w in fresh) and home.inflight <= least.inflight + AFFINITY_SLACK:
                         return home
                 return least
             if deadline.expired():
