@@ -141,6 +141,12 @@ def rlhf_routes(
         body: ScoreApiRequest = await read_body(request, ScoreApiRequest)
         model = scoring.model(body.model)
         pairs = body.pairs()
+        limit = engine.config.server.limits.max_candidates
+        if len(pairs) > limit:
+            raise InvalidRequest(
+                f"text_2: {len(pairs)} pairs, at most {limit} allowed (server.limits.max_candidates)",
+                param="text_2",
+            )
         # One group per distinct text_1: its documents share that prompt on one worker.
         by_query: dict[str, list[int]] = {}
         for i, (query, _) in enumerate(pairs):

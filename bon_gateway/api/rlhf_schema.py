@@ -212,7 +212,10 @@ def activate(row: Sequence[float], use_activation: bool) -> list[float]:
 
 
 def logit_rows(candidate: ScoredCandidate) -> list[list[float]]:
-    """The head's logits at each position read (PRM: one row per step), as rows."""
+    """The head's logits at each position read (PRM: one row per step), as rows; a worker
+    that reports none (an older remote one) gives its reward as the one logit."""
+    if not candidate.logits:
+        return [[candidate.reward]]
     n = max(1, candidate.labels)
     values = list(candidate.logits)
     return [values[i : i + n] for i in range(0, len(values), n)]
@@ -220,6 +223,8 @@ def logit_rows(candidate: ScoredCandidate) -> list[list[float]]:
 
 def single_label(candidate: ScoredCandidate, model: str) -> float:
     """The raw score of a one-label model (score / rerank refuse others, as vLLM)."""
+    if not candidate.logits:
+        return candidate.reward
     if candidate.labels != 1:
         raise InvalidRequest(
             f"model {model!r} has {candidate.labels} labels: score and rerank need a model with one "

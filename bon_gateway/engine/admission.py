@@ -207,8 +207,8 @@ class Admission:
                     param=param,
                 )
             if raw.token_ids:
-                if any(t < 0 for t in raw.token_ids):
-                    raise InvalidRequest(f"{param}: token ids are >= 0", param=param)
+                if any(not 0 <= t < 2**31 for t in raw.token_ids):
+                    raise InvalidRequest(f"{param}: token ids are between 0 and 2**31 - 1", param=param)
             else:
                 _check_text(raw.text, param)
         if request.truncate_prompt_tokens < 0:

@@ -108,8 +108,12 @@ def gateway() -> Iterator[ServedGateway]:
             {"name": "prm", "path": str(reward_checkpoints.tiny_qwen2_prm())},
         ],
     )
-    with ServedGateway(config, scorer_factory=WorkerPool) as served:
+    # Three worker processes load torch at once: on a busy 2-core machine that takes minutes.
+    served = ServedGateway(config, scorer_factory=WorkerPool).start(timeout_s=300)
+    try:
         yield served
+    finally:
+        served.stop()
 
 
 def _tokenizer(path: Path) -> Any:

@@ -118,9 +118,11 @@ class FakeScorer:
         prompt_tokens = sum(words(m.content) for m in messages)
         scores = [
             CandidateScore(
-                reward=self.reward(text, activation),
+                reward=(reward := self.reward(text, activation)),
                 step_rewards=self.step_rewards.get(text, ()),
                 tokens=prompt_tokens + words(text),
+                logits=(reward,),
+                labels=1,
             )
             for text in candidates
         ]
