@@ -278,6 +278,13 @@ class Engine:
         reward_model = admitted.reward_model
         started = time.perf_counter()
         texts = admitted.texts
+        # Raw inputs (the RLHF routes) only when there are some: scorers written before them
+        # (test doubles, other backends) keep working for everything else.
+        raw_kwargs: dict[str, Any] = (
+            {"raw": request.raw, "truncate_prompt_tokens": request.truncate_prompt_tokens}
+            if request.raw
+            else {}
+        )
         batch = await self.scorer.score(
             reward_model,
             request.messages,
@@ -286,8 +293,7 @@ class Engine:
             steps=request.steps,
             activation=request.activation,
             request_id=request.request_id or new_request_id(),
-            raw=request.raw,
-            truncate_prompt_tokens=request.truncate_prompt_tokens,
+            **raw_kwargs,
         )
         self.metrics.child(self.metrics.phase_duration, "score").observe(time.perf_counter() - started)
         scored = [
