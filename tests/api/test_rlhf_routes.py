@@ -362,12 +362,14 @@ def test_bad_input_names_the_field(
 def _reused_tokens(gateway: ServedGateway, model: str) -> float:
     text = gateway.metrics.render().decode()
     match = re.search(rf'^bon_reused_prompt_tokens_total\{{model="{model}"\}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else 0.0
+    assert match is not None, "no bon_reused_prompt_tokens_total series"
+    return float(match.group(1))
 
 
 def test_one_sample_per_request_reuses_the_prompt(gateway: ServedGateway) -> None:
     """A GRPO group sent the way verl sends it (one sample per /classify request): from the
-    second sample on, the prompt's keys and values come from the worker's prefix cache."""
+    second sample on, the prompt's keys and values come from the worker's prefix cache.
+    Checked to fail (0 tokens reused) with the worker's raw prompt split turned off."""
     path = Path(gateway.config.reward_model("rm").path)
     tok = _tokenizer(path)
     prompt = [
@@ -386,7 +388,9 @@ def test_one_sample_per_request_reuses_the_prompt(gateway: ServedGateway) -> Non
         for t in texts
     ]
     reused = _reused_tokens(gateway, "rm") - before
-    prompt_tokens = len(tok.apply_chat_template(prompt, add_generation_prompt=True))
+    header = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    prompt_tokens = len(tok(header, add_special_tokens=False)["input_ids"])
+    assert prompt_tokens > 48
     # Each of the three later samples reuses (nearly) the whole prompt.
     assert reused >= 3 * (prompt_tokens - 16), (reused, prompt_tokens)
     want = [reference_raw_logits(path, tok(t, add_special_tokens=False)["input_ids"])[0] for t in texts]
