@@ -16,7 +16,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install verifier demo serve test test-fast lint proto promtool bench clean
+.PHONY: install verifier demo serve test test-fast lint proto promtool bench clean rlhf-clients
 
 install: $(STAMP) verifier
 
@@ -51,7 +51,10 @@ define install_venv
 endef
 
 $(STAMP): pyproject.toml
-	$(call install_venv,dev,$(STAMP))
+	$(call install_venv,dev,$(STAMP).partial)
+	@echo "[install] verl and openrlhf (--no-deps: their remote reward clients, for the tests)"
+	$(MAKE) --no-print-directory rlhf-clients
+	mv $(STAMP).partial $(STAMP)
 
 $(DEMO_STAMP): pyproject.toml
 	@# a dev install holds everything the demo needs
@@ -60,6 +63,13 @@ $(DEMO_STAMP): pyproject.toml
 .PHONY: demo-install
 demo-install:
 	$(call install_venv,demo,$(DEMO_STAMP))
+
+# The RLHF trainers whose remote-reward-model clients tests/api/test_rlhf_routes.py calls
+# unchanged (the `rlhf-clients` extra). --no-deps: their dependencies (ray, vllm, deepspeed,
+# flash-attn...) are a training cluster's; the tests stub the few imports they reach.
+RLHF_CLIENTS := verl==0.9.1 openrlhf==0.11.2
+rlhf-clients:
+	$(BIN)/python -m pip install --quiet --no-deps $(RLHF_CLIENTS)
 
 # promtool (Debian package prometheus) checks the /metrics output in the tests. It needs
 # root to install; without it tests/deploy/test_deploy_promtool.py skips (CI runs as root).

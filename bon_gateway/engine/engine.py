@@ -278,6 +278,13 @@ class Engine:
         reward_model = admitted.reward_model
         started = time.perf_counter()
         texts = admitted.texts
+        # Raw inputs (the RLHF routes) only when there are some: scorers written before them
+        # (test doubles, other backends) keep working for everything else.
+        raw_kwargs: dict[str, Any] = (
+            {"raw": request.raw, "truncate_prompt_tokens": request.truncate_prompt_tokens}
+            if request.raw
+            else {}
+        )
         batch = await self.scorer.score(
             reward_model,
             request.messages,
@@ -286,6 +293,7 @@ class Engine:
             steps=request.steps,
             activation=request.activation,
             request_id=request.request_id or new_request_id(),
+            **raw_kwargs,
         )
         self.metrics.child(self.metrics.phase_duration, "score").observe(time.perf_counter() - started)
         scored = [
@@ -294,6 +302,9 @@ class Engine:
                 text=text,
                 reward=candidate_reward(s, request.aggregation),
                 step_rewards=s.step_rewards,
+                tokens=s.tokens,
+                logits=s.logits,
+                labels=s.labels,
             )
             for i, (text, s) in enumerate(zip(texts, batch.scores, strict=True))
         ]
