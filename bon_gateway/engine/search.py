@@ -281,6 +281,11 @@ class _Search:
             f"generating={self.generating} scoring={self.scoring} round={self.round_running}",
             f"next_round={self.next_round} to_score={self.to_score}",
         ]
+        for point in self.points:
+            parts.append(
+                f"k{point.tokens}:arrived={len(point.arrivals)}:judged={len(point.judged)}"
+                f":waiting={len(point.waiting)}:closed={point.closed}"
+            )
         describe_run = getattr(self.run, "describe", None)
         if describe_run is not None:
             parts.append(f"run=({describe_run()})")
