@@ -33,6 +33,7 @@ from bon_gateway.types import (
     Progress,
     Usage,
 )
+from tests.fakes.generator import ScriptedGenerator
 from tests.fakes.scorer import FakeScorer
 from tests.fakes.sse import tokens_of
 
@@ -390,3 +391,16 @@ async def test_any_race_matches_the_reference(
     gateway, generator = engine(texts, ticks, min_peers=min_peers)
     result = await run(gateway, len(texts), n=keep, rejection_rate=rate, checkpoints=tuple(checkpoints))
     check(result, reference(texts, ticks, rate, checkpoints, keep, min_peers), generator.runs[0].sent)
+
+
+async def test_a_failed_stream_leaves_every_checkpoint_and_the_request_ends() -> None:
+    # Candidates 1 and 4 die before / between the checkpoints: nobody waits for them.
+    config = GatewayConfig.model_validate({"generator": {"url": "http://127.0.0.1:9/v1"}})
+    generator = ScriptedGenerator(TEXTS[:6], fail={1: 3, 4: 1})
+    gateway = Engine(config, generator, FakeScorer(reward_fn=reward), Metrics())
+    result = await run(gateway, 6, rejection_rate=0.5, checkpoints=(2, 6), min_candidates=4)
+    assert [d.reason for d in result.dropped] == ["connect_error", "connect_error"]
+    judged = {i for report in result.checkpoints for i, _ in report.rewards}
+    assert 4 not in judged  # failed after 1 token: never reached checkpoint 2
+    assert {1, 4}.isdisjoint({c.index for c in result.ranked} | {r.index for r in result.rejected})
+    assert [r.tokens for r in result.checkpoints] == [2, 6] and result.rejected
