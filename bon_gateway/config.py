@@ -245,6 +245,15 @@ class StrategyConfig(_Strict):
     # Token counts where partial candidates are scored: early enough to save most of a
     # long answer's tokens, late enough for a verifier to tell answers apart.
     checkpoints: tuple[int, ...] = (64, 128, 256)
+    # How a checkpoint decides. per_candidate: each candidate is judged the moment it
+    # reaches the checkpoint, against the rewards seen there so far, so fast candidates
+    # are stopped without waiting for the slowest. round: the checkpoint waits until
+    # every live candidate reached it, then rejects the lowest share of all of them.
+    rejection: Literal["per_candidate", "round"] = "per_candidate"
+    # per_candidate: how many candidates must have reached a checkpoint before anyone is
+    # rejected there (the first ones are then judged together). None: ceil((1 -
+    # rejection_rate) * best_of), at least 2 (see README, "Search").
+    min_peers: int | None = Field(None, ge=1)
 
     @field_validator("checkpoints")
     @classmethod

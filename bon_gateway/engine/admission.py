@@ -139,7 +139,18 @@ class Admission:
         if max_tokens is not None:
             # Checkpoints past the answer's length never come: drop them.
             checkpoints = tuple(c for c in checkpoints if c < max_tokens)
-        return SearchPlan(checkpoints, rate, keep=request.n, aggregation=request.aggregation)
+        per_candidate = self.strategy.rejection == "per_candidate"
+        min_peers = self.strategy.min_peers
+        if min_peers is None:
+            min_peers = max(2, math.ceil((1 - rate) * request.best_of - 1e-9))
+        return SearchPlan(
+            checkpoints,
+            rate,
+            keep=request.n,
+            aggregation=request.aggregation,
+            per_candidate=per_candidate,
+            min_peers=min_peers,
+        )
 
     def admit_score(self, request: ScoreRequest) -> AdmittedScore:
         if request.raw:

@@ -4,12 +4,19 @@ One loop serves both strategies. Candidates stream from the generator; each
 one that finishes is scored at once against the request's prompt, which the
 scoring group sent to its worker when the request started, batched with
 whatever else finished meanwhile (one scoring call in flight per request).
-With checkpoints (speculative rejection), once every live candidate has
-reached a checkpoint's token count, their partial texts are scored (each
-extends the candidate's own earlier partial, so the worker reuses that work)
-and the lowest `rejection_rate` share of the race, finished candidates
-included, is rejected: their streams are closed. Ranking happens when the
-last candidate is scored.
+With checkpoints (speculative rejection) the partial texts are scored at
+each checkpoint's token count (each extends the candidate's own earlier
+partial, so the worker reuses that work) and the weak ones are rejected: their
+streams are closed. Two rules (`SearchPlan.per_candidate`):
+
+- per candidate (default): a candidate is judged as soon as it reaches the
+  checkpoint, against the rewards seen there so far (rejection.py,
+  `rejected_on_arrival`); the first `min_peers` to arrive are judged together.
+  Fast candidates are stopped without waiting for the slowest.
+- round: once every live candidate has reached the checkpoint, the lowest
+  `rejection_rate` share of the race, finished candidates included, is rejected.
+
+Ranking happens when the last candidate is scored.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from bon_gateway.engine.protocols import GenerationRun, OnGenerated, OnScored, ScoringGroup
-from bon_gateway.engine.rejection import rejected_at_checkpoint
+from bon_gateway.engine.rejection import rejected_at_checkpoint, rejected_on_arrival
 from bon_gateway.types import (
     Aggregation,
     CandidateScore,
@@ -53,6 +60,8 @@ class SearchPlan:
     rejection_rate: float = 0.5
     keep: int = 1  # never fewer candidates in the race than the choices asked for
     aggregation: Aggregation = "last"
+    per_candidate: bool = True  # judge each candidate as it reaches a checkpoint (else: rounds)
+    min_peers: int = 2  # per_candidate: arrivals at a checkpoint before anyone is rejected there
 
 
 @dataclass(slots=True)
@@ -100,8 +109,29 @@ class SearchOutcome:
 # What the loop's inbox carries besides generation events.
 @dataclass(frozen=True, slots=True)
 class _Scored:
-    batch: tuple[int, ...]
+    batch: tuple[int, ...]  # whole texts
     result: ScoreBatchResult
+    partials: tuple[tuple[int, int], ...] = ()  # (checkpoint, index), scored after `batch`
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    """Per-candidate rejection at one checkpoint: who arrived, in what order, and what was decided."""
+
+    tokens: int
+    # Candidates in the order they reached it (or finished shorter than it).
+    arrivals: list[int] = field(default_factory=list)
+    finished_short: set[int] = field(default_factory=set)  # competing with their whole text
+    partial_rewards: dict[int, float] = field(default_factory=dict)
+    cursor: int = 0  # arrivals[:cursor] are judged (or were gone before their turn)
+    waiting: list[int] = field(default_factory=list)  # arrived, before min_peers were reached
+    judged: dict[int, float] = field(default_factory=dict)  # the rewards seen here, in order
+    cleared: set[int] = field(default_factory=set)  # judged here and kept
+    rejected: list[int] = field(default_factory=list)
+    warmed: bool = False  # min_peers reached: each next arrival is judged at once
+    closed: bool = False
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +176,8 @@ class _Search:
         self.next_round = 0
         self.generating = True
         self.reports: list[CheckpointReport] = []
+        self.points = [_Checkpoint(c) for c in plan.checkpoints] if plan.per_candidate else []
+        self.partials_to_score: list[tuple[int, int]] = []  # (checkpoint position, index)
         self.winner: int | None = None  # the only candidate left, whose text streams
 
     # -- tasks -----------------------------------------------------------------------
@@ -167,11 +199,13 @@ class _Search:
             self.inbox.put_nowait(event)
         self.inbox.put_nowait(_GenerationDone())
 
-    async def _score_final(self, batch: tuple[int, ...]) -> None:
+    async def _score_final(self, batch: tuple[int, ...], partials: tuple[tuple[int, int], ...] = ()) -> None:
         # The whole assistant message: a candidate that calls tools is scored with its calls.
+        started = time.perf_counter()
         texts = [self._generation(i).scoring_text() for i in batch]
+        texts += [self.candidates[i].snapshots[self.plan.checkpoints[p]][0] for p, i in partials]
         result = await self.group.score(texts, deadline=self.deadline)
-        self.inbox.put_nowait(_Scored(batch, result))
+        self.inbox.put_nowait(_Scored(batch, result, partials, time.perf_counter() - started))
 
     async def _score_round(self, checkpoint: int, batch: tuple[int, ...]) -> None:
         started = time.perf_counter()
@@ -190,23 +224,33 @@ class _Search:
         generated_at = started
         self._spawn(self._pump())
         try:
-            while self.generating or self.scoring or self.round_running or self.to_score:
-                message = await self.inbox.get()
-                if isinstance(message, BaseException):
-                    raise message
-                if isinstance(message, _GenerationDone):
-                    self.generating = False
-                    generated_at = time.perf_counter()
-                elif isinstance(message, Progress):
-                    await self._progress(message)
-                elif isinstance(message, Finished):
-                    await self._finished(message.generation)
-                elif isinstance(message, Failed):
-                    self.candidates[message.index].dropped = message.dropped
-                elif isinstance(message, _Scored):
-                    await self._scored(message)
-                elif isinstance(message, _RoundScored):
-                    await self._decide(message)
+            while (
+                self.generating
+                or self.scoring
+                or self.round_running
+                or self.to_score
+                or self.partials_to_score
+            ):
+                message: _Message | None = await self.inbox.get()
+                while message is not None:  # all that is there, then one scoring call for it all
+                    if isinstance(message, BaseException):
+                        raise message
+                    if isinstance(message, _GenerationDone):
+                        self.generating = False
+                        generated_at = time.perf_counter()
+                    elif isinstance(message, Progress):
+                        await self._progress(message)
+                    elif isinstance(message, Finished):
+                        await self._finished(message.generation)
+                    elif isinstance(message, Failed):
+                        self.candidates[message.index].dropped = message.dropped
+                    elif isinstance(message, _Scored):
+                        await self._scored(message)
+                    elif isinstance(message, _RoundScored):
+                        await self._decide(message)
+                    message = None if self.inbox.empty() else self.inbox.get_nowait()
+                if self.points:
+                    await self._judge()
                 self._kick()
         except asyncio.CancelledError:
             log.warning("phase=search_cancelled state=%s", self.describe())
@@ -237,6 +281,11 @@ class _Search:
             f"generating={self.generating} scoring={self.scoring} round={self.round_running}",
             f"next_round={self.next_round} to_score={self.to_score}",
         ]
+        for point in self.points:
+            parts.append(
+                f"k{point.tokens}:arrived={len(point.arrivals)}:judged={len(point.judged)}"
+                f":waiting={len(point.waiting)}:closed={point.closed}"
+            )
         describe_run = getattr(self.run, "describe", None)
         if describe_run is not None:
             parts.append(f"run=({describe_run()})")
@@ -247,11 +296,13 @@ class _Search:
 
     def _kick(self) -> None:
         """Start the scoring work that can start now."""
-        if not self.scoring and self.to_score:
+        if not self.scoring and (self.to_score or self.partials_to_score):
             batch, self.to_score = tuple(self.to_score), []
+            partials, self.partials_to_score = tuple(self.partials_to_score), []
             self.scoring = True
-            self._spawn(self._score_final(batch))
-        self._maybe_start_round()
+            self._spawn(self._score_final(batch, partials))
+        if not self.plan.per_candidate:
+            self._maybe_start_round()
 
     # -- events ----------------------------------------------------------------------
     async def _progress(self, event: Progress) -> None:
@@ -260,9 +311,7 @@ class _Search:
             return
         previous = candidate.text
         candidate.text, candidate.tokens = event.text, event.tokens
-        for checkpoint in self.plan.checkpoints[self.next_round :]:
-            if candidate.tokens >= checkpoint and checkpoint not in candidate.snapshots:
-                candidate.snapshots[checkpoint] = (candidate.text, candidate.tokens)
+        self._snapshot(candidate)
         if self.winner == event.index and self.callbacks.on_winner_text is not None:
             await self.callbacks.on_winner_text(event.index, event.text[len(previous) :])
 
@@ -273,11 +322,13 @@ class _Search:
         previous = candidate.text
         candidate.generation = generation
         candidate.text, candidate.tokens = generation.text, generation.completion_tokens
-        for checkpoint in self.plan.checkpoints[self.next_round :]:
-            # Without a Progress event at that count (several tokens in one chunk), the
-            # whole text stands for its first `checkpoint` tokens.
-            if candidate.tokens >= checkpoint and checkpoint not in candidate.snapshots:
-                candidate.snapshots[checkpoint] = (candidate.text, candidate.tokens)
+        # Without a Progress event at a checkpoint's count (several tokens in one chunk),
+        # the whole text stands for its first `checkpoint` tokens.
+        self._snapshot(candidate)
+        for point in self.points:
+            if candidate.tokens < point.tokens:  # it competes there with its whole text
+                point.arrivals.append(candidate.index)
+                point.finished_short.add(candidate.index)
         if self.winner == generation.index and self.callbacks.on_winner_text is not None:
             rest = generation.text[len(previous) :] if generation.text.startswith(previous) else ""
             if rest:
@@ -286,12 +337,28 @@ class _Search:
             await self.callbacks.on_generated(generation)
         self.to_score.append(generation.index)
 
+    def _snapshot(self, candidate: _Candidate) -> None:
+        for position, checkpoint in enumerate(self.plan.checkpoints):
+            if position < self.next_round or checkpoint in candidate.snapshots:
+                continue
+            if candidate.tokens >= checkpoint:
+                candidate.snapshots[checkpoint] = (candidate.text, candidate.tokens)
+                if self.points:
+                    self.points[position].arrivals.append(candidate.index)
+                    self.partials_to_score.append((position, candidate.index))
+
     async def _scored(self, message: _Scored) -> None:
         self.scoring = False
-        for index, score in zip(message.batch, message.result.scores, strict=True):
+        scores = message.result.scores
+        whole, partial = scores[: len(message.batch)], scores[len(message.batch) :]
+        for index, score in zip(message.batch, whole, strict=True):
             self.candidates[index].score = score
             if self.callbacks.on_scored is not None:
                 await self.callbacks.on_scored(index, score)
+        for position in {p for p, _ in message.partials}:
+            self.points[position].seconds += message.seconds
+        for (position, index), score in zip(message.partials, partial, strict=True):
+            self.points[position].partial_rewards[index] = self.reward_of(score)
 
     # -- checkpoints -----------------------------------------------------------------
     def _maybe_start_round(self) -> None:
@@ -343,6 +410,110 @@ class _Search:
         if self.callbacks.on_checkpoint is not None:
             await self.callbacks.on_checkpoint(report)
         await self._maybe_stream_winner()
+
+    # -- per-candidate checkpoints -----------------------------------------------------
+    async def _judge(self) -> None:
+        """Judge every arrival whose turn has come, checkpoint by checkpoint, until nothing moves.
+
+        An arrival's turn at checkpoint k comes when its reward there is known, it was
+        kept at the checkpoint before k, and every earlier arrival at k was judged, so
+        the decisions depend on the order of arrival and the rewards only, not on how
+        the scoring calls happened to be batched.
+        """
+        moved = True
+        while moved:
+            moved = False
+            for position, point in enumerate(self.points):
+                if point.closed:
+                    continue
+                while point.cursor < len(point.arrivals):
+                    index = point.arrivals[point.cursor]
+                    candidate = self.candidates[index]
+                    if not candidate.in_race:
+                        point.cursor += 1  # gone before its turn: not a peer
+                        continue
+                    if position > 0 and index not in self.points[position - 1].cleared:
+                        break  # still to be judged at the checkpoint before
+                    reward = self._reward_at(point, index)
+                    if reward is None:
+                        break  # its score is on the way
+                    point.cursor += 1
+                    moved = True
+                    point.judged[index] = reward
+                    if point.warmed:
+                        await self._arrival_judged(point, index)
+                    else:
+                        point.waiting.append(index)
+                if not point.warmed and point.waiting:
+                    everyone = all(not c.in_race or c.index in point.judged for c in self.candidates)
+                    if len(point.waiting) >= self.plan.min_peers or everyone:
+                        await self._judge_waiting(point)
+                        moved = True
+                if all(not c.in_race or c.index in point.judged for c in self.candidates):
+                    point.closed = True
+                    moved = True
+                    await self._report(point)
+
+    def _reward_at(self, point: _Checkpoint, index: int) -> float | None:
+        if index in point.finished_short:
+            score = self.candidates[index].score
+            return None if score is None else self.reward_of(score)
+        return point.partial_rewards.get(index)
+
+    def _may_reject(self, point: _Checkpoint, index: int) -> bool:
+        # Finished candidates are peers (they set the bar) but are never rejected
+        # there: stopping them saves nothing, and the final ranking judges their
+        # whole text anyway. Never fewer than `keep` left in the race.
+        race = sum(1 for c in self.candidates if c.in_race)
+        return index not in point.finished_short and race - 1 >= max(1, self.plan.keep)
+
+    async def _judge_waiting(self, point: _Checkpoint) -> None:
+        """min_peers have arrived (or everyone has): judge them together, as a round would."""
+        point.warmed = True
+        waiting, point.waiting = point.waiting, []
+        rewards = {i: point.judged[i] for i in waiting}
+        lowest_first = sorted(
+            rejected_at_checkpoint(rewards, self.plan.rejection_rate, keep=1),
+            key=lambda i: (rewards[i], -i),
+        )
+        rejected: set[int] = set()
+        for index in lowest_first:
+            if self.candidates[index].in_race and self._may_reject(point, index):
+                self._reject(point, index)
+                rejected.add(index)
+        point.cleared.update(i for i in waiting if i not in rejected)
+        if rejected:
+            await self._maybe_stream_winner()
+
+    async def _arrival_judged(self, point: _Checkpoint, index: int) -> None:
+        if rejected_on_arrival(point.judged, index, self.plan.rejection_rate) and self._may_reject(
+            point, index
+        ):
+            self._reject(point, index)
+            await self._maybe_stream_winner()
+        else:
+            point.cleared.add(index)
+
+    def _reject(self, point: _Checkpoint, index: int) -> None:
+        candidate = self.candidates[index]
+        text, tokens = candidate.snapshots.get(point.tokens, (candidate.text, candidate.tokens))
+        candidate.rejected = RejectedCandidate(index, text, point.judged[index], tokens, point.tokens)
+        point.rejected.append(index)
+        self.run.cancel(index)
+        if index in self.to_score:
+            self.to_score.remove(index)
+        self.partials_to_score = [(p, i) for p, i in self.partials_to_score if i != index]
+        log.debug("phase=rejected index=%d checkpoint=%d reward=%s", index, point.tokens, point.judged[index])
+
+    async def _report(self, point: _Checkpoint) -> None:
+        if all(i in point.finished_short for i in point.judged):
+            return  # nobody reached it: nothing was judged on a partial
+        report = CheckpointReport(
+            point.tokens, tuple(sorted(point.judged.items())), tuple(sorted(point.rejected)), point.seconds
+        )
+        self.reports.append(report)
+        if self.callbacks.on_checkpoint is not None:
+            await self.callbacks.on_checkpoint(report)
 
     async def _maybe_stream_winner(self) -> None:
         """One live candidate left alone in the race is the answer: its text may stream now."""

@@ -10,6 +10,7 @@ import grpc
 import httpx
 import pytest
 
+from bon_gateway.config import StrategyConfig
 from bon_gateway.v1 import best_of_n_pb2 as pb
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
@@ -43,9 +44,33 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture
 def gateway(upstream: FakeUpstream) -> Iterator[ServedGateway]:
+    # The round rule: every stream here runs at the same rate, so which one reaches a
+    # checkpoint first is a race, and per-candidate outcomes would depend on it. The
+    # exact outcomes below are the round's (test_per_candidate_over_http: the default).
     config = gateway_config(upstream.url, max_best_of=16, request_timeout_s=30)
+    config = config.model_copy(update={"strategy": StrategyConfig(rejection="round")})
     with ServedGateway(config, FakeScorer(reward_fn=reward)) as served:
         yield served
+
+
+def test_per_candidate_over_http(upstream: FakeUpstream) -> None:
+    # The default rule over real streams. Whatever order the four reach 5 tokens in,
+    # candidate 1 (the weakest start) is the lowest of those seen when it is judged,
+    # so it is rejected there and its stream closed; the winner is the best finished.
+    config = gateway_config(upstream.url, max_best_of=16, request_timeout_s=30)
+    assert config.strategy.rejection == "per_candidate"
+    with ServedGateway(config, FakeScorer(reward_fn=reward)) as served:
+        reply = httpx.post(f"{served.http_url}/v1/chat/completions", json=body(checkpoints=[5]), timeout=30)
+    assert reply.status_code == 200, reply.text
+    candidates = {c["index"]: c for c in reply.json()["candidates"]}
+    assert candidates[1]["finish_reason"] == "rejected" and candidates[1]["rejected_at"] == 5
+    assert candidates[0]["finish_reason"] != "rejected"  # the best start is never the lowest
+    finished = [c for c in candidates.values() if c["finish_reason"] != "rejected"]
+    best = max(finished, key=lambda c: reward(TEXTS[c["index"]]))
+    assert reply.json()["choices"][0]["message"]["content"] == TEXTS[best["index"]]
+    stream = {s.seed: s for s in upstream.streams}[1]
+    assert upstream_wait(lambda: stream.closed_by_client is not None)
+    assert not stream.completed and stream.tokens_sent <= 5 + 12
 
 
 def body(**extra: object) -> dict[str, object]:

@@ -1,5 +1,6 @@
 """The engine's search loop against an independent reference implementation of
-speculative rejection, on a deterministic fake generator (tests/fakes/generator.py)."""
+speculative rejection by rounds (`[strategy] rejection = "round"`), on a
+deterministic fake generator (tests/fakes/generator.py)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,12 @@ def reference(texts: Sequence[str], rate: float, checkpoints: Sequence[int], kee
 
 
 def engine(texts: Sequence[str], **strategy: object) -> tuple[Engine, ScriptedGenerator, FakeScorer]:
+    # These tests pin the round rule (tests/engine/test_per_candidate.py: the default).
     config = GatewayConfig.model_validate(
-        {"generator": {"url": "http://127.0.0.1:9/v1", "model": "scripted"}, "strategy": strategy}
+        {
+            "generator": {"url": "http://127.0.0.1:9/v1", "model": "scripted"},
+            "strategy": {"rejection": "round", **strategy},
+        }
     )
     generator = ScriptedGenerator(texts)
     scorer = FakeScorer(reward_fn=reward)
@@ -176,7 +181,9 @@ async def test_the_only_candidate_left_streams_its_text() -> None:
 
 
 async def test_a_failed_stream_leaves_the_race_and_min_candidates_holds() -> None:
-    config = GatewayConfig.model_validate({"generator": {"url": "http://127.0.0.1:9/v1"}})
+    config = GatewayConfig.model_validate(
+        {"generator": {"url": "http://127.0.0.1:9/v1"}, "strategy": {"rejection": "round"}}
+    )
     generator = ScriptedGenerator(TEXTS, fail={1: 3, 4: 1})
     gateway = Engine(config, generator, FakeScorer(reward_fn=reward), Metrics())
     result = await run(gateway, request(6, rejection_rate=0.5, checkpoints=(2, 6), min_candidates=4))
