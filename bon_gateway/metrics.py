@@ -39,7 +39,17 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # `api` of bon_requests_total & co: the HTTP routes (api/http_app.py API_LABELS) and the
 # BestOfN RPCs (api/grpc_guard.py: "grpc_" + the method in snake case); a test checks
 # that the fronts use exactly these.
-HTTP_API_LABELS = ("chat_completions", "completions", "rewards", "models")
+HTTP_API_LABELS = (
+    "chat_completions",
+    "completions",
+    "rewards",
+    "models",
+    "classify",
+    "pooling",
+    "score",
+    "rerank",
+    "get_reward",
+)
 GRPC_API_LABELS = ("grpc_generate", "grpc_generate_stream", "grpc_score", "grpc_list_models")
 # `status` values the alerts select (server errors, shedding) besides success: HTTP codes
 # for the HTTP API, gRPC code names for the gRPC API.

@@ -210,6 +210,9 @@ class ScoredCandidate:
     tokens: int = 0  # generated candidates: the tokens it took (the upstream's count)
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: dict[str, object] | None = None
+    # Scoring only: the head's raw logits at each position read (CandidateScore's).
+    logits: tuple[float, ...] = ()
+    labels: int = 0
 
 
 @dataclass(slots=True)
@@ -270,11 +273,23 @@ class BonResult:
 
 
 @dataclass(frozen=True, slots=True)
+class RawInput:
+    """A candidate given as the reward model's input itself, with no messages (the vLLM and
+    OpenRLHF compatibility routes): text already formatted (a chat template applied), or
+    token ids (used when non-empty)."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ScoreRequest:
-    """Score given answers for a prompt (no generation)."""
+    """Score given answers for a prompt (no generation); or raw inputs, without messages."""
 
     messages: tuple[Message, ...]
     candidates: tuple[str, ...] = ()
+    raw: tuple[RawInput, ...] = ()
+    truncate_prompt_tokens: int = 0  # > 0: raw inputs cut to their last this many tokens
     steps: tuple[tuple[str, ...], ...] = ()  # explicit steps, one tuple per answer
     reward_model: str | None = None
     activation: Activation | None = None
@@ -288,6 +303,9 @@ class CandidateScore:
     reward: float
     step_rewards: tuple[float, ...] = ()
     tokens: int = 0
+    # The head's raw logits at each position read, row-major, `labels` per row.
+    logits: tuple[float, ...] = ()
+    labels: int = 0
 
 
 @dataclass(slots=True)

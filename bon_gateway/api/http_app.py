@@ -50,6 +50,7 @@ from bon_gateway.api.openai_schema import (
     models_body,
     rewards_body,
 )
+from bon_gateway.api.rlhf_routes import RLHF_API_LABELS, RLHF_REQUEST_MODELS, rlhf_routes
 from bon_gateway.api.sse import sse_best_of_n, start_run
 from bon_gateway.engine.engine import Engine, new_request_id
 from bon_gateway.engine.search import OnWinnerText
@@ -79,12 +80,18 @@ API_LABELS = {
     "/v1/completions": "completions",
     "/v1/rewards": "rewards",
     "/v1/models": "models",
+    **RLHF_API_LABELS,
 }
 
 # nginx's "client closed request": the client left before the answer was ready.
 CLIENT_CLOSED = 499
 
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionRequest, CompletionRequest, RewardsRequest)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RewardsRequest,
+    *RLHF_REQUEST_MODELS,
+)
 
 
 class ClientGone(Exception):
@@ -338,7 +345,7 @@ class _DirectRoute(APIRoute):
                 response = error_response(err)
             except RequestValidationError as err:
                 response = validation_error_response(err.errors(), field_names)
-            except ClientDisconnect:
+            except (ClientDisconnect, ClientGone):
                 response = Response(status_code=CLIENT_CLOSED)
             # Anything else is a bug: CatchAllMiddleware logs it and answers 500.
             await response(scope, receive, send)
@@ -440,6 +447,9 @@ def build_app(engine: Engine, metrics: Metrics, guard: Guard | None = None) -> F
     direct("/v1/chat/completions", chat_completions, ChatCompletionRequest)
     direct("/v1/completions", completions, CompletionRequest)
     direct("/v1/rewards", rewards, RewardsRequest)
+    # vLLM's pooling API and OpenRLHF's remote reward model (rlhf_routes.py).
+    for path, endpoint, model in rlhf_routes(engine, _read_body, _guarded):
+        direct(path, endpoint, model)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

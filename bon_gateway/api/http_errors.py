@@ -24,6 +24,7 @@ from bon_gateway.errors import (
     BonError,
     DeadlineExceeded,
     InvalidRequest,
+    ModelNotFound,
     Overloaded,
     RequestTooLarge,
     Unauthenticated,
@@ -49,6 +50,8 @@ def http_status(error: BonError) -> int:
     """HTTP status of a gateway error (subclasses first: UpstreamError is an Unavailable)."""
     if isinstance(error, RequestTooLarge):
         return 413
+    if isinstance(error, ModelNotFound):
+        return 404
     if isinstance(error, InvalidRequest):
         return 400
     if isinstance(error, Unauthenticated):

@@ -142,6 +142,8 @@ class Admission:
         return SearchPlan(checkpoints, rate, keep=request.n, aggregation=request.aggregation)
 
     def admit_score(self, request: ScoreRequest) -> AdmittedScore:
+        if request.raw:
+            return self._admit_raw(request)
         _check_messages(request.messages)
         if not request.candidates and not request.steps:
             raise InvalidRequest("candidates must be a non-empty list", param="candidates")
@@ -176,6 +178,43 @@ class Admission:
         # Only the reward model reads these messages: tool calls rendered into their turns.
         request = replace(request, messages=_scoring_messages(request.messages))
         return AdmittedScore(request, reward_model, texts)
+
+    def _admit_raw(self, request: ScoreRequest) -> AdmittedScore:
+        """Raw inputs (the compatibility routes' `input` / `query`): the model's input itself,
+        so no messages; each one within a prompt's and its answers' budget (5 x
+        server.limits.max_prompt_chars characters, or that many token ids)."""
+        limits = self.server.limits
+        if request.messages or request.candidates or request.steps:
+            raise InvalidRequest("give either input or messages, not both", param="input")
+        if request.reward_model is not None:
+            _check_text(request.reward_model, "model")
+        if len(request.raw) > limits.max_candidates:
+            raise InvalidRequest(
+                f"input: {len(request.raw)} inputs, at most {limits.max_candidates} allowed "
+                "(server.limits.max_candidates)",
+                param="input",
+            )
+        bound = limits.max_prompt_chars * 5
+        for i, raw in enumerate(request.raw):
+            param = f"input[{i}]"
+            size = len(raw.token_ids) or len(raw.text)
+            if size == 0:
+                raise InvalidRequest(f"{param} is empty: there is nothing to score", param=param)
+            if size > bound:
+                unit = "token ids" if raw.token_ids else "characters"
+                raise InvalidRequest(
+                    f"{param}: {size} {unit}, at most {bound} allowed (5 x server.limits.max_prompt_chars)",
+                    param=param,
+                )
+            if raw.token_ids:
+                if any(not 0 <= t < 2**31 for t in raw.token_ids):
+                    raise InvalidRequest(f"{param}: token ids are between 0 and 2**31 - 1", param=param)
+            else:
+                _check_text(raw.text, param)
+        if request.truncate_prompt_tokens < 0:
+            raise InvalidRequest("truncate_prompt_tokens must be >= 0", param="truncate_prompt_tokens")
+        reward_model = self.reward_model(request.reward_model, param="model")
+        return AdmittedScore(request, reward_model, tuple(r.text for r in request.raw))
 
 
 def _scoring_messages(messages: Sequence[Message]) -> tuple[Message, ...]:

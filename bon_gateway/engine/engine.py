@@ -286,6 +286,8 @@ class Engine:
             steps=request.steps,
             activation=request.activation,
             request_id=request.request_id or new_request_id(),
+            raw=request.raw,
+            truncate_prompt_tokens=request.truncate_prompt_tokens,
         )
         self.metrics.child(self.metrics.phase_duration, "score").observe(time.perf_counter() - started)
         scored = [
@@ -294,6 +296,9 @@ class Engine:
                 text=text,
                 reward=candidate_reward(s, request.aggregation),
                 step_rewards=s.step_rewards,
+                tokens=s.tokens,
+                logits=s.logits,
+                labels=s.labels,
             )
             for i, (text, s) in enumerate(zip(texts, batch.scores, strict=True))
         ]

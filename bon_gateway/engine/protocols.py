@@ -17,6 +17,7 @@ from bon_gateway.types import (
     GenerationEvent,
     Message,
     ModelInfo,
+    RawInput,
     ScoreBatchResult,
     Usage,
 )
@@ -128,8 +129,11 @@ class RewardScorer(Protocol):
         steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",
+        raw: Sequence[RawInput] = (),
+        truncate_prompt_tokens: int = 0,
     ) -> ScoreBatchResult:
-        """Scores in input order; the worker call gets the time left before `deadline`."""
+        """Scores in input order; the worker call gets the time left before `deadline`.
+        With `raw`, those inputs are scored as they are (no messages), not `candidates`."""
         ...
 
     def open_group(

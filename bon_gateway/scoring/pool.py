@@ -39,8 +39,8 @@ from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.group import PooledGroup
 from bon_gateway.scoring.handle import WorkerHandle
 from bon_gateway.scoring.prober import is_probed, probe_until_closed
-from bon_gateway.scoring.wire import error_param, score_request
-from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.scoring.wire import error_param, prompt_affinity, score_request
+from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, RawInput, ScoreBatchResult
 from bon_gateway.v1 import reward_worker_pb2
 
 if TYPE_CHECKING:
@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("bon_gateway.scoring")
 
 __all__ = ["WorkerPool"]
+
+# A request whose prompt maps to a worker (prompt_affinity) goes there while that worker has
+# at most this many calls in flight more than the least loaded: the prompt's cached keys
+# and values are worth a short wait, not an idle worker beside a queue.
+AFFINITY_SLACK = 2
 
 _DYING_WAIT_S = 0.5  # how long a failed call waits to see whether its worker process died
 
@@ -322,19 +327,33 @@ class WorkerPool:
         self._mark(worker, up=False)
 
     async def _pick(
-        self, model: str, exclude: set[int], deadline: Deadline, prefer: WorkerHandle | None = None
+        self,
+        model: str,
+        exclude: set[int],
+        deadline: Deadline,
+        prefer: WorkerHandle | None = None,
+        affinity: int | None = None,
     ) -> WorkerHandle:
         """The least-loaded live worker, preferring `prefer` (a group's worker, which keeps its
-        prompt) and then ones not tried yet; waits for a restart (within the request's
-        deadline and the start timeout)."""
+        prompt), then the worker `affinity` (a prompt's hash) maps to while it is not busier
+        than the least loaded by more than AFFINITY_SLACK calls, then ones not tried yet;
+        waits for a restart (within the request's deadline and the start timeout)."""
         until = min(time.monotonic() + self.start_timeout_s, deadline.at)
         while True:
             if prefer is not None and prefer.up and id(prefer) not in exclude:
                 return prefer
-            live = [w for w in self._workers[model] if w.up]
+            workers = self._workers[model]
+            live = [w for w in workers if w.up]
             fresh = [w for w in live if id(w) not in exclude] or live
             if fresh:
-                return min(fresh, key=lambda w: w.inflight)
+                least = min(fresh, key=lambda w: w.inflight)
+                if affinity is not None and len(workers) > 1:
+                    # Over every configured worker, not the live ones: a prompt keeps its
+                    # worker while others come and go (and its cached prefix with it).
+                    home = workers[affinity % len(workers)]
+                    if any(w is home for w in fresh) and home.inflight <= least.inflight + AFFINITY_SLACK:
+                        return home
+                return least
             if deadline.expired():
                 raise DeadlineExceeded(f"no reward worker for {model!r} came up before the deadline")
             if self._closing or time.monotonic() >= until:
@@ -378,12 +397,22 @@ class WorkerPool:
         steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",
+        raw: Sequence[RawInput] = (),
+        truncate_prompt_tokens: int = 0,
     ) -> ScoreBatchResult:
         """Scores in input order; each worker call gets the time left before `deadline`."""
         request = score_request(
-            model, messages, candidates, steps=steps, activation=activation, request_id=request_id
+            model,
+            messages,
+            candidates,
+            steps=steps,
+            activation=activation,
+            request_id=request_id,
+            raw=raw,
+            truncate_prompt_tokens=truncate_prompt_tokens,
         )
-        reply, _ = await self.call_score(model, request, deadline)
+        affinity = prompt_affinity(messages, raw)
+        reply, _ = await self.call_score(model, request, deadline, affinity=affinity)
         return self.result(model, reply)
 
     async def call_score(
@@ -392,9 +421,10 @@ class WorkerPool:
         request: reward_worker_pb2.WorkerScoreRequest,
         deadline: Deadline,
         prefer: WorkerHandle | None = None,
+        affinity: int | None = None,
     ) -> tuple[reward_worker_pb2.WorkerScoreResponse, WorkerHandle]:
         """One group through admission (bounded queue) and a worker (retried once on another
-        when it fails); the reply and the worker that gave it."""
+        when it fails); the reply and the worker that gave it. `affinity`: see `_pick`."""
         if model not in self._workers:
             raise InvalidRequest(f"unknown reward model {model!r}", param="reward_model")
         if deadline.expired():
@@ -408,7 +438,7 @@ class WorkerPool:
             )
         self._set_outstanding(model, outstanding + 1)
         try:
-            return await self._score_group(model, request, deadline, prefer)
+            return await self._score_group(model, request, deadline, prefer, affinity)
         finally:
             self._set_outstanding(model, self._outstanding[model] - 1)
 
@@ -422,11 +452,12 @@ class WorkerPool:
         request: reward_worker_pb2.WorkerScoreRequest,
         deadline: Deadline,
         prefer: WorkerHandle | None,
+        affinity: int | None = None,
     ) -> tuple[reward_worker_pb2.WorkerScoreResponse, WorkerHandle]:
         request_id = request.request_id
         tried: set[int] = set()
         for attempt in range(2):  # a group whose worker died is retried once
-            worker = await self._pick(model, tried, deadline, prefer)
+            worker = await self._pick(model, tried, deadline, prefer, affinity)
             tried.add(id(worker))
             if deadline.expired():
                 raise DeadlineExceeded(f"no time left to score with {model!r}")
@@ -478,7 +509,13 @@ class WorkerPool:
         return ScoreBatchResult(
             model=model,
             scores=[
-                CandidateScore(reward=s.reward, step_rewards=tuple(s.step_rewards), tokens=s.tokens)
+                CandidateScore(
+                    reward=s.reward,
+                    step_rewards=tuple(s.step_rewards),
+                    tokens=s.tokens,
+                    logits=tuple(s.logits),
+                    labels=s.labels,
+                )
                 for s in reply.scores
             ],
             prompt_tokens=reply.prompt_tokens,

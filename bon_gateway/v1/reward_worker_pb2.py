@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bon_gateway.v1 import best_of_n_pb2 as bon__gateway_dot_v1_dot_best__of__n__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bon_gateway/v1/reward_worker.proto\x12\x0e\x62on_gateway.v1\x1a\x1e\x62on_gateway/v1/best_of_n.proto\"\xe2\x01\n\x12WorkerScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\x12\n\ncandidates\x18\x04 \x03(\t\x12\'\n\x05steps\x18\x05 \x03(\x0b\x32\x18.bon_gateway.v1.StepList\x12\x12\n\nactivation\x18\x06 \x01(\t\x12\x10\n\x08group_id\x18\x07 \x01(\t\x12\x17\n\x0fkeep_candidates\x18\x08 \x01(\x08\"C\n\x0bWorkerScore\x12\x0e\n\x06reward\x18\x01 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x02 \x03(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\"\xc8\x01\n\x0bWorkerStats\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\x05\x12\x15\n\rpadded_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14reused_prompt_tokens\x18\x06 \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x03\x12\x15\n\rcache_entries\x18\x08 \x01(\x05\"\x9b\x01\n\x13WorkerScoreResponse\x12+\n\x06scores\x18\x01 \x03(\x0b\x32\x1b.bon_gateway.v1.WorkerScore\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.bon_gateway.v1.WorkerStats\"y\n\x16WorkerOpenGroupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"P\n\x17WorkerOpenGroupResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04kept\x18\x03 \x01(\x08\":\n\x17WorkerCloseGroupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\")\n\x18WorkerCloseGroupResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11WorkerInfoRequest\"S\n\x0bWorkerModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"u\n\x12WorkerInfoResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.bon_gateway.v1.WorkerModel\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x15\n\rgroups_scored\x18\x04 \x01(\x04\x32\xee\x02\n\x0cRewardWorker\x12P\n\x05Score\x12\".bon_gateway.v1.WorkerScoreRequest\x1a#.bon_gateway.v1.WorkerScoreResponse\x12M\n\x04Info\x12!.bon_gateway.v1.WorkerInfoRequest\x1a\".bon_gateway.v1.WorkerInfoResponse\x12\\\n\tOpenGroup\x12&.bon_gateway.v1.WorkerOpenGroupRequest\x1a\'.bon_gateway.v1.WorkerOpenGroupResponse\x12_\n\nCloseGroup\x12\'.bon_gateway.v1.WorkerCloseGroupRequest\x1a(.bon_gateway.v1.WorkerCloseGroupResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bon_gateway/v1/reward_worker.proto\x12\x0e\x62on_gateway.v1\x1a\x1e\x62on_gateway/v1/best_of_n.proto\"\xa9\x02\n\x12WorkerScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\x12\n\ncandidates\x18\x04 \x03(\t\x12\'\n\x05steps\x18\x05 \x03(\x0b\x32\x18.bon_gateway.v1.StepList\x12\x12\n\nactivation\x18\x06 \x01(\t\x12\x10\n\x08group_id\x18\x07 \x01(\t\x12\x17\n\x0fkeep_candidates\x18\x08 \x01(\x08\x12%\n\x03raw\x18\t \x03(\x0b\x32\x18.bon_gateway.v1.RawInput\x12\x1e\n\x16truncate_prompt_tokens\x18\n \x01(\x05\"+\n\x08RawInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"c\n\x0bWorkerScore\x12\x0e\n\x06reward\x18\x01 \x01(\x01\x12\x14\n\x0cstep_rewards\x18\x02 \x03(\x01\x12\x0e\n\x06tokens\x18\x03 \x01(\x05\x12\x0e\n\x06logits\x18\x04 \x03(\x01\x12\x0e\n\x06labels\x18\x05 \x01(\x05\"\xc8\x01\n\x0bWorkerStats\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x04 \x01(\x05\x12\x15\n\rpadded_tokens\x18\x05 \x01(\x05\x12\x1c\n\x14reused_prompt_tokens\x18\x06 \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x03\x12\x15\n\rcache_entries\x18\x08 \x01(\x05\"\x9b\x01\n\x13WorkerScoreResponse\x12+\n\x06scores\x18\x01 \x03(\x0b\x32\x1b.bon_gateway.v1.WorkerScore\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12*\n\x05stats\x18\x04 \x01(\x0b\x32\x1b.bon_gateway.v1.WorkerStats\"y\n\x16WorkerOpenGroupRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.bon_gateway.v1.ChatMessage\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"P\n\x17WorkerOpenGroupResponse\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x0c\n\x04kept\x18\x03 \x01(\x08\":\n\x17WorkerCloseGroupRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\")\n\x18WorkerCloseGroupResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11WorkerInfoRequest\"S\n\x0bWorkerModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\x05\"u\n\x12WorkerInfoResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.bon_gateway.v1.WorkerModel\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x15\n\rgroups_scored\x18\x04 \x01(\x04\x32\xee\x02\n\x0cRewardWorker\x12P\n\x05Score\x12\".bon_gateway.v1.WorkerScoreRequest\x1a#.bon_gateway.v1.WorkerScoreResponse\x12M\n\x04Info\x12!.bon_gateway.v1.WorkerInfoRequest\x1a\".bon_gateway.v1.WorkerInfoResponse\x12\\\n\tOpenGroup\x12&.bon_gateway.v1.WorkerOpenGroupRequest\x1a\'.bon_gateway.v1.WorkerOpenGroupResponse\x12_\n\nCloseGroup\x12\'.bon_gateway.v1.WorkerCloseGroupRequest\x1a(.bon_gateway.v1.WorkerCloseGroupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bon_gateway.v1.reward_worke
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERSCOREREQUEST']._serialized_start=87
-  _globals['_WORKERSCOREREQUEST']._serialized_end=313
-  _globals['_WORKERSCORE']._serialized_start=315
-  _globals['_WORKERSCORE']._serialized_end=382
-  _globals['_WORKERSTATS']._serialized_start=385
-  _globals['_WORKERSTATS']._serialized_end=585
-  _globals['_WORKERSCORERESPONSE']._serialized_start=588
-  _globals['_WORKERSCORERESPONSE']._serialized_end=743
-  _globals['_WORKEROPENGROUPREQUEST']._serialized_start=745
-  _globals['_WORKEROPENGROUPREQUEST']._serialized_end=866
-  _globals['_WORKEROPENGROUPRESPONSE']._serialized_start=868
-  _globals['_WORKEROPENGROUPRESPONSE']._serialized_end=948
-  _globals['_WORKERCLOSEGROUPREQUEST']._serialized_start=950
-  _globals['_WORKERCLOSEGROUPREQUEST']._serialized_end=1008
-  _globals['_WORKERCLOSEGROUPRESPONSE']._serialized_start=1010
-  _globals['_WORKERCLOSEGROUPRESPONSE']._serialized_end=1051
-  _globals['_WORKERINFOREQUEST']._serialized_start=1053
-  _globals['_WORKERINFOREQUEST']._serialized_end=1072
-  _globals['_WORKERMODEL']._serialized_start=1074
-  _globals['_WORKERMODEL']._serialized_end=1157
-  _globals['_WORKERINFORESPONSE']._serialized_start=1159
-  _globals['_WORKERINFORESPONSE']._serialized_end=1276
-  _globals['_REWARDWORKER']._serialized_start=1279
-  _globals['_REWARDWORKER']._serialized_end=1645
+  _globals['_WORKERSCOREREQUEST']._serialized_end=384
+  _globals['_RAWINPUT']._serialized_start=386
+  _globals['_RAWINPUT']._serialized_end=429
+  _globals['_WORKERSCORE']._serialized_start=431
+  _globals['_WORKERSCORE']._serialized_end=530
+  _globals['_WORKERSTATS']._serialized_start=533
+  _globals['_WORKERSTATS']._serialized_end=733
+  _globals['_WORKERSCORERESPONSE']._serialized_start=736
+  _globals['_WORKERSCORERESPONSE']._serialized_end=891
+  _globals['_WORKEROPENGROUPREQUEST']._serialized_start=893
+  _globals['_WORKEROPENGROUPREQUEST']._serialized_end=1014
+  _globals['_WORKEROPENGROUPRESPONSE']._serialized_start=1016
+  _globals['_WORKEROPENGROUPRESPONSE']._serialized_end=1096
+  _globals['_WORKERCLOSEGROUPREQUEST']._serialized_start=1098
+  _globals['_WORKERCLOSEGROUPREQUEST']._serialized_end=1156
+  _globals['_WORKERCLOSEGROUPRESPONSE']._serialized_start=1158
+  _globals['_WORKERCLOSEGROUPRESPONSE']._serialized_end=1199
+  _globals['_WORKERINFOREQUEST']._serialized_start=1201
+  _globals['_WORKERINFOREQUEST']._serialized_end=1220
+  _globals['_WORKERMODEL']._serialized_start=1222
+  _globals['_WORKERMODEL']._serialized_end=1305
+  _globals['_WORKERINFORESPONSE']._serialized_start=1307
+  _globals['_WORKERINFORESPONSE']._serialized_end=1424
+  _globals['_REWARDWORKER']._serialized_start=1427
+  _globals['_REWARDWORKER']._serialized_end=1793
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerScoreRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "candidates", "steps", "activation", "group_id", "keep_candidates")
+    __slots__ = ("request_id", "model", "messages", "candidates", "steps", "activation", "group_id", "keep_candidates", "raw", "truncate_prompt_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class WorkerScoreRequest(_message.Message):
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     KEEP_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[_best_of_n_pb2.ChatMessage]
@@ -25,17 +27,31 @@ class WorkerScoreRequest(_message.Message):
     activation: str
     group_id: str
     keep_candidates: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_best_of_n_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[_Union[_best_of_n_pb2.StepList, _Mapping]]] = ..., activation: _Optional[str] = ..., group_id: _Optional[str] = ..., keep_candidates: _Optional[bool] = ...) -> None: ...
+    raw: _containers.RepeatedCompositeFieldContainer[RawInput]
+    truncate_prompt_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_best_of_n_pb2.ChatMessage, _Mapping]]] = ..., candidates: _Optional[_Iterable[str]] = ..., steps: _Optional[_Iterable[_Union[_best_of_n_pb2.StepList, _Mapping]]] = ..., activation: _Optional[str] = ..., group_id: _Optional[str] = ..., keep_candidates: _Optional[bool] = ..., raw: _Optional[_Iterable[_Union[RawInput, _Mapping]]] = ..., truncate_prompt_tokens: _Optional[int] = ...) -> None: ...
+
+class RawInput(_message.Message):
+    __slots__ = ("text", "token_ids")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerScore(_message.Message):
-    __slots__ = ("reward", "step_rewards", "tokens")
+    __slots__ = ("reward", "step_rewards", "tokens", "logits", "labels")
     REWARD_FIELD_NUMBER: _ClassVar[int]
     STEP_REWARDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     reward: float
     step_rewards: _containers.RepeatedScalarFieldContainer[float]
     tokens: int
-    def __init__(self, reward: _Optional[float] = ..., step_rewards: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ...) -> None: ...
+    logits: _containers.RepeatedScalarFieldContainer[float]
+    labels: int
+    def __init__(self, reward: _Optional[float] = ..., step_rewards: _Optional[_Iterable[float]] = ..., tokens: _Optional[int] = ..., logits: _Optional[_Iterable[float]] = ..., labels: _Optional[int] = ...) -> None: ...
 
 class WorkerStats(_message.Message):
     __slots__ = ("queue_seconds", "compute_seconds", "batch_size", "batch_tokens", "padded_tokens", "reused_prompt_tokens", "cache_bytes", "cache_entries")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from bon_gateway.engine.protocols import ReadinessListener, RewardScorer, ScoringGroup
 from bon_gateway.errors import BonError
-from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, ScoreBatchResult
+from bon_gateway.types import CandidateScore, Deadline, Message, ModelInfo, RawInput, ScoreBatchResult
 
 __all__ = ["FakeGroup", "FakeScorer", "ScoreCall", "words"]
 
@@ -103,7 +103,11 @@ class FakeScorer:
         steps: Sequence[Sequence[str]] = (),
         activation: str | None = None,
         request_id: str = "",
+        raw: Sequence[RawInput] = (),
+        truncate_prompt_tokens: int = 0,
     ) -> ScoreBatchResult:
+        if raw:  # scored on their text (token ids as words)
+            candidates = [r.text or " ".join(map(str, r.token_ids)) for r in raw]
         self.calls.append(
             ScoreCall(model, tuple(messages), tuple(candidates), tuple(tuple(s) for s in steps), activation)
         )
@@ -114,9 +118,11 @@ class FakeScorer:
         prompt_tokens = sum(words(m.content) for m in messages)
         scores = [
             CandidateScore(
-                reward=self.reward(text, activation),
+                reward=(reward := self.reward(text, activation)),
                 step_rewards=self.step_rewards.get(text, ()),
                 tokens=prompt_tokens + words(text),
+                logits=(reward,),
+                labels=1,
             )
             for text in candidates
         ]

@@ -115,6 +115,7 @@ def test_every_http_route_but_health_refuses_missing_or_wrong_keys(keyed: Served
     paths = {path for _, path in routes}
     # The enumeration really covers the API (a sanity check on the test itself).
     assert {"/v1/chat/completions", "/v1/completions", "/v1/rewards", "/v1/models", "/metrics"} <= paths
+    assert {"/classify", "/pooling", "/score", "/rerank", "/get_reward"} <= paths  # the RLHF routes
     with httpx.Client(base_url=keyed.http_url, timeout=10) as client:
         for method, path in routes:
             for key in (None, WRONG, KEYS[0][:-1], KEYS[0] + "x"):

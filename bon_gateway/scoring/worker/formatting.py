@@ -15,12 +15,16 @@ from typing import Any
 from bon_gateway.types import Message
 
 
-class InputTooLong(ValueError):
-    """An input exceeds the model's max_length (mapped to INVALID_ARGUMENT on `param`)."""
+class InvalidInput(ValueError):
+    """An input the model cannot score (mapped to INVALID_ARGUMENT on `param`)."""
 
     def __init__(self, message: str, *, param: str) -> None:
         super().__init__(message)
-        self.param = param  # the request field: candidates[i]
+        self.param = param  # the request field: candidates[i], input[i]
+
+
+class InputTooLong(InvalidInput):
+    """An input exceeds the model's max_length."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,7 @@ class Tokenizing:
         self.adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
         self._strip_bos = bos is not None and self.adds_bos
         self._bos = bos or ""
+        self._assistant_header: list[int] | None = None
 
     @property
     def bos_id(self) -> int | None:
@@ -130,6 +135,48 @@ class Tokenizing:
             prompt_tokens=prompt_tokens - excess,
             positions=[p - excess if p >= cut.stop else p for p in positions],
         )
+
+    def raw_ids(self, text: str) -> list[int]:
+        """Text that is already the model's input (a chat template applied), tokenized as
+        vLLM's /classify tokenizes a string (add_special_tokens=True), except that a text
+        that already starts with the BOS gets no second one."""
+        bos = self.tokenizer.bos_token
+        starts_with_bos = bool(bos) and text.startswith(bos)
+        ids: list[int] = list(self.tokenizer(text, add_special_tokens=not starts_with_bos)["input_ids"])
+        return ids
+
+    def assistant_header(self) -> list[int]:
+        """The ids that open the assistant's turn in this model's chat template (what
+        add_generation_prompt writes, less its last token, which could merge with the
+        answer's first characters); [] without a template. Cached."""
+        if self._assistant_header is not None:
+            return self._assistant_header
+        header: list[int] = []
+        try:
+            turn = [{"role": "user", "content": "\ue000"}]
+            with_prompt = self.render_chat(turn, add_generation_prompt=True)
+            without = self.render_chat(turn)
+        except Exception:  # no chat template, or one that refuses this turn
+            with_prompt = without = ""
+        if with_prompt.startswith(without) and len(with_prompt) > len(without):
+            ids = self.tokenizer(with_prompt[len(without) :], add_special_tokens=False)["input_ids"]
+            header = list(ids[:-1]) if len(ids) > 1 else list(ids)
+        self._assistant_header = header
+        return header
+
+    def raw_prompt_tokens(self, ids: Sequence[int]) -> int:
+        """How many leading ids of a raw input are its prompt: up to the end of the last
+        assistant-turn header (the answer follows it); 0 when none is found. Only a hint for
+        the prefix cache (what to keep for the next sample of the same prompt)."""
+        header = self.assistant_header()
+        n = len(header)
+        if n == 0:
+            return 0
+        first = header[0]
+        for start in range(len(ids) - n, -1, -1):
+            if ids[start] == first and list(ids[start : start + n]) == header:
+                return start + n
+        return 0
 
     def first_token(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]

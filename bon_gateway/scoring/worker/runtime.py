@@ -25,6 +25,7 @@ from bon_gateway.config import RewardModelConfig
 from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.adapters import Adapter
 from bon_gateway.scoring.worker.batching import Batcher
+from bon_gateway.scoring.worker.formatting import Encoded, InvalidInput
 from bon_gateway.scoring.worker.forward import (
     BatchFigures,
     ContextLost,
@@ -36,7 +37,7 @@ from bon_gateway.scoring.worker.forward import (
 from bon_gateway.scoring.worker.packed import KVSpan
 from bon_gateway.scoring.worker.planning import Plan, plan_group, shared_prompt_length, split_group
 from bon_gateway.scoring.worker.prefix_cache import BLOCK_TOKENS, CacheEntry, PrefixCache, common_length
-from bon_gateway.types import Message
+from bon_gateway.types import Message, RawInput
 
 __all__ = ["GroupOutcome", "ModelRuntime", "OpenedGroup", "Scored", "split_group"]
 
@@ -126,19 +127,44 @@ class ModelRuntime:
         return str(self.forward.device)
 
     def prepare(
-        self, messages: Sequence[Message], candidates: Sequence[str], steps: Sequence[Sequence[str]]
+        self,
+        messages: Sequence[Message],
+        candidates: Sequence[str],
+        steps: Sequence[Sequence[str]],
+        raw: Sequence[RawInput] = (),
+        truncate_prompt_tokens: int = 0,
     ) -> tuple[Group, int]:
-        """Tokenize a group; InputTooLong names the candidate and the limit."""
+        """Tokenize a group (chat candidates, or raw inputs given as text or ids);
+        InvalidInput / InputTooLong names the candidate and the limit."""
+        encoded = (
+            [self._encode_raw(r, truncate_prompt_tokens, what=f"input[{i}]") for i, r in enumerate(raw)]
+            if raw
+            else [
+                self.adapter.encode(messages, answer, steps[i] if steps else (), what=f"candidates[{i}]")
+                for i, answer in enumerate(candidates)
+            ]
+        )
         seqs: list[list[int]] = []
         positions: list[list[int]] = []
         prompt_tokens = 0
-        for i, answer in enumerate(candidates):
-            enc = self.adapter.encode(messages, answer, steps[i] if steps else (), what=f"candidates[{i}]")
+        for enc in encoded:
             seqs.append(enc.ids)
             positions.append(enc.positions)
             prompt_tokens = max(prompt_tokens, enc.prompt_tokens)
         prefix = common_prefix(seqs) if self.prefix_reuse else 0
         return Group(seqs=seqs, positions=positions, prefix=prefix), prompt_tokens
+
+    def _encode_raw(self, raw: RawInput, truncate_prompt_tokens: int, *, what: str) -> Encoded:
+        ids = list(raw.token_ids) if raw.token_ids else self.adapter.tok.raw_ids(raw.text)
+        vocab = int(getattr(self.adapter.config, "vocab_size", 0) or 0)
+        if vocab and any(not 0 <= t < vocab for t in ids):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise InvalidInput(
+                f"{what}: token id {bad} is outside the vocabulary (0-{vocab - 1})", param=what
+            )
+        if truncate_prompt_tokens > 0:
+            ids = ids[-truncate_prompt_tokens:]  # vLLM keeps the last k tokens
+        return self.adapter.encode_raw(ids, what=what)
 
     def caching(self) -> bool:
         return self.prefix_reuse and self.cache is not None

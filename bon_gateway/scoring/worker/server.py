@@ -11,10 +11,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bon_gateway.logs import log_phase
-from bon_gateway.scoring.worker.formatting import InputTooLong
+from bon_gateway.scoring.worker.formatting import InvalidInput
 from bon_gateway.scoring.worker.runtime import ModelRuntime
 from bon_gateway.scoring.worker.status import ERROR_PARAM_KEY
-from bon_gateway.types import ACTIVATIONS, Message
+from bon_gateway.types import ACTIVATIONS, Message, RawInput
 from bon_gateway.v1 import reward_worker_pb2 as pb
 from bon_gateway.v1 import reward_worker_pb2_grpc as pb_grpc
 
@@ -61,12 +61,15 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
         messages = [Message(m.role, m.content) for m in request.messages]
         steps = [tuple(s.steps) for s in request.steps]
         candidates = list(request.candidates) or [request_steps_text(s) for s in steps]
-        if not candidates:
+        raw = [RawInput(r.text, tuple(r.token_ids)) for r in request.raw]
+        if not candidates and not raw:
             await _invalid(context, "candidates", "candidates must be a non-empty list")
         runtime.batcher.announce()
         try:
-            group, prompt_tokens = await asyncio.to_thread(runtime.prepare, messages, candidates, steps)
-        except InputTooLong as err:
+            group, prompt_tokens = await asyncio.to_thread(
+                runtime.prepare, messages, candidates, steps, raw, request.truncate_prompt_tokens
+            )
+        except InvalidInput as err:
             await _invalid(context, err.param, str(err))
         finally:
             runtime.batcher.withdraw()
@@ -96,8 +99,16 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
             stats.padded_tokens = outcome.figures.padded_tokens
         return pb.WorkerScoreResponse(
             scores=[
-                pb.WorkerScore(reward=reward, step_rewards=list(step_rewards), tokens=tokens)
-                for (reward, step_rewards), tokens in zip(scored.rewards, scored.tokens, strict=True)
+                pb.WorkerScore(
+                    reward=reward,
+                    step_rewards=list(step_rewards),
+                    tokens=tokens,
+                    logits=logits.flatten().tolist(),
+                    labels=int(logits.shape[-1]),
+                )
+                for (reward, step_rewards), tokens, logits in zip(
+                    scored.rewards, scored.tokens, outcome.logits, strict=True
+                )
             ],
             prompt_tokens=scored.prompt_tokens,
             total_tokens=sum(scored.tokens),
@@ -111,7 +122,7 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
         messages = [Message(m.role, m.content) for m in request.messages]
         try:
             group, kept = await runtime.open_group(messages, request.ttl_s)
-        except InputTooLong as err:
+        except InvalidInput as err:
             await _invalid(context, err.param, str(err))
         log_phase(
             log,

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from bon_gateway.config import RewardModelConfig
-from bon_gateway.scoring.worker.formatting import Encoded, Tokenizing
+from bon_gateway.scoring.worker.formatting import Encoded, InvalidInput, Tokenizing, Tokens
 from bon_gateway.types import Message
 
 
@@ -99,6 +99,14 @@ class Adapter:
         """The candidate's ids within max_length and where the head reads them."""
         tokens = self.tok.chat_tokens(messages, answer)
         return self.tok.fit(tokens, [self.pooled_index(tokens.ids)], what=what)
+
+    def encode_raw(self, ids: list[int], *, what: str) -> Encoded:
+        """A candidate given as the model's input ids (already formatted), read where the
+        chat path reads it: the pooled token (the prompt split only guides the cache)."""
+        if not ids:
+            raise InvalidInput(f"{what} is empty: there is no token to score", param=what)
+        tokens = Tokens(ids=ids, prompt_tokens=self.tok.raw_prompt_tokens(ids))
+        return self.tok.fit(tokens, [self.pooled_index(ids)], what=what)
 
     def pooled_index(self, ids: Sequence[int]) -> int:
         """Where an outcome model reads its sequence (before truncation: the index shifts with it)."""

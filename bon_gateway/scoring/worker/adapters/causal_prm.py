@@ -22,7 +22,7 @@ import torch
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters.base import Adapter, lm_logits_for
 from bon_gateway.scoring.worker.adapters.markers import candidate_steps, encode_pieces
-from bon_gateway.scoring.worker.formatting import Encoded, last_user_message
+from bon_gateway.scoring.worker.formatting import Encoded, InvalidInput, last_user_message
 from bon_gateway.types import Message
 
 STEP_JOIN = "\n"  # between "... ки" and the next step, as in math-shepherd's data
@@ -65,6 +65,13 @@ class CausalPRMAdapter(Adapter):
         # (plus the tokenizer's own BOS when it adds one). A tag is ordinary text, so its
         # positions cannot be recovered from the ids: they come from where it was inserted.
         return encode_pieces(self.tok, text, [], marks, answer_start, what=what)
+
+    def encode_raw(self, ids: list[int], *, what: str) -> Encoded:
+        raise InvalidInput(
+            f"{what}: model {self.entry.name!r} takes no raw input "
+            "(a causal-LM PRM places its step tags itself (they are ordinary text)); send messages",
+            param=what,
+        )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits_for(self.model, self.config, hidden, (self.good_id, self.bad_id))

@@ -176,6 +176,13 @@ class InternLM2RewardAdapter(Adapter):
         ids = [*tokens.ids, self.reward_token_id]
         return self.tok.fit(Tokens(ids=ids, prompt_tokens=tokens.prompt_tokens), [len(ids) - 1], what=what)
 
+    def encode_raw(self, ids: list[int], *, what: str) -> Encoded:
+        # As the chat path: the reward token appended (unless the input ends with it), read there.
+        if not ids or ids[-1] != self.reward_token_id:
+            ids = [*ids, self.reward_token_id]
+        tokens = Tokens(ids=ids, prompt_tokens=self.tok.raw_prompt_tokens(ids))
+        return self.tok.fit(tokens, [len(ids) - 1], what=what)
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.v_head.weight.float()
         return torch.nn.functional.linear(hidden.to(weight.device), weight)

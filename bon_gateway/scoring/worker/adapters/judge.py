@@ -15,7 +15,7 @@ import torch
 
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters.base import Adapter, lm_logits_for
-from bon_gateway.scoring.worker.formatting import Encoded, last_user_message
+from bon_gateway.scoring.worker.formatting import Encoded, InvalidInput, last_user_message
 from bon_gateway.types import Message
 
 
@@ -45,6 +45,13 @@ class JudgeAdapter(Adapter):
         answer_start = start + len(prefix) if start >= 0 else 0
         tokens = self.tok.tokenize(text, answer_start)
         return self.tok.fit(tokens, [len(tokens.ids) - 1], what=what)
+
+    def encode_raw(self, ids: list[int], *, what: str) -> Encoded:
+        raise InvalidInput(
+            f"{what}: model {self.entry.name!r} takes no raw input "
+            "(a judge reads a question and an answer through its judging prompt); send messages",
+            param=what,
+        )
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits_for(self.model, self.config, hidden, (self.yes_id, self.no_id))

@@ -27,7 +27,7 @@ from bon_gateway.scoring.worker.adapters.markers import (
     template_specials,
 )
 from bon_gateway.scoring.worker.adapters.mlp_head import apply_mlp_head, load_qwen2_with_mlp_head
-from bon_gateway.scoring.worker.formatting import Encoded, last_user_message
+from bon_gateway.scoring.worker.formatting import Encoded, InvalidInput, Tokens, last_user_message
 from bon_gateway.types import Message
 
 SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -89,6 +89,19 @@ class Qwen2ProcessRewardAdapter(Adapter):
         text += after
         specials += template_specials(self.tok, text, tail, len(text))
         return encode_pieces(self.tok, text, specials, marks, answer_start, what=what)
+
+    def encode_raw(self, ids: list[int], *, what: str) -> Encoded:
+        """Read at every separator id in the input, as vLLM's STEP pooler does (a raw input's
+        separators are the client's: it formatted the text)."""
+        marks = [i for i, t in enumerate(ids) if t == self.sep_id]
+        if not marks:
+            raise InvalidInput(
+                f"{what} has no {SEPARATOR} step separator: a process reward model scores each step "
+                f"at the {SEPARATOR} after it",
+                param=what,
+            )
+        tokens = Tokens(ids=ids, prompt_tokens=min(self.tok.raw_prompt_tokens(ids), marks[0]))
+        return self.tok.fit(tokens, marks, what=what)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return apply_mlp_head(self.model.score, hidden)
