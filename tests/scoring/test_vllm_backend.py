@@ -245,6 +245,7 @@ async def real(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Worker
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first one waits for two vLLM starts (compile warm-up)
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.parametrize("model", ["orm", "prm"])
 async def test_rewards_on_real_vllm_equal_our_workers(real: WorkerPool, model: str) -> None:
