@@ -139,10 +139,12 @@ def scores(work: Workload, reply: dict[str, Any]) -> list[float]:
 class Server:
     name: str
     url: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None  # None: a server this run did not start
     models: set[str] = field(default_factory=set)
 
     def cpu_s(self) -> float:
+        if self.proc is None:
+            return self._external_cpu_s()
         try:
             root = psutil.Process(self.proc.pid)
             procs = [root, *root.children(recursive=True)]
@@ -153,6 +155,19 @@ class Server:
             with contextlib.suppress(psutil.NoSuchProcess):
                 t = p.cpu_times()
                 total += t.user + t.system
+        return total
+
+    def _external_cpu_s(self) -> float:
+        """A server this run did not start: the processes listening on its port, and their children."""
+        port = int(self.url.rsplit(":", 1)[1])
+        total = 0.0
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    root = psutil.Process(conn.pid)
+                    for p in [root, *root.children(recursive=True)]:
+                        t = p.cpu_times()
+                        total += t.user + t.system
         return total
 
 
@@ -231,7 +246,12 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
                 "bon", {"orm": {**entry, "path": str(orm)}, "prm": {**entry, "path": str(prm)}}, log_dir
             )
         )
-        if not args.no_vllm:
+        if args.vllm_urls:  # servers already running (same checkpoints): no vllm-nopc column
+            orm_url, prm_url = args.vllm_urls.split(",")
+            on = Server("vllm", orm_url, None, {"orm"})
+            steps = Server("vllm-prm", prm_url, None, {"prm"})
+            started += [on, steps]
+        elif not args.no_vllm:
             ensure_vllm(args.vllm_venv)
             venv = args.vllm_venv
             on = start_vllm(venv, "vllm", "orm", orm, dtype, log_dir, ["--enable-prefix-caching"])
@@ -242,8 +262,9 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
             started += [on, off, steps]
         for s in started:
             print(f"phase=wait server={s.name} url={s.url}", flush=True)
-            wait_ready(f"{s.url}/health", s.proc, 1200)
-        if not args.no_vllm and args.backend_column:
+            if s.proc is not None:
+                wait_ready(f"{s.url}/health", s.proc, 1200)
+        if (args.vllm_urls or not args.no_vllm) and args.backend_column:
             # The gateway scoring on the vLLM servers above (backend = "vllm").
             remote = {"activation": "none", "workers": 1, "backend": "vllm"}
             models = {
@@ -257,7 +278,7 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
         print("phase=servers ready", flush=True)
         yield started
     finally:
-        stop_processes([s.proc for s in started])
+        stop_processes([s.proc for s in started if s.proc is not None])
 
 
 def separator_id(prm: Path) -> int:
@@ -421,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="abc", help="which workloads (letters of a, b, c)")
     parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     parser.add_argument("--no-vllm", action="store_true", help="bon-gateway only (a smoke run)")
+    parser.add_argument(
+        "--vllm-urls", default="", help="ORM_URL,PRM_URL of vLLM servers already running these checkpoints"
+    )
     parser.add_argument(
         "--backend-column",
         action="store_true",

@@ -250,3 +250,37 @@ async def real(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Worker
 @pytest.mark.parametrize("model", ["orm", "prm"])
 async def test_rewards_on_real_vllm_equal_our_workers(real: WorkerPool, model: str) -> None:
     await _assert_same(real, model, f"{model}-v")
+
+
+async def test_the_pool_is_unready_while_every_server_is_down() -> None:
+    orm = small_orm()
+    with FakeVllmPooling(orm, "orm") as server:
+        entry = {
+            "name": "orm-v",
+            "path": str(orm),
+            "backend": "vllm",
+            "backend_urls": [server.url],
+            "probe": {"interval_s": 0.2, "timeout_s": 2.0, "restart_after_s": 0},
+        }
+        pool = await _pool(entry)
+        try:
+            assert pool.ready()
+            server.fail_with = 503
+            with pytest.raises(WorkerError, match="no vLLM server of 'orm-v' scored the group"):
+                await pool.score("orm-v", MESSAGES, ["a"], deadline=Deadline.after(10))
+            await _until(lambda: not pool.ready())
+            server.fail_with = None  # /health answers: the server is probed back in
+            await _until(pool.ready)
+            result = await pool.score("orm-v", MESSAGES, ["a"], deadline=Deadline.after(30))
+            assert len(result.scores) == 1
+        finally:
+            await pool.aclose()
+
+
+async def _until(predicate: object, timeout_s: float = 30.0) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.05)

@@ -61,6 +61,9 @@ class VllmRuntime(ModelRuntime):
     def device(self) -> str:
         return f"vllm:{self.backend.label}"
 
+    def available(self) -> bool:
+        return self.backend.available()
+
     async def start_backend(self) -> None:
         await self.backend.check()
 
