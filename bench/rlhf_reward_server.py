@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -44,7 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,8 @@ def _ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(100, VOCAB) for _ in range(n)]
 
 
-def verl_workload(prompts: int, samples: int, inflight: int, seed: int = 1) -> Workload:
-    rng = random.Random(seed)
+def verl_workload(prompts: int, samples: int, inflight: int, seed: int = 0) -> Workload:
+    rng = random.Random(20_000 + seed)
     requests = []
     for _ in range(prompts):
         prompt = _ids(rng, rng.randint(200, 600))
@@ -101,8 +102,8 @@ def best_of_8(inflight: int, seed: int = 0, groups: int = 8) -> Workload:
     return Workload(f"b: best-of-8, {inflight} in flight", "/classify", "orm", inflight, requests)
 
 
-def prm_workload(inflight: int, separator: int, seed: int = 2, groups: int = 8) -> Workload:
-    rng = random.Random(seed)
+def prm_workload(inflight: int, separator: int, seed: int = 0, groups: int = 8) -> Workload:
+    rng = random.Random(10_000 + seed)
     requests = []
     for _ in range(groups):
         prompt = _ids(rng, rng.randint(64, 1024))
@@ -141,8 +142,13 @@ class Server:
     url: str
     proc: subprocess.Popen[bytes] | None  # None: a server this run did not start
     models: set[str] = field(default_factory=set)
+    # Servers doing this one's compute (bon-on-vllm: the vLLM servers): their CPU counts too.
+    also: list[Server] = field(default_factory=list)
 
     def cpu_s(self) -> float:
+        return self._own_cpu_s() + sum(s.cpu_s() for s in self.also)
+
+    def _own_cpu_s(self) -> float:
         if self.proc is None:
             return self._external_cpu_s()
         try:
@@ -271,7 +277,9 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
                 "orm": {**remote, "path": str(orm), "backend_urls": [on.url]},
                 "prm": {**remote, "path": str(prm), "backend_urls": [steps.url]},
             }
-            started.append(start_bon("bon-on-vllm", models, log_dir))
+            gateway = start_bon("bon-on-vllm", models, log_dir)
+            gateway.also = [on, steps]
+            started.append(gateway)
         for s in started:
             if s.name.startswith("bon"):
                 wait_ready(f"{s.url}/ready", s.proc, 1200)
@@ -325,45 +333,52 @@ def column(server: Server) -> str:
     return "vllm" if server.name == "vllm-prm" else server.name
 
 
-async def measure(
-    args: argparse.Namespace, live: list[Server], works: list[Workload]
-) -> list[dict[str, Any]]:
+Make = Callable[[int], Workload]  # a workload's requests for a seed (same shapes, new tokens)
+
+
+async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make]) -> list[dict[str, Any]]:
+    """Every pass gets tokens of its own (a seed per rep and server), so no server reads a
+    prefix cached by an earlier pass (vLLM's cache outlives requests, and bon-on-vllm shares
+    vllm's server); the score comparison is a separate pass of identical requests."""
     rows: list[dict[str, Any]] = []
-    for work in works:
+    for make in makes:
+        work = make(0)
         contenders = pick(live, work)
-        # Warm-up: each server's first request pays one-off costs (allocations, vLLM's first batch).
-        for s in contenders:
-            await run_pass(s, Workload(work.name, work.route, work.model, 1, work.requests[:1]))
+        # Identical requests on every server: the score differences (and each server's warm-up).
+        check = Workload(work.name, work.route, work.model, work.inflight, work.requests[:2])
+        checked = {column(s): (await run_pass(s, check))["scores"] for s in contenders}
         passes: dict[str, list[dict[str, Any]]] = {column(s): [] for s in contenders}
         for rep in range(args.reps):
             order = contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
-            for s in order:
-                result = await run_pass(s, work)
+            for k, s in enumerate(order):
+                fresh = make(1 + rep * 100 + k)
+                result = await run_pass(s, fresh)
+                result["tokens"] = fresh.tokens
                 passes[column(s)].append(result)
-                tok_s, cores = work.tokens / result["wall_s"], result["cpu_s"] / result["wall_s"]
+                tok_s, cores = fresh.tokens / result["wall_s"], result["cpu_s"] / result["wall_s"]
                 print(
                     f"phase=pass work={work.name!r} server={column(s)} rep={rep} "
                     f"tok_s={tok_s:.0f} cores={cores:.2f}",
                     flush=True,
                 )
-        reference = passes.get("vllm", [None])[0]
+        reference = checked.get("vllm")
         for name, results in passes.items():
-            wall = statistics.median(r["wall_s"] for r in results)
-            cpu = statistics.median(r["cpu_s"] for r in results)
+            tok_s = statistics.median(r["tokens"] / r["wall_s"] for r in results)
+            per_cpu = statistics.median(r["tokens"] / r["cpu_s"] for r in results if r["cpu_s"] > 0)
             diff = None
             if reference is not None:
-                diff = max(abs(a - b) for a, b in zip(results[0]["scores"], reference["scores"], strict=True))
+                diff = max(abs(a - b) for a, b in zip(checked[name], reference, strict=True))
             rows.append(
                 {
                     "workload": work.name,
                     "server": name,
                     "requests": len(work.requests),
-                    "tokens": work.tokens,
-                    "tok_s": work.tokens / wall,
-                    "tok_per_cpu_s": work.tokens / cpu if cpu > 0 else None,
+                    "tokens": statistics.median(r["tokens"] for r in results),
+                    "tok_s": tok_s,
+                    "tok_per_cpu_s": per_cpu,
                     "p50_ms": statistics.median(r["p50_ms"] for r in results),
                     "p99_ms": statistics.median(r["p99_ms"] for r in results),
-                    "cores": cpu / wall,
+                    "cores": statistics.median(r["cpu_s"] / r["wall_s"] for r in results),
                     "max_diff_vs_vllm": diff,
                 }
             )
@@ -456,13 +471,13 @@ def main(argv: list[str] | None = None) -> None:
     log_dir = args.out / "rlhf_reward_server_logs"
     log_dir.mkdir(exist_ok=True)
     sep = separator_id(process_rm_dir())
-    works: list[Workload] = []
+    makes: list[Make] = []
     if "a" in args.only:
-        works.append(verl_workload(args.prompts, args.samples, args.inflight))
+        makes.append(lambda seed: verl_workload(args.prompts, args.samples, args.inflight, seed))
     if "b" in args.only:
-        works += [best_of_8(1), best_of_8(4)]
+        makes += [functools.partial(best_of_8, n) for n in (1, 4)]
     if "c" in args.only:
-        works += [prm_workload(1, sep), prm_workload(4, sep)]
+        makes += [functools.partial(prm_workload, n, sep) for n in (1, 4)]
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": args.dtype,
@@ -472,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     with servers(args, log_dir) as live:
         meta["idle_cores"] = idle_cpu(live)
-        rows = asyncio.run(measure(args, live, works))
+        rows = asyncio.run(measure(args, live, makes))
     text = render(meta, rows)
     (args.out / "rlhf_reward_server.md").write_text(text, encoding="utf-8")
     (args.out / "rlhf_reward_server.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
