@@ -93,7 +93,7 @@ def verl_workload(prompts: int, samples: int, inflight: int, seed: int = 0) -> W
     return Workload("a: verl, 1 sample/request", "/classify", "orm", inflight, requests)
 
 
-def best_of_8(inflight: int, seed: int = 0, groups: int = 8) -> Workload:
+def best_of_8(inflight: int, seed: int = 0, *, groups: int = 8) -> Workload:
     rng = random.Random(seed)
     requests = []
     for _ in range(groups):
@@ -102,7 +102,7 @@ def best_of_8(inflight: int, seed: int = 0, groups: int = 8) -> Workload:
     return Workload(f"b: best-of-8, {inflight} in flight", "/classify", "orm", inflight, requests)
 
 
-def prm_workload(inflight: int, separator: int, seed: int = 0, groups: int = 8) -> Workload:
+def prm_workload(inflight: int, separator: int, seed: int = 0, *, groups: int = 8) -> Workload:
     rng = random.Random(10_000 + seed)
     requests = []
     for _ in range(groups):
@@ -322,6 +322,7 @@ async def run_pass(server: Server, work: Workload) -> dict[str, Any]:
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
         "scores": [x for r in results for x in r],
+        "per_request": results,
     }
 
 
@@ -346,7 +347,8 @@ async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make
         contenders = pick(live, work)
         # Identical requests on every server: the score differences (and each server's warm-up).
         check = Workload(work.name, work.route, work.model, work.inflight, work.requests[:2])
-        checked = {column(s): (await run_pass(s, check))["scores"] for s in contenders}
+        check_runs = {column(s): await run_pass(s, check) for s in contenders}
+        checked = {name: r["scores"] for name, r in check_runs.items()}
         passes: dict[str, list[dict[str, Any]]] = {column(s): [] for s in contenders}
         for rep in range(args.reps):
             order = contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
@@ -368,6 +370,16 @@ async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make
             diff = None
             if reference is not None:
                 diff = max(abs(a - b) for a, b in zip(checked[name], reference, strict=True))
+            # The end-to-end result a Best-of-N request returns: each group's candidates in
+            # reward order, the same as with our own workers?
+            same_ranking = None
+            if "bon" in check_runs and name != "bon":
+                same_ranking = all(
+                    ranking(a) == ranking(b)
+                    for a, b in zip(
+                        check_runs[name]["per_request"], check_runs["bon"]["per_request"], strict=True
+                    )
+                )
             rows.append(
                 {
                     "workload": work.name,
@@ -380,9 +392,14 @@ async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make
                     "p99_ms": statistics.median(r["p99_ms"] for r in results),
                     "cores": statistics.median(r["cpu_s"] / r["wall_s"] for r in results),
                     "max_diff_vs_vllm": diff,
+                    "same_ranking_as_bon": same_ranking,
                 }
             )
     return rows
+
+
+def ranking(scores: list[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
 
 
 def idle_cpu(live: list[Server], seconds: float = 5.0) -> dict[str, float]:
@@ -403,8 +420,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         + ", ".join(f"{k} {v:.2f}" for k, v in meta["idle_cores"].items()),
         "",
         "| workload | server | tok/s | bon/vllm | tok per server CPU-s | p50 ms | p99 ms | cores busy "
-        "| max score diff vs vllm |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| max score diff vs vllm | same ranking as bon |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     vllm = {r["workload"]: r["tok_s"] for r in rows if r["server"] == "vllm"}
     for r in rows:
@@ -414,9 +431,13 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['workload']} | {r['server']} | {r['tok_s']:,.0f} | "
             f"{f'{ratio:.2f}x' if ratio else '-'} | {per_cpu} | {r['p50_ms']:,.0f} | {r['p99_ms']:,.0f} | "
-            f"{r['cores']:.2f} | {diff} |"
+            f"{r['cores']:.2f} | {diff} | {_yes_no(r['same_ranking_as_bon'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -454,6 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--inflight", type=int, default=32)
+    parser.add_argument("--groups", type=int, default=8, help="Best-of-8 groups in (b) and (c)")
     parser.add_argument("--only", default="abc", help="which workloads (letters of a, b, c)")
     parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     parser.add_argument("--no-vllm", action="store_true", help="bon-gateway only (a smoke run)")
@@ -475,9 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     if "a" in args.only:
         makes.append(lambda seed: verl_workload(args.prompts, args.samples, args.inflight, seed))
     if "b" in args.only:
-        makes += [functools.partial(best_of_8, n) for n in (1, 4)]
+        makes += [functools.partial(best_of_8, n, groups=args.groups) for n in (1, 4)]
     if "c" in args.only:
-        makes += [functools.partial(prm_workload, n, sep) for n in (1, 4)]
+        makes += [functools.partial(prm_workload, n, sep, groups=args.groups) for n in (1, 4)]
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dtype": args.dtype,
