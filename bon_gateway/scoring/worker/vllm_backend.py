@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,11 @@ _PROBE = (
 
 class BackendCheckFailed(RuntimeError):
     """A server is not what the model entry says (start-up fails with this line)."""
+
+
+class RowsMismatch(ValueError):
+    """token_classify rows that are neither every token's nor the separators' (a server
+    whose step_tag_id is another token)."""
 
 
 class BackendUnavailable(RuntimeError):
@@ -143,6 +149,15 @@ class VllmBackend:
             raise BackendCheckFailed(
                 f"reward model {where}: the server refuses task {self.task!r} "
                 f"({err.response.status_code}: {err.response.text[:200]})"
+            ) from None
+        except RowsMismatch as err:
+            hint = ""
+            sep = getattr(self.adapter, "sep_id", None)
+            if sep is not None:  # vLLM's Qwen2 PRM reads step_tag_id 151651 unless told otherwise
+                flag = json.dumps({"step_tag_id": sep})
+                hint = f"; start it with --pooler-config '{flag}' (this checkpoint's separator)"
+            raise BackendCheckFailed(
+                f"reward model {where}: the server pools other tokens than the separators ({err}){hint}"
             ) from None
         except (httpx.HTTPError, ValueError) as err:
             raise BackendCheckFailed(f"reward model {where}: the probe failed ({err})") from None
@@ -243,7 +258,7 @@ class VllmBackend:
             elif rows.shape[0] == len(where):  # a step_tag_id server: the separators' only
                 out.append(rows)
             else:
-                raise ValueError(
+                raise RowsMismatch(
                     f"the server returned {rows.shape[0]} rows for {len(ids)} tokens, {len(where)} positions"
                 )
         return out
