@@ -342,8 +342,9 @@ async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make
     prefix cached by an earlier pass (vLLM's cache outlives requests, and bon-on-vllm shares
     vllm's server); the score comparison is a separate pass of identical requests."""
     rows: list[dict[str, Any]] = []
-    for make in makes:
+    for index, make in enumerate(makes):
         work = make(0)
+        base = 1 + 10_000 * index  # (b) at 1 and at 4 in flight must not share tokens either
         contenders = pick(live, work)
         # Identical requests on every server: the score differences (and each server's warm-up).
         check = Workload(work.name, work.route, work.model, work.inflight, work.requests[:2])
@@ -353,7 +354,7 @@ async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make
         for rep in range(args.reps):
             order = contenders[rep % len(contenders) :] + contenders[: rep % len(contenders)]
             for k, s in enumerate(order):
-                fresh = make(1 + rep * 100 + k)
+                fresh = make(base + rep * 100 + k)
                 result = await run_pass(s, fresh)
                 result["tokens"] = fresh.tokens
                 passes[column(s)].append(result)
