@@ -247,11 +247,10 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
     entry = {"dtype": dtype, "activation": "none", "workers": 1}
     started: list[Server] = []
     try:
-        started.append(
-            start_bon(
-                "bon", {"orm": {**entry, "path": str(orm)}, "prm": {**entry, "path": str(prm)}}, log_dir
-            )
-        )
+        # One gateway per model, as vLLM runs one server per model: a gateway's local workers
+        # share the cores (threads = cores / workers), so two models in one would get 1 each.
+        started.append(start_bon("bon", {"orm": {**entry, "path": str(orm)}}, log_dir))
+        started.append(start_bon("bon-prm", {"prm": {**entry, "path": str(prm)}}, log_dir))
         if args.vllm_urls:  # servers already running (same checkpoints): no vllm-nopc column
             orm_url, prm_url = args.vllm_urls.split(",")
             on = Server("vllm", orm_url, None, {"orm"})
@@ -331,7 +330,7 @@ def pick(live: list[Server], work: Workload) -> list[Server]:
 
 
 def column(server: Server) -> str:
-    return "vllm" if server.name == "vllm-prm" else server.name
+    return {"vllm-prm": "vllm", "bon-prm": "bon"}.get(server.name, server.name)
 
 
 Make = Callable[[int], Workload]  # a workload's requests for a seed (same shapes, new tokens)
