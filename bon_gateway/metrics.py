@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import platform
 from typing import TYPE_CHECKING, Protocol, TypeVar
-from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from bon_gateway import __version__
+from bon_gateway.balancer import upstream_label
 from bon_gateway.types import DROP_REASONS
 
 if TYPE_CHECKING:
@@ -80,22 +80,6 @@ class WorkerStatsLike(Protocol):
     batch_tokens: int
     padded_tokens: int
     reused_prompt_tokens: int
-
-
-def upstream_label(url: str, index: int = 0) -> str:
-    """A bounded `upstream` label for a configured generator URL: `host:port`, never
-    credentials, path or query; `upstream<index>` when the URL has no host."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname
-        port = parts.port
-    except ValueError:
-        host, port = None, None
-    if not host:
-        return f"upstream{index}"
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    return f"{host}:{port}" if port is not None else host
 
 
 class Metrics:

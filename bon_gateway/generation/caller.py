@@ -10,8 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from bon_gateway.balancer import Balancer, Endpoint
 from bon_gateway.config import GeneratorConfig
-from bon_gateway.generation.balancer import Balancer, Endpoint
 from bon_gateway.generation.payload import completion_as_chunk, error_message
 from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
 from bon_gateway.generation.transport import HttpResponse, ProtocolError, ResponseTooLarge, UpstreamHttp

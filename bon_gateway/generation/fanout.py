@@ -21,8 +21,8 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from bon_gateway.balancer import Endpoint
 from bon_gateway.errors import BonError, InvalidRequest, UpstreamError
-from bon_gateway.generation.balancer import Endpoint
 from bon_gateway.generation.caller import CandidateFailed, UpstreamRejected
 from bon_gateway.generation.payload import (
     BadResponse,

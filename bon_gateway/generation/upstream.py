@@ -21,9 +21,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
+from bon_gateway.balancer import Endpoint
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.engine.protocols import ReadinessListener
-from bon_gateway.generation.balancer import Endpoint
 from bon_gateway.generation.caller import CandidateFailed, UpstreamCaller
 from bon_gateway.generation.fanout import FanOut, collect
 from bon_gateway.metrics import Metrics

@@ -9,7 +9,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from bon_gateway.generation.balancer import Balancer
+from bon_gateway.balancer import Balancer
 from bon_gateway.generation.payload import BadResponse, build_payload, error_message, parse_choices
 from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
 from bon_gateway.retry import RetryPolicy

@@ -153,8 +153,20 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
     from bon_gateway.scoring.worker.runtime import ModelRuntime
     from bon_gateway.scoring.worker.server import build_server
 
-    runtimes = {}
+    runtimes: dict[str, ModelRuntime] = {}
     for entry in entries:
+        if entry.backend == "vllm":
+            from bon_gateway.scoring.worker.loading import load_tokenizing_adapter
+            from bon_gateway.scoring.worker.vllm_runtime import VllmRuntime
+
+            remote = VllmRuntime(
+                entry,
+                await asyncio.to_thread(load_tokenizing_adapter, entry),
+                max_queue_tokens=args.max_queue_tokens,
+            )
+            await remote.start_backend()
+            runtimes[entry.name] = remote
+            continue
         check_device(entry)
         adapter = await asyncio.to_thread(load_adapter, entry)
         runtimes[entry.name] = ModelRuntime(

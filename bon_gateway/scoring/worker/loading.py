@@ -98,3 +98,32 @@ def load_adapter(entry: RewardModelConfig) -> Adapter:
         seconds=time.perf_counter() - started,
     )
     return adapter
+
+
+class ConfigOnly:
+    """The model stand-in of an adapter whose model another server runs: its config only."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+def load_tokenizing_adapter(entry: RewardModelConfig) -> Adapter:
+    """The adapter of a model scored elsewhere (backend = "vllm"): tokenizer and config,
+    no weights. It builds the sequences and positions; ValueError if vLLM cannot run it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bon_gateway.scoring.worker.vllm_backend import vllm_task
+
+    architectures = read_architectures(entry)
+    cls, architecture = adapter_for(architectures, entry.kind)
+    common: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
+    if entry.gguf_file:
+        common["gguf_file"] = entry.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(entry.path, **common)
+    config = AutoConfig.from_pretrained(entry.path, **common)
+    adapter = cls(ConfigOnly(config), tokenizer, entry, architecture=architecture)
+    vllm_task(adapter)
+    log_phase(
+        log, "load", model=entry.name, architecture=architecture, adapter=cls.__name__, backend=entry.backend
+    )
+    return adapter

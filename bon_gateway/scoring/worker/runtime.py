@@ -166,6 +166,10 @@ class ModelRuntime:
             ids = ids[-truncate_prompt_tokens:]  # vLLM keeps the last k tokens
         return self.adapter.encode_raw(ids, what=what)
 
+    def available(self) -> bool:
+        """Whether this model can score now (always, with the model in this process)."""
+        return True
+
     def caching(self) -> bool:
         return self.prefix_reuse and self.cache is not None
 

@@ -145,6 +145,11 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
     async def Info(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfoResponse:
+        # The pool's probe: a model whose backend servers are all down makes this worker
+        # unready (the pool marks it down, /ready follows) until one answers again.
+        down = [name for name, rt in self.runtimes.items() if not rt.available()]
+        if down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no backend server of {', '.join(down)} is up")
         models = [
             pb.WorkerModel(
                 name=name,

@@ -1,6 +1,6 @@
-"""Choosing among the replicas of one generator: least outstanding requests,
-ejection with cooldown after repeated failures, and what each upstream is
-known to support (`n`).
+"""Choosing among the replicas of one HTTP backend (generator upstreams, vLLM scoring
+servers): least outstanding requests, ejection with cooldown after repeated failures,
+and what each generator upstream is known to support (`n`).
 
 Pure state, no I/O: the caller reports each call's start, end and outcome.
 The clock is injectable so tests need no sleeps.
@@ -12,13 +12,29 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from bon_gateway.logs import log_phase
-from bon_gateway.metrics import upstream_label
 
-__all__ = ["Balancer", "Endpoint"]
+__all__ = ["Balancer", "Endpoint", "upstream_label"]
 
 log = logging.getLogger("bon_gateway.generation")
+
+
+def upstream_label(url: str, index: int = 0) -> str:
+    """A bounded `upstream` label for a configured generator URL: `host:port`, never
+    credentials, path or query; `upstream<index>` when the URL has no host."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        host, port = None, None
+    if not host:
+        return f"upstream{index}"
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    return f"{host}:{port}" if port is not None else host
 
 
 @dataclass(slots=True)
