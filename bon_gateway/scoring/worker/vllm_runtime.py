@@ -54,7 +54,8 @@ class VllmRuntime(ModelRuntime):
         self.cache = None
         self.cache_limit = None
         self.groups: OrderedDict[str, OpenedGroup] = OrderedDict()
-        self.batcher = _ServerBatches()  # type: ignore[assignment]
+        self.outstanding = _ServerBatches()
+        self.batcher = self.outstanding  # type: ignore[assignment]
         self.backend = VllmBackend(entry, adapter)
 
     @property
@@ -77,12 +78,12 @@ class VllmRuntime(ModelRuntime):
         owner: OpenedGroup | None = None,
     ) -> Scored:
         tokens = group.real_tokens
-        self.batcher.queued_tokens += tokens
+        self.outstanding.queued_tokens += tokens
         started = time.perf_counter()
         try:
             logits = await self.backend.logits(group.seqs, group.positions)
         finally:
-            self.batcher.queued_tokens -= tokens
+            self.outstanding.queued_tokens -= tokens
         seconds = time.perf_counter() - started
         outcome = GroupOutcome(logits, None, 0, seconds)
         rewards = [self.adapter.reward(lg, activation) for lg in logits]
