@@ -223,14 +223,29 @@ def _real_servers(tmp: Path) -> Iterator[tuple[str, str]]:
                 time.sleep(1)
         yield started[0][1], started[1][1]
     finally:
-        for proc, _ in started:
-            proc.terminate()
-        for proc, _ in started:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_trees([proc for proc, _ in started])
+
+
+def stop_trees(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each server, then SIGKILL whatever of its process tree is left (vLLM's
+    engine core and worker processes outlive an API server that is stopped mid-start)."""
+    import psutil
+
+    trees = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            trees += psutil.Process(proc.pid).children(recursive=True)
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(trees, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
