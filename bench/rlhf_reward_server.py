@@ -251,11 +251,11 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
         # share the cores (threads = cores / workers), so two models in one would get 1 each.
         started.append(start_bon("bon", {"orm": {**entry, "path": str(orm)}}, log_dir))
         started.append(start_bon("bon-prm", {"prm": {**entry, "path": str(prm)}}, log_dir))
-        if args.vllm_urls:  # servers already running (same checkpoints): no vllm-nopc column
-            orm_url, prm_url = args.vllm_urls.split(",")
+        if args.vllm_urls:  # servers already running (same checkpoints and flags as below)
+            orm_url, prm_url, *nopc_url = args.vllm_urls.split(",")
             on = Server("vllm", orm_url, None, {"orm"})
             steps = Server("vllm-prm", prm_url, None, {"prm"})
-            started += [on, steps]
+            started += [on, steps, *(Server("vllm-nopc", u, None, {"orm"}) for u in nopc_url)]
         elif not args.no_vllm:
             ensure_vllm(args.vllm_venv)
             venv = args.vllm_venv
@@ -499,7 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     parser.add_argument("--no-vllm", action="store_true", help="bon-gateway only (a smoke run)")
     parser.add_argument(
-        "--vllm-urls", default="", help="ORM_URL,PRM_URL of vLLM servers already running these checkpoints"
+        "--vllm-urls",
+        default="",
+        help="ORM_URL,PRM_URL[,NOPC_URL] of vLLM servers already running these checkpoints",
     )
     parser.add_argument(
         "--backend-column",
