@@ -362,7 +362,9 @@ async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make
     rows: list[dict[str, Any]] = []
     for index, make in enumerate(makes):
         work = make(0)
-        base = 1 + 10_000 * index  # (b) at 1 and at 4 in flight must not share tokens either
+        # (b) at 1 and at 4 in flight must not share tokens either; --seed-offset: servers
+        # that already saw a run's tokens (kept running with --vllm-urls) get new ones.
+        base = 1 + 10_000 * index + args.seed_offset
         contenders = pick(live, work)
         # Identical requests on every server: the score differences (and each server's warm-up).
         check = Workload(work.name, work.route, work.model, work.inflight, work.requests[:2])
@@ -495,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--inflight", type=int, default=32)
     parser.add_argument("--groups", type=int, default=8, help="Best-of-8 groups in (b) and (c)")
+    parser.add_argument("--seed-offset", type=int, default=0, help="new tokens for servers kept from a run")
     parser.add_argument("--only", default="abc", help="which workloads (letters of a, b, c)")
     parser.add_argument("--vllm-venv", type=Path, default=REPO / ".venv-vllm")
     parser.add_argument("--no-vllm", action="store_true", help="bon-gateway only (a smoke run)")
