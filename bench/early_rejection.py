@@ -153,7 +153,12 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Non
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each, SIGKILL after 30 s; then whatever is left of their process trees (vLLM's
+    engine core outlives an API server stopped while it starts)."""
+    trees: list[psutil.Process] = []
     for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            trees += psutil.Process(proc.pid).children(recursive=True)
         proc.terminate()
     for proc in procs:
         try:
@@ -161,6 +166,10 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    _, alive = psutil.wait_procs(trees, timeout=10)
+    for child in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 # -- one request ----------------------------------------------------------------

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx
 import psutil
-from early_rejection import wait_ready
+from early_rejection import stop_processes, wait_ready
 from gsm8k_rewards import _toml as toml_text
 from gsm8k_rewards import free_port
 from rlhf_checkpoints import PRM_SEPARATOR, outcome_rm_dir, process_rm_dir
@@ -285,26 +285,7 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
         print("phase=servers ready", flush=True)
         yield started
     finally:
-        stop_trees([s.proc for s in started if s.proc is not None])
-
-
-def stop_trees(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Stop each server and whatever of its process tree is left (vLLM's engine core)."""
-    trees = []
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            trees += psutil.Process(proc.pid).children(recursive=True)
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    _, alive = psutil.wait_procs(trees, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+        stop_processes([s.proc for s in started if s.proc is not None])
 
 
 def separator_id(prm: Path) -> int:

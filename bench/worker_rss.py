@@ -47,6 +47,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from soak import rss_mib  # noqa: E402
+
 from bon_gateway.config import GatewayConfig  # noqa: E402
 from bon_gateway.metrics import Metrics  # noqa: E402
 from bon_gateway.scoring.pool import WorkerPool  # noqa: E402
@@ -60,17 +62,6 @@ WORDS = (
     "first any my now such like our over man me even most made after also did many before must through "
     "391 17 23 340 51 step total answer therefore because add multiply divide equals"
 ).split()
-
-
-def rss_mib(pid: int) -> float:
-    """Resident set size of a process, MiB (0 when it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def text(rng: random.Random, words: int) -> str:

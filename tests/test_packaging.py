@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 import venv
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from tests.fakes import unused_port
+from tests.scoring.helpers import remote_worker_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -73,33 +73,8 @@ def test_the_core_install_has_no_gpu_stack(core_venv: Path) -> None:
 @pytest.fixture
 def remote_worker(tiny_llama_rm: Path) -> Iterator[str]:
     """A reward worker from the test's own (full) environment, on a TCP port."""
-    address = f"127.0.0.1:{unused_port()}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bon_gateway",
-            "worker",
-            "--listen",
-            address,
-            "--reward-model",
-            f"tiny={tiny_llama_rm}",
-            "--device",
-            "cpu",
-        ],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with remote_worker_process("tiny", tiny_llama_rm, "--device", "cpu") as (address, _):
         yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _config(tmp_path: Path, reward_model: str) -> Path:

@@ -29,22 +29,16 @@ from bon_gateway.types import (
     Finished,
     Generation,
     GenerationEvent,
-    Message,
     Progress,
     Usage,
 )
 from tests.fakes.generator import ScriptedGenerator
 from tests.fakes.scorer import FakeScorer
 from tests.fakes.sse import tokens_of
+from tests.fakes.word_verifier import TEXTS as SEARCH_TEXTS
+from tests.fakes.word_verifier import USER, WEIGHTS, reward
 
-USER = (Message("user", "Which answer is best?"),)
-WEIGHTS = {"good": 1.0, "fine": 0.4, "meh": 0.0, "bad": -1.0}
 SETTLE_STEPS = 64  # event-loop turns after each tick: far more than a scoring call takes
-
-
-def reward(text: str) -> float:
-    words = text.split()
-    return sum(WEIGHTS.get(w, 0.0) for w in words) + 1e-3 * len(words)
 
 
 # -- the fake generator ------------------------------------------------------------------
@@ -285,12 +279,7 @@ def random_ticks(tokens: Sequence[Sequence[str]], rng: random.Random) -> list[li
 
 
 TEXTS = (
-    "good good meh meh meh meh meh meh bad bad",
-    "fine fine fine fine fine fine fine fine",
-    "bad bad meh good good good good good good good good",
-    "meh meh meh meh",  # finishes before the second checkpoint
-    "good bad good bad good bad good bad good bad good",
-    "bad bad bad bad bad bad bad bad",
+    *SEARCH_TEXTS,
     "fine meh fine meh fine meh fine meh fine",
     "bad meh bad meh good good good good",
 )

@@ -16,20 +16,11 @@ from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import InvalidRequest
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import BonRequest, BonResult, Deadline, Message, SamplingParams
+from bon_gateway.types import BonRequest, BonResult, Deadline, SamplingParams
 from tests.fakes.generator import ScriptedGenerator
 from tests.fakes.scorer import FakeScorer
 from tests.fakes.sse import tokens_of
-
-USER = (Message("user", "Which answer is best?"),)
-WEIGHTS = {"good": 1.0, "fine": 0.4, "meh": 0.0, "bad": -1.0}
-
-
-def reward(text: str) -> float:
-    """The fake verifier: a running sum over words, so partials and wholes differ."""
-    words = text.split()
-    # A tiny length term breaks ties between different texts deterministically.
-    return sum(WEIGHTS.get(w, 0.0) for w in words) + 1e-3 * len(words)
+from tests.fakes.word_verifier import TEXTS, USER, WEIGHTS, reward
 
 
 @dataclass(frozen=True)
@@ -93,17 +84,6 @@ def check(result: BonResult, expected: Expected, texts: Sequence[str]) -> None:
     assert result.ranked[0].index == expected.winner
     assert {c.index for c in result.ranked} == expected.finished
     assert {r.index for r in result.rejected} == set(range(len(texts))) - expected.finished
-
-
-# Words: partial and whole rankings disagree (candidate 2 starts badly, ends best).
-TEXTS = (
-    "good good meh meh meh meh meh meh bad bad",
-    "fine fine fine fine fine fine fine fine",
-    "bad bad meh good good good good good good good good",
-    "meh meh meh meh",  # finishes before the second checkpoint
-    "good bad good bad good bad good bad good bad good",
-    "bad bad bad bad bad bad bad bad",
-)
 
 
 async def test_rejection_matches_the_reference_step_by_step() -> None:

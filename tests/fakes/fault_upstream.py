@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.fakes.sse import done_event, event, stream_chunks
+from tests.fakes.upstream import wait_until
 
 __all__ = ["Call", "FaultUpstream", "Garbage", "Hang", "Reply", "Reset"]
 
@@ -115,12 +116,7 @@ class FaultUpstream:
             self.rule = None
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return predicate()
+        return wait_until(predicate, timeout_s)
 
     def start(self) -> FaultUpstream:
         self._thread.start()

@@ -21,7 +21,7 @@ from starlette.routing import Route
 from tests.fakes.scorer import words
 from tests.fakes.sse import done_event, event, stream_chunks, tool_call_chunks
 
-__all__ = ["FakeUpstream", "StreamRecord", "ThreadedServer", "unused_port"]
+__all__ = ["FakeUpstream", "StreamRecord", "ThreadedServer", "unused_port", "wait_until"]
 
 
 @dataclass(slots=True)
@@ -47,6 +47,17 @@ async def _client_left_within(request: Request, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    """Poll `predicate` (a fake server's records, from the test's thread) until true or
+    `timeout_s` passed; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
 
 
 def unused_port(host: str = "127.0.0.1") -> int:
@@ -162,13 +173,7 @@ class FakeUpstream:
         return sent > 0 and hung_up == sent
 
     def wait_until(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-        """Poll `predicate` until true or `timeout_s` passed; its last value."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
-            time.sleep(0.01)
-        return predicate()
+        return wait_until(predicate, timeout_s)
 
     def start(self) -> FakeUpstream:
         self._server.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -197,7 +198,9 @@ def _vllm_serve(path: Path, name: str, log: Path, *extra: str) -> tuple[subproce
         "--max-model-len", "2048", "--dtype", "float32", *extra,
     ]  # fmt: skip
     with log.open("wb") as sink:
-        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        # A session of its own: vLLM's engine core and workers are stopped with it (they
+        # outlive an API server stopped while it starts).
+        proc = subprocess.Popen(argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -223,29 +226,20 @@ def _real_servers(tmp: Path) -> Iterator[tuple[str, str]]:
                 time.sleep(1)
         yield started[0][1], started[1][1]
     finally:
-        stop_trees([proc for proc, _ in started])
-
-
-def stop_trees(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM each server, then SIGKILL whatever of its process tree is left (vLLM's
-    engine core and worker processes outlive an API server that is stopped mid-start)."""
-    import psutil
-
-    trees = []
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            trees += psutil.Process(proc.pid).children(recursive=True)
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc, _ in started:
+            _signal_group(proc, signal.SIGTERM)
+        for proc, _ in started:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # whatever of its session is left
             proc.wait()
-    _, alive = psutil.wait_procs(trees, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
