@@ -33,6 +33,7 @@ class FakeVllmPooling:
         self.ignore_activation = ignore_activation
         self.fail_with: int | None = None
         self.calls = 0
+        self.refused = 0  # scoring calls answered with `fail_with`
         architecture = json.loads((path / "config.json").read_text())["architectures"][0]
         self.token_level = architecture.startswith("Qwen2For") and "Sequence" not in architecture
         self._forward = _token_forward(path) if self.token_level else _sequence_forward(path)
@@ -73,6 +74,7 @@ class FakeVllmPooling:
     async def _classify(self, request: Request) -> JSONResponse:
         body = await request.json()
         if self.fail_with is not None:
+            self.refused += 1
             return JSONResponse({"error": "injected"}, status_code=self.fail_with)
         if self.token_level:
             return JSONResponse({"error": {"message": "task classify is not supported"}}, status_code=400)
@@ -86,6 +88,7 @@ class FakeVllmPooling:
     async def _pooling(self, request: Request) -> JSONResponse:
         body = await request.json()
         if self.fail_with is not None:
+            self.refused += 1
             return JSONResponse({"error": "injected"}, status_code=self.fail_with)
         if body.get("task") != "token_classify" or not self.token_level:
             return JSONResponse({"error": {"message": "unsupported task"}}, status_code=400)
