@@ -13,6 +13,7 @@ entries, stems computed), so an exact score cannot come from a silent fallback;
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +28,8 @@ from bon_gateway.scoring.worker.loading import load_adapter
 from bon_gateway.scoring.worker.packed import PENDING, READY
 from bon_gateway.scoring.worker.runtime import ModelRuntime, Scored, kv_bytes_per_token
 from bon_gateway.steps import split_steps
-from bon_gateway.types import Message
+from bon_gateway.types import Message, RawInput
+from tests.api.test_rlhf_routes import reference_raw_logits
 from tests.fixtures import checkpoints, reward_checkpoints
 from tests.marks import slow_except
 from tests.scoring.helpers import mixed_candidates
@@ -300,6 +302,47 @@ async def test_prm_partials_reuse_their_earlier_work(name: str, packed: bool) ->
             assert step_rewards == pytest.approx(
                 reference(path, QUESTION, split_steps(text, "\n\n")), abs=TOL
             )
+
+
+async def score_raw(runtime: ModelRuntime, ids: list[int]) -> Scored:
+    """One raw input (token ids, no messages), as the RLHF routes send it."""
+    runtime.batcher.announce()
+    try:
+        group, prompt_tokens = await asyncio.to_thread(
+            runtime.prepare, (), [], (), [RawInput(token_ids=tuple(ids))]
+        )
+    finally:
+        runtime.batcher.withdraw()
+    return await runtime.score(group, prompt_tokens, "none")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("packed", slow_except([True, False], True))
+async def test_raw_inputs_with_no_prompt_boundary_reuse_their_common_prefix(packed: bool) -> None:
+    """verl-shaped traffic: one sample per request, token ids with no assistant-turn header
+    (so no known prompt). The samples of one prompt reuse it whether they arrive after the
+    first or together with it (the others wait for the one computing it), and stay exact."""
+    path = checkpoints.tiny_llama_rm()
+    rng = random.Random(3)
+
+    def samples(prompt_len: int, n: int) -> tuple[list[int], list[list[int]]]:
+        prompt = [rng.randrange(100, 1000) for _ in range(prompt_len)]
+        answers = [[rng.randrange(100, 1000) for _ in range(rng.randint(3, 30))] for _ in range(n)]
+        return prompt, [prompt + answer for answer in answers]
+
+    async with running(path, packed=packed, max_wait_ms=1000) as runtime:
+        assert runtime.cache is not None
+        prompt, first_group = samples(48, 5)
+        first = await score_raw(runtime, first_group[0])
+        later = await asyncio.gather(*(score_raw(runtime, ids) for ids in first_group[1:]))
+        prompt2, together = samples(40, 5)
+        arrived = await asyncio.gather(*(score_raw(runtime, ids) for ids in together))
+        for ids, got in zip([*first_group, *together], [first, *later, *arrived], strict=True):
+            assert got.rewards[0][0] == pytest.approx(reference_raw_logits(path, ids)[0], abs=TOL)
+        assert first.outcome.reused_tokens == 0
+        assert all(s.outcome.reused_tokens >= len(prompt) for s in later)
+        # Together: exactly one of them computed the new prompt; the others read it.
+        assert sorted(s.outcome.reused_tokens >= len(prompt2) for s in arrived) == [False] + [True] * 4
 
 
 @pytest.mark.asyncio

@@ -208,6 +208,13 @@ class ModelRuntime:
             plain = Group(seqs=group.seqs, positions=group.positions, prefix=group.prefix)
             return Plan(parts=split_group(plain, budget))
         shared = shared_prompt_length(group.seqs, group.prefix, prompt_tokens)
+        if shared == 0 and len(group.seqs) == 1:
+            # A lone input with no known prompt (raw ids with no assistant-turn header): all
+            # of it but its last token is kept, so a later input sharing any prefix with it
+            # (the next sample of a GRPO group) continues it, found by the longest common
+            # prefix as vLLM's automatic prefix caching finds blocks; one arriving while it
+            # is computed waits for it.
+            shared = len(group.seqs[0]) - 1
         return plan_group(self.cache, group, shared, keep=keep, max_batch_tokens=budget)
 
     def _prefill(self, stem: Stem, entry: CacheEntry) -> None:
