@@ -32,6 +32,7 @@ import torch
 from bon_gateway.scoring.pool import WorkerPool
 from tests.fakes.gateway import ServedGateway, gateway_config
 from tests.fixtures import checkpoints, reward_checkpoints
+from tests.fixtures.checkpoints import reference_raw_logits
 from tests.scoring.test_math_reward_models import QUESTION, SYSTEM, reference_qwen2_prm
 
 pytestmark = pytest.mark.integration
@@ -127,15 +128,6 @@ def _chat_text(path: Path, answer: str) -> str:
         [*PROMPT, {"role": "assistant", "content": answer}], tokenize=False
     )
     return text
-
-
-def reference_raw_logits(path: Path, ids: list[int]) -> list[float]:
-    """Plain AutoModelForSequenceClassification on the ids, fp32, one unpadded sequence."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return [float(x) for x in model(input_ids=torch.tensor([ids])).logits[0]]
 
 
 def _post(gateway: ServedGateway, path: str, body: dict[str, Any], status: int = 200) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from bon_gateway.scoring.worker.packed import PENDING, READY
 from bon_gateway.scoring.worker.runtime import ModelRuntime, Scored, kv_bytes_per_token
 from bon_gateway.steps import split_steps
 from bon_gateway.types import Message, RawInput
-from tests.api.test_rlhf_routes import reference_raw_logits
 from tests.fixtures import checkpoints, reward_checkpoints
 from tests.marks import slow_except
 from tests.scoring.helpers import mixed_candidates
@@ -338,7 +337,7 @@ async def test_raw_inputs_with_no_prompt_boundary_reuse_their_common_prefix(pack
         prompt2, together = samples(40, 5)
         arrived = await asyncio.gather(*(score_raw(runtime, ids) for ids in together))
         for ids, got in zip([*first_group, *together], [first, *later, *arrived], strict=True):
-            assert got.rewards[0][0] == pytest.approx(reference_raw_logits(path, ids)[0], abs=TOL)
+            assert got.rewards[0][0] == pytest.approx(checkpoints.reference_raw_logits(path, ids)[0], abs=TOL)
         assert first.outcome.reused_tokens == 0
         assert all(s.outcome.reused_tokens >= len(prompt) for s in later)
         # Together: exactly one of them computed the new prompt; the others read it.
