@@ -84,34 +84,40 @@ def _ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(100, VOCAB) for _ in range(n)]
 
 
+def _rngs(shape_seed: int, seed: int) -> tuple[random.Random, random.Random]:
+    """(lengths, token ids): every pass of a workload has the same lengths (so servers and
+    reps do the same work) and tokens of its own (`seed`: no cache sees them twice)."""
+    return random.Random(shape_seed), random.Random(1_000_003 * (seed + 1) + shape_seed)
+
+
 def verl_workload(prompts: int, samples: int, inflight: int, seed: int = 0) -> Workload:
-    rng = random.Random(20_000 + seed)
+    size, rng = _rngs(20_000, seed)
     requests = []
     for _ in range(prompts):
-        prompt = _ids(rng, rng.randint(200, 600))
-        requests += [[prompt + _ids(rng, rng.randint(64, 384))] for _ in range(samples)]
+        prompt = _ids(rng, size.randint(200, 600))
+        requests += [[prompt + _ids(rng, size.randint(64, 384))] for _ in range(samples)]
     return Workload("a: verl, 1 sample/request", "/classify", "orm", inflight, requests)
 
 
 def best_of_8(inflight: int, seed: int = 0, *, groups: int = 8) -> Workload:
-    rng = random.Random(seed)
+    size, rng = _rngs(0, seed)
     requests = []
     for _ in range(groups):
-        prompt = _ids(rng, rng.randint(64, 1024))
-        requests.append([prompt + _ids(rng, rng.randint(32, 512)) for _ in range(8)])
+        prompt = _ids(rng, size.randint(64, 1024))
+        requests.append([prompt + _ids(rng, size.randint(32, 512)) for _ in range(8)])
     return Workload(f"b: best-of-8, {inflight} in flight", "/classify", "orm", inflight, requests)
 
 
 def prm_workload(inflight: int, separator: int, seed: int = 0, *, groups: int = 8) -> Workload:
-    rng = random.Random(10_000 + seed)
+    size, rng = _rngs(10_000, seed)
     requests = []
     for _ in range(groups):
-        prompt = _ids(rng, rng.randint(64, 1024))
+        prompt = _ids(rng, size.randint(64, 1024))
         group = []
         for _ in range(8):
             answer: list[int] = []
             for _ in range(STEPS):
-                answer += [*_ids(rng, rng.randint(8, 128)), separator]
+                answer += [*_ids(rng, size.randint(8, 128)), separator]
             group.append(prompt + answer)
         requests.append(group)
     return Workload(f"c: PRM best-of-8, {inflight} in flight", "/pooling", "prm", inflight, requests)
@@ -337,9 +343,10 @@ Make = Callable[[int], Workload]  # a workload's requests for a seed (same shape
 
 
 async def measure(args: argparse.Namespace, live: list[Server], makes: list[Make]) -> list[dict[str, Any]]:
-    """Every pass gets tokens of its own (a seed per rep and server), so no server reads a
-    prefix cached by an earlier pass (vLLM's cache outlives requests, and bon-on-vllm shares
-    vllm's server); the score comparison is a separate pass of identical requests."""
+    """Every pass has the same lengths (the same work on every server) and tokens of its own
+    (a seed per rep and server), so no server reads a prefix cached by an earlier pass (vLLM's
+    cache outlives requests, and bon-on-vllm shares vllm's server); the score comparison is
+    a separate pass of identical requests."""
     rows: list[dict[str, Any]] = []
     for index, make in enumerate(makes):
         work = make(0)
