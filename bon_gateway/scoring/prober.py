@@ -56,9 +56,13 @@ def is_probed(worker: WorkerHandle) -> bool:
 
 
 async def probe_until_closed(
-    worker: WorkerHandle, mark: Callable[[WorkerHandle, bool], None], closing: Callable[[], bool]
+    worker: WorkerHandle,
+    mark: Callable[[WorkerHandle, bool], None],
+    closing: Callable[[], bool],
+    observe: Callable[[WorkerHandle], None] | None = None,
 ) -> None:
-    """Probe `worker` every `probe.interval_s` until `closing()`; `mark(worker, up)` as above."""
+    """Probe `worker` every `probe.interval_s` until `closing()`; `mark(worker, up)` as above;
+    `observe(worker)` after every answered probe (its Info is in `worker.info`)."""
     probe = worker.entry.probe
     model = worker.entry.name
     while not closing():
@@ -70,6 +74,8 @@ async def probe_until_closed(
         if closing() or connects != worker.connects:
             continue  # restarted meanwhile: the answer is about a channel that is gone
         if answered:
+            if observe is not None:
+                observe(worker)
             if worker.hung_since is not None:
                 stalled_s = time.monotonic() - worker.hung_since
                 worker.hung_since = None
