@@ -9,7 +9,9 @@ figures when /metrics is scraped:
 
 - bon_backend_server_up{model,server}: 1 while a serving worker has it in rotation
   (not ejected), else 0;
-- bon_backend_server_in_flight{model,server}: calls on it now (sum over the workers);
+- bon_backend_server_in_flight{model,server}: calls on it now (sum over the workers;
+  the workers keep no queue of their own for these servers: each group is sent at
+  once, so this is what the server holds, queued or running);
 - bon_backend_server_request_duration_seconds{model,server}: call latency;
 - bon_backend_server_errors_total{model,server,kind}: failed calls by kind.
 

@@ -13,6 +13,10 @@ for its request's whole deadline. `probe_until_closed` runs one task per worker:
   supervisor then restarts it as it does any worker that died (and counts it in
   bon_worker_restarts_total).
 
+An answered probe's Info also carries the worker's HTTP backend servers (backend =
+"vllm" / "sglang"): the pool records their figures and takes the worker out of
+service while a model of it has no server up (`observe`); that is not a hang.
+
 Probes only run while the worker is up or hung: one that is dead or restarting
 is the supervisor's. Remote addresses that may name several workers (a host
 name, `dns:///`, a comma list) are not probed: gRPC's round robin would send

@@ -109,15 +109,25 @@ async def test_a_process_reward_model_fails_start_up() -> None:
         await _start_fails(_sglang("prm-s", prm, server.url), "SGLang cannot serve .* process reward model")
 
 
-async def test_an_activated_server_fails_start_up(tiny_qwen2_classifier: Path) -> None:
-    """Two labels: softmaxed outputs are a probability distribution, raw ones are not."""
-    with FakeSglangReward(tiny_qwen2_classifier, "cls", activate=True) as server:
-        await _start_fails(_sglang("cls-s", tiny_qwen2_classifier, server.url), "returns probabilities")
+async def test_an_activated_server_fails_start_up() -> None:
+    """One label: the score is checked against our head on the server's pooled hidden state."""
+    orm = small_orm()
+    with FakeSglangReward(orm, "orm", activate=True) as server:
+        await _start_fails(_sglang("orm-s", orm, server.url), "our formula .* an activated server")
 
 
-async def test_the_raw_two_label_classifier_starts(tiny_qwen2_classifier: Path) -> None:
-    """The check above is not refusing every two-label model."""
-    with FakeSglangReward(tiny_qwen2_classifier, "cls") as server:
+async def test_an_activated_older_server_with_two_labels_fails_start_up(tiny_qwen2_classifier: Path) -> None:
+    """No pooled hidden state (an older SGLang refuses the field): with two labels, softmaxed
+    outputs are a probability distribution, raw ones are not."""
+    path = tiny_qwen2_classifier
+    with FakeSglangReward(path, "cls", activate=True, pooled_hidden=False) as server:
+        await _start_fails(_sglang("cls-s", path, server.url), "returns probabilities")
+
+
+@pytest.mark.parametrize("pooled_hidden", [True, False])
+async def test_the_raw_two_label_classifier_starts(tiny_qwen2_classifier: Path, pooled_hidden: bool) -> None:
+    """The checks above do not refuse a raw server (with and without the hidden states)."""
+    with FakeSglangReward(tiny_qwen2_classifier, "cls", pooled_hidden=pooled_hidden) as server:
         pool = await _pool(_sglang("cls-s", tiny_qwen2_classifier, server.url))
         try:
             result = await pool.score("cls-s", MESSAGES, ["a", "b"], deadline=Deadline.after(60))

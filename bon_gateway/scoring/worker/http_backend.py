@@ -156,9 +156,6 @@ class HttpScoringBackend(ABC):
     def label(self) -> str:
         return ",".join(e.label for e in self.balancer.endpoints)
 
-    def available(self) -> bool:
-        return self.balancer.any_available()
-
     # -- start-up -------------------------------------------------------------------------
     async def check(self) -> None:
         """Every server serves the model and answers the probe as the formula expects."""

@@ -86,9 +86,6 @@ class RemoteRuntime(ModelRuntime):
     def device(self) -> str:
         return f"{self.entry.backend}:{self.backend.label}"
 
-    def available(self) -> bool:
-        return self.backend.available()
-
     async def start_backend(self) -> None:
         await self.backend.check()
 

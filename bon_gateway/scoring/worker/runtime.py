@@ -176,10 +176,6 @@ class ModelRuntime:
             ids = ids[-truncate_prompt_tokens:]  # vLLM keeps the last k tokens
         return self.adapter.encode_raw(ids, what=what)
 
-    def available(self) -> bool:
-        """Whether this model can score now (always, with the model in this process)."""
-        return True
-
     def backend_servers(self) -> list[BackendServerFigures]:
         """The HTTP servers that run this model (none: it runs in this process)."""
         return []

@@ -26,13 +26,20 @@ protocol, as SGLang's own code defines it (sgl-project/sglang, read 2026-12):
   `--is-embedding` has no pooled outputs, and start-up says to add it.
   `/v1/models` lists the served name and `max_model_len`; `/health` answers 200.
 
-The start-up probe (`_check_probe`): outputs have the checkpoint's label count; the
-probe scored alone equals the probe scored in one request with another candidate
-(SGLang batches what one request holds: a pooling or padding mix-up shows here);
-and with two labels or more the outputs are not a probability distribution (an
-activated server would mix softmax and raw scores). With one label a sigmoid
-cannot be told from a raw logit without the weights; SGLang's reward classes apply
-none (above).
+The start-up probe (`_check_probe`):
+- outputs have the checkpoint's label count;
+- the formula: newer SGLang returns, with `return_pooled_hidden_states: true`, each
+  item's `pooled_hidden_state` (the last token's hidden state before the task head;
+  tokenizer_manager.py adds it to the item; entrypoints' ScoreResult documents it).
+  For a sequence classifier the worker reads the checkpoint's `score` head (that
+  tensor only) and the probe's score must equal `score(pooled_hidden_state)`: a server
+  that activates (sigmoid/softmax), or runs another head, fails here. Servers that
+  refuse the field (older SGLang) or do not return it (Qwen2ForRewardModel pools
+  after its head) are checked by the rest alone, and start-up logs `formula=unchecked`;
+- the probe scored alone equals the probe scored in one request with another
+  candidate (SGLang batches what one request holds: a pooling or padding mix-up
+  shows here);
+- with two labels or more the outputs are not a probability distribution.
 
 The real-SGLang part of the tests did not run on the machines this was built on
 (no GPU; SGLang's CPU build was not installed); tests/fakes/sglang_reward.py
@@ -41,6 +48,7 @@ reproduces the protocol above with the reference forward.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -48,7 +56,10 @@ import httpx
 import torch
 
 from bon_gateway.balancer import Endpoint
+from bon_gateway.config import RewardModelConfig
+from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.adapters import Adapter
+from bon_gateway.scoring.worker.adapters.checkpoint import read_tensors
 from bon_gateway.scoring.worker.adapters.qwen2_prm import Qwen2ProcessRewardAdapter
 from bon_gateway.scoring.worker.adapters.qwen2_rm import Qwen2RewardModelAdapter
 from bon_gateway.scoring.worker.adapters.sequence_classification import SequenceClassificationAdapter
@@ -56,8 +67,13 @@ from bon_gateway.scoring.worker.http_backend import BackendCheckFailed, BadReply
 
 __all__ = ["SglangBackend", "sglang_task"]
 
+log = logging.getLogger("bon_gateway.worker")
+
 #: the probe alone and in a group must agree this closely (fp32 on either side)
 PROBE_TOLERANCE = 1e-4
+#: our head on the server's hidden state vs the server's score: relative, loose enough
+#: for a bf16 server (its head runs in bf16), far tighter than sigmoid vs raw (>= 0.25 off)
+FORMULA_TOLERANCE = 2e-2
 
 
 def sglang_task(adapter: Adapter) -> str:
@@ -79,6 +95,10 @@ def sglang_task(adapter: Adapter) -> str:
 class SglangBackend(HttpScoringBackend):
     server_name: ClassVar[str] = "SGLang"
 
+    def __init__(self, entry: RewardModelConfig, adapter: Adapter) -> None:
+        super().__init__(entry, adapter)
+        self._head: dict[str, torch.Tensor] | None = None  # the checkpoint's score head, for the probe
+
     @staticmethod
     def task_for(adapter: Adapter) -> str:
         return sglang_task(adapter)
@@ -99,8 +119,18 @@ class SglangBackend(HttpScoringBackend):
             )
         first, other = self.probe_encodings()
         try:
-            alone = await self._call(endpoint, [first.ids], [first.positions])
-            together = await self._call(endpoint, [first.ids, other.ids], [first.positions, other.positions])
+            try:
+                alone, hidden = await self._request(
+                    endpoint, [first.ids], [first.positions], pooled_hidden=True
+                )
+            except httpx.HTTPStatusError as err:
+                if not 400 <= err.response.status_code < 500:
+                    raise
+                # An SGLang without the field: the checks below still run.
+                alone, hidden = await self._request(endpoint, [first.ids], [first.positions])
+            together, _ = await self._request(
+                endpoint, [first.ids, other.ids], [first.positions, other.positions]
+            )
         except httpx.HTTPStatusError as err:
             raise BackendCheckFailed(
                 f"reward model {where}: the server refuses /classify "
@@ -114,6 +144,8 @@ class SglangBackend(HttpScoringBackend):
                 f"reward model {where}: the server's head has {got.shape[-1]} outputs, "
                 f"the checkpoint {self.num_labels}"
             )
+        checked = self._check_formula(got, hidden[0], where)
+        log_phase(log, "backend-probe", model=self.entry.name, server=endpoint.label, formula=checked)
         if not torch.allclose(got, together[0], atol=PROBE_TOLERANCE):
             raise BackendCheckFailed(
                 f"reward model {where}: the probe scores {got.flatten().tolist()[:4]} alone but "
@@ -125,13 +157,52 @@ class SglangBackend(HttpScoringBackend):
                 f"({got.flatten().tolist()[:4]}), not raw outputs: scores would mix activated and raw values"
             )
 
+    def _check_formula(self, got: torch.Tensor, hidden: torch.Tensor | None, where: str) -> str:
+        """ "checked" when the server's score equals our head on its pooled hidden state
+        (BackendCheckFailed when not), "unchecked" when it gave no hidden state or the
+        checkpoint has no plain `score` head to read."""
+        if hidden is None or type(self.adapter) is not SequenceClassificationAdapter:
+            return "unchecked"
+        if self._head is None:
+            try:
+                self._head = read_tensors(self.entry.path, keep=lambda k: k in ("score.weight", "score.bias"))
+            except (OSError, ValueError):  # no safetensors weights beside the config: nothing to read
+                self._head = {}
+        weight = self._head.get("score.weight")
+        if weight is None or weight.shape != (self.num_labels, hidden.shape[-1]):
+            return "unchecked"
+        bias = self._head.get("score.bias")
+        expected = torch.nn.functional.linear(
+            hidden.float(), weight.float(), None if bias is None else bias.float()
+        )
+        if not torch.allclose(got, expected, rtol=FORMULA_TOLERANCE, atol=FORMULA_TOLERANCE):
+            raise BackendCheckFailed(
+                f"reward model {where}: the server scores the probe {got.flatten().tolist()[:4]}, our "
+                f"formula (the checkpoint's score head, raw, on the server's pooled hidden state) "
+                f"{expected.flatten().tolist()[:4]}: an activated server or another head"
+            )
+        return "checked"
+
     async def _call(
         self, endpoint: Endpoint, seqs: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]
     ) -> list[torch.Tensor]:
+        return (await self._request(endpoint, seqs, positions))[0]
+
+    async def _request(
+        self,
+        endpoint: Endpoint,
+        seqs: Sequence[Sequence[int]],
+        positions: Sequence[Sequence[int]],
+        *,
+        pooled_hidden: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Raw scores [1, labels] per sequence, and (asked for) each one's pooled hidden state."""
         # SGLang pools the last token: each sequence ends at its pooled position.
         inputs = [list(s[: p[-1] + 1]) for s, p in zip(seqs, positions, strict=True)]
         # EmbeddingReqInput has no `model` field: only the ids go (a list of lists: a batch).
         body: dict[str, Any] = {"input_ids": inputs}
+        if pooled_hidden:
+            body["return_pooled_hidden_states"] = True
         reply = await self.client.post(f"{endpoint.url}/classify", json=body)
         reply.raise_for_status()
         data = reply.json()
@@ -139,11 +210,14 @@ class SglangBackend(HttpScoringBackend):
             data = [data]
         if not isinstance(data, list) or len(data) != len(inputs):
             raise BadReply(f"the server answered {type(data).__name__} for {len(inputs)} inputs")
-        out = []
+        out: list[torch.Tensor] = []
+        hidden: list[torch.Tensor | None] = []
         for item in data:
             values = torch.tensor(item["embedding"], dtype=torch.float32).flatten()
             out.append(values.unsqueeze(0))  # one pooled position: [1, labels]
-        return out
+            state = item.get("pooled_hidden_state")
+            hidden.append(None if state is None else torch.tensor(state, dtype=torch.float32).flatten())
+        return out, hidden
 
 
 def _is_distribution(row: torch.Tensor) -> bool:
