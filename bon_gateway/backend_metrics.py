@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from bon_gateway.scoring.worker.status import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS
+from bon_gateway.types import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS
 
 __all__ = ["BackendServerLike", "BackendServerMetrics"]
 

@@ -12,8 +12,7 @@ from bon_gateway.metrics import (
     UPSTREAM_ERROR_KINDS,
     Metrics,
 )
-from bon_gateway.scoring.worker.status import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS
-from bon_gateway.types import DROP_REASONS
+from bon_gateway.types import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS, DROP_REASONS
 from bon_gateway.v1 import best_of_n_pb2
 from bon_gateway.v1 import reward_worker_pb2 as pb
 

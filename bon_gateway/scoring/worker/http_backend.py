@@ -43,8 +43,7 @@ from bon_gateway.logs import log_phase
 from bon_gateway.scoring.worker.adapters import Adapter
 from bon_gateway.scoring.worker.adapters.qwen2_rm import Qwen2RewardModelAdapter
 from bon_gateway.scoring.worker.formatting import Encoded
-from bon_gateway.scoring.worker.status import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS
-from bon_gateway.types import Message
+from bon_gateway.types import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS, Message
 
 __all__ = [
     "BackendCheckFailed",

@@ -19,8 +19,6 @@ import os
 from dataclasses import dataclass
 
 __all__ = [
-    "BACKEND_ERROR_KINDS",
-    "BACKEND_LATENCY_BUCKETS",
     "ERROR_PARAM_KEY",
     "Serving",
     "StartFailed",
@@ -31,13 +29,6 @@ __all__ = [
 ]
 
 ERROR_PARAM_KEY = "bon-error-param"
-
-# Figures of the HTTP scoring backends' servers (backend = "vllm" / "sglang"), which the
-# worker counts and its Info reply carries (WorkerInfoResponse.backend_servers): the
-# upper bounds (seconds) of the call latency buckets, then +Inf, and the error kinds
-# (the generator upstreams' kinds, so one dashboard reads both).
-BACKEND_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
-BACKEND_ERROR_KINDS = ("timeout", "connect_error", "http_4xx", "http_5xx", "bad_response")
 
 
 @dataclass(frozen=True, slots=True)
