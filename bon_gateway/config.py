@@ -187,12 +187,14 @@ class RewardModelConfig(_Strict):
     workers: int = Field(1, ge=0)
     # Remote workers (bon-gateway worker --listen HOST:PORT).
     addresses: tuple[str, ...] = ()
-    # Who runs the model: this gateway's own workers (default), or vLLM pooling servers
-    # (`vllm serve PATH --runner pooling`) at `backend_urls`, balanced and health-checked.
-    # With vllm the workers load only the tokenizer and config: they build each sequence
-    # exactly as for their own forward (template, separators, pooled position) and send
-    # its token ids, one request per group (the server's prefix cache sees the prompt).
-    backend: Literal["workers", "vllm"] = "workers"
+    # Who runs the model: this gateway's own workers (default), vLLM pooling servers
+    # (`vllm serve PATH --runner pooling`) or SGLang reward servers
+    # (`python -m sglang.launch_server --model-path PATH --is-embedding`, outcome RMs only)
+    # at `backend_urls`, balanced and health-checked. With vllm/sglang the workers load
+    # only the tokenizer and config: they build each sequence exactly as for their own
+    # forward (template, separators, pooled position) and send its token ids, one
+    # request per group (the server's prefix cache sees the prompt).
+    backend: Literal["workers", "vllm", "sglang"] = "workers"
     backend_urls: tuple[str, ...] = ()
     backend_model: str | None = None  # the server's model name; None: the one it serves
     max_batch_tokens: int = Field(16384, ge=1)
@@ -221,7 +223,8 @@ class RewardModelConfig(_Strict):
             raise ValueError(f"reward model {self.name!r}: backend = {self.backend!r} needs `backend_urls`")
         if self.backend == "workers" and self.backend_urls:
             raise ValueError(
-                f'reward model {self.name!r}: `backend_urls` needs backend = "vllm" (got "workers")'
+                f'reward model {self.name!r}: `backend_urls` needs backend = "vllm" or "sglang" '
+                '(got "workers")'
             )
         if self.gpus_per_worker > 1 and self.device != "cuda":
             raise ValueError(

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from bon_gateway import __version__
+from bon_gateway.backend_metrics import BackendServerMetrics
 from bon_gateway.balancer import upstream_label
 from bon_gateway.types import DROP_REASONS
 
@@ -259,6 +260,10 @@ class Metrics:
             registry=r,
         )
 
+        # Per HTTP backend server (backend = "vllm" / "sglang"), from the workers' Info
+        # replies: bon_backend_server_{up,in_flight,request_duration_seconds,errors_total}.
+        self.backend_servers = BackendServerMetrics(r)
+
     def initialise(self, config: GatewayConfig) -> None:
         """Create every series whose labels are known from `config` and the constants above.
 
@@ -306,6 +311,9 @@ class Metrics:
         for entry in config.reward_models:
             for metric in per_model:
                 metric.labels(entry.name)
+            if entry.backend != "workers":
+                for index, url in enumerate(entry.backend_urls):
+                    self.backend_servers.known(entry.name, upstream_label(url, index))
 
     def child(self, metric: _Metric, *values: str) -> _Metric:
         """`metric.labels(*values)`, looked up once (labels are bounded, so is the cache)."""

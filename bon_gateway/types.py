@@ -28,6 +28,15 @@ ACTIVATIONS: tuple[str, ...] = ("none", "sigmoid", "softmax")
 DropReason = Literal[
     "deadline", "timeout", "connect_error", "bad_response", "upstream_error", "rate_limited", "too_large"
 ]
+# Figures of the HTTP scoring backends' servers (backend = "vllm" / "sglang"), counted by
+# the reward worker and carried by its Info reply (WorkerInfoResponse.backend_servers) to
+# the gateway's metrics: the upper bounds (seconds) of the call latency buckets (then
+# +Inf), and the error kinds (the generator upstreams' kinds: one dashboard reads both).
+BACKEND_LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160,
+)  # fmt: skip
+BACKEND_ERROR_KINDS: tuple[str, ...] = ("timeout", "connect_error", "http_4xx", "http_5xx", "bad_response")
+
 DROP_REASONS: tuple[str, ...] = (
     "deadline",
     "timeout",

@@ -12,8 +12,9 @@ from bon_gateway.metrics import (
     UPSTREAM_ERROR_KINDS,
     Metrics,
 )
-from bon_gateway.types import DROP_REASONS
+from bon_gateway.types import BACKEND_ERROR_KINDS, BACKEND_LATENCY_BUCKETS, DROP_REASONS
 from bon_gateway.v1 import best_of_n_pb2
+from bon_gateway.v1 import reward_worker_pb2 as pb
 
 
 def test_api_labels_are_the_ones_the_fronts_use() -> None:
@@ -69,3 +70,75 @@ def test_initialise_keeps_values_already_recorded() -> None:
     get = metrics.registry.get_sample_value
     assert get("bon_workers_up", {"model": "rm"}) == 2
     assert get("bon_worker_restarts_total", {"model": "rm"}) == 1
+
+
+def _backend_config() -> GatewayConfig:
+    return GatewayConfig.model_validate(
+        {
+            "reward_models": [
+                {"name": "rm", "path": "/m"},
+                {
+                    "name": "rm-s",
+                    "path": "/m",
+                    "backend": "sglang",
+                    "backend_urls": ["http://s-a:30000", "http://user:secret@s-b:30001"],
+                },
+            ]
+        }
+    )
+
+
+def test_initialise_creates_the_backend_server_series_at_zero() -> None:
+    metrics = Metrics()
+    get = metrics.registry.get_sample_value
+    assert get("bon_backend_server_up", {"model": "rm-s", "server": "s-a:30000"}) is None
+    metrics.initialise(_backend_config())
+    for server in ("s-a:30000", "s-b:30001"):  # host:port, never the credentials
+        labels = {"model": "rm-s", "server": server}
+        assert get("bon_backend_server_up", labels) == 0
+        assert get("bon_backend_server_in_flight", labels) == 0
+        assert get("bon_backend_server_request_duration_seconds_count", labels) == 0
+        assert get("bon_backend_server_request_duration_seconds_bucket", {**labels, "le": "+Inf"}) == 0
+        for kind in BACKEND_ERROR_KINDS:
+            assert get("bon_backend_server_errors_total", {**labels, "kind": kind}) == 0
+    assert get("bon_backend_server_up", {"model": "rm", "server": "s-a:30000"}) is None  # workers: none
+    assert "secret" not in metrics.render().decode()
+
+
+def _server(up: bool, calls: int, errors: int, in_flight: int = 0) -> pb.BackendServer:
+    counts = [0] * (len(BACKEND_LATENCY_BUCKETS) + 1)
+    counts[2] = calls  # 0.025 s bucket
+    return pb.BackendServer(
+        model="rm-s",
+        server="s-a:30000",
+        up=up,
+        in_flight=in_flight,
+        calls=calls,
+        latency_counts=counts,
+        latency_sum=0.02 * calls,
+        errors={"http_5xx": errors},
+    )
+
+
+def test_backend_server_figures_add_over_workers_and_restarts() -> None:
+    metrics = Metrics()
+    metrics.initialise(_backend_config())
+    get = metrics.registry.get_sample_value
+    labels = {"model": "rm-s", "server": "s-a:30000"}
+    worker_a, worker_b = object(), object()
+    metrics.backend_servers.record(worker_a, 100, [_server(True, 5, 1, in_flight=2)])
+    metrics.backend_servers.record(worker_b, 200, [_server(False, 3, 2, in_flight=1)])
+    assert get("bon_backend_server_up", labels) == 1  # one worker has it in rotation
+    assert get("bon_backend_server_in_flight", labels) == 3
+    assert get("bon_backend_server_request_duration_seconds_count", labels) == 8
+    assert get("bon_backend_server_request_duration_seconds_bucket", {**labels, "le": "0.01"}) == 0
+    assert get("bon_backend_server_request_duration_seconds_bucket", {**labels, "le": "0.025"}) == 8
+    assert get("bon_backend_server_errors_total", {**labels, "kind": "http_5xx"}) == 3
+    # worker a restarts (a new pid counting from 0): what it counted stays
+    metrics.backend_servers.record(worker_a, 101, [_server(True, 1, 0)])
+    assert get("bon_backend_server_request_duration_seconds_count", labels) == 9
+    assert get("bon_backend_server_errors_total", {**labels, "kind": "http_5xx"}) == 3
+    # a worker that is down: its view of the server no longer counts as up
+    metrics.backend_servers.not_serving(worker_a)
+    assert get("bon_backend_server_up", labels) == 0
+    assert get("bon_backend_server_in_flight", labels) == 1

@@ -96,6 +96,10 @@ class WorkerHandle:
         self.channel: grpc.aio.Channel | None = None
         self.stub: reward_worker_pb2_grpc.RewardWorkerStub | None = None
         self.up = False
+        # False while a model it serves has none of its HTTP backend servers up (its Info
+        # says so): it takes no calls, though its process is well (not `up = False`, which
+        # is the supervisor's and the prober's).
+        self.backends_up = True
         self.inflight = 0
         self.served = 0  # groups this worker answered
         # Its prefix cache for this model, as its last reply reported it.
@@ -127,13 +131,18 @@ class WorkerHandle:
             call.cancel()
         return len(calls)
 
+    @property
+    def serving(self) -> bool:
+        """Whether calls may go to this worker now."""
+        return self.up and self.backends_up
+
     async def probe(self, timeout_s: float) -> bool:
-        """Whether the worker answers Info within `timeout_s`."""
+        """Whether the worker answers Info within `timeout_s` (the answer is kept in `info`)."""
         stub = self.stub
         if stub is None:
             return False
         try:
-            await stub.Info(reward_worker_pb2.WorkerInfoRequest(), timeout=timeout_s)
+            self.info = await stub.Info(reward_worker_pb2.WorkerInfoRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError:
             return False
         except asyncio.CancelledError:

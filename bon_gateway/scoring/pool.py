@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 import bon_gateway
+from bon_gateway.balancer import upstream_label
 from bon_gateway.config import GatewayConfig, RewardModelConfig
 from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Overloaded, WorkerError
 from bon_gateway.logs import log_phase
@@ -112,6 +113,9 @@ class WorkerPool:
         for name, entry in self._entries.items():
             metrics.score_queue_capacity.labels(name).set(self._queue_capacity)
             metrics.workers_configured.labels(name).set(entry.workers + len(entry.addresses))
+            if entry.backend != "workers":
+                for index, url in enumerate(entry.backend_urls):
+                    metrics.backend_servers.known(name, upstream_label(url, index))
 
     # -- lifecycle -------------------------------------------------------
     async def start(self) -> None:
@@ -142,12 +146,12 @@ class WorkerPool:
             await self.aclose()
             raise
         for name, workers in self._workers.items():
-            self.metrics.workers_up.labels(name).set(sum(w.up for w in workers))
+            self.metrics.workers_up.labels(name).set(sum(w.serving for w in workers))
             for w in workers:
                 if w.argv is not None:
                     self._supervisors.append(asyncio.create_task(self._supervise(w)))
                 if is_probed(w):  # a hung worker is marked down, retried around, restarted
-                    watch = probe_until_closed(w, self._set_up, lambda: self._closing)
+                    watch = probe_until_closed(w, self._set_up, lambda: self._closing, self._observe)
                     self._supervisors.append(asyncio.create_task(watch, name=f"probe-{w.target}"))
 
     async def _bring_up(self, worker: WorkerHandle) -> None:
@@ -160,6 +164,7 @@ class WorkerPool:
             device=worker.info.device if worker.info else "?",
         )
         self._mark(worker, up=True)
+        self._observe(worker)
 
     def _argv(self, entry: RewardModelConfig, sock: str, threads: int) -> list[str]:
         argv = [
@@ -239,10 +244,35 @@ class WorkerPool:
             delay = 0.5
             self.metrics.worker_restarts.labels(worker.entry.name).inc()
             self._mark(worker, up=True)
+            self._observe(worker)
             log_phase(log, "worker-restarted", model=worker.entry.name, target=worker.target)
 
     def _set_up(self, worker: WorkerHandle, up: bool) -> None:
         self._mark(worker, up=up)
+
+    def _observe(self, worker: WorkerHandle) -> None:
+        """Read a worker's latest Info: its backend servers' figures, and whether each model
+        it serves has a server up (if not, it takes no calls until one is)."""
+        info = worker.info
+        if info is None or not info.backend_servers:
+            return
+        self.metrics.backend_servers.record(worker, info.pid, info.backend_servers)
+        by_model: dict[str, bool] = {}
+        for server in info.backend_servers:
+            by_model[server.model] = by_model.get(server.model, False) or server.up
+        backends_up = all(by_model.values())
+        if backends_up == worker.backends_up:
+            return
+        worker.backends_up = backends_up
+        log_phase(
+            log,
+            "backend-servers-up" if backends_up else "backend-servers-down",
+            logging.INFO if backends_up else logging.WARNING,
+            model=worker.entry.name,
+            target=worker.target,
+            down=",".join(sorted(m for m, up in by_model.items() if not up)),
+        )
+        self._changed(worker.entry.name)
 
     def _mark(self, worker: WorkerHandle, *, up: bool) -> None:
         """Set whether `worker` takes calls; a change wakes waiting calls and the listeners."""
@@ -254,7 +284,11 @@ class WorkerPool:
             worker.cache_bytes = worker.cache_entries = 0
             if model in self._workers:
                 self._set_cache_gauges(model)
-        self.metrics.workers_up.labels(model).set(sum(w.up for w in self._workers.get(model, ())))
+            self.metrics.backend_servers.not_serving(worker)
+        self._changed(model)
+
+    def _changed(self, model: str) -> None:
+        self.metrics.workers_up.labels(model).set(sum(w.serving for w in self._workers.get(model, ())))
         self._up_changed.set()
         self._up_changed = asyncio.Event()
         for listener in list(self._listeners):
@@ -305,7 +339,7 @@ class WorkerPool:
             return ""
 
     def ready(self) -> bool:
-        return bool(self._workers) and all(any(w.up for w in ws) for ws in self._workers.values())
+        return bool(self._workers) and all(any(w.serving for w in ws) for ws in self._workers.values())
 
     def worker_pids(self) -> list[int]:
         """Process ids of the spawned workers that are running (tests, diagnostics)."""
@@ -351,10 +385,10 @@ class WorkerPool:
         waits for a restart (within the request's deadline and the start timeout)."""
         until = min(time.monotonic() + self.start_timeout_s, deadline.at)
         while True:
-            if prefer is not None and prefer.up and id(prefer) not in exclude:
+            if prefer is not None and prefer.serving and id(prefer) not in exclude:
                 return prefer
             workers = self._workers[model]
-            live = [w for w in workers if w.up]
+            live = [w for w in workers if w.serving]
             fresh = [w for w in live if id(w) not in exclude] or live
             if fresh:
                 least = min(fresh, key=lambda w: w.inflight)
@@ -385,7 +419,7 @@ class WorkerPool:
         """The least-loaded worker up now and not in `exclude`, without waiting (None: none)."""
         if self._closing:
             return None
-        live = [w for w in self._workers.get(model, ()) if w.up and id(w) not in exclude]
+        live = [w for w in self._workers.get(model, ()) if w.serving and id(w) not in exclude]
         return min(live, key=lambda w: w.inflight) if live else None
 
     async def await_if_dying(self, worker: WorkerHandle) -> None:

@@ -13,6 +13,10 @@ for its request's whole deadline. `probe_until_closed` runs one task per worker:
   supervisor then restarts it as it does any worker that died (and counts it in
   bon_worker_restarts_total).
 
+An answered probe's Info also carries the worker's HTTP backend servers (backend =
+"vllm" / "sglang"): the pool records their figures and takes the worker out of
+service while a model of it has no server up (`observe`); that is not a hang.
+
 Probes only run while the worker is up or hung: one that is dead or restarting
 is the supervisor's. Remote addresses that may name several workers (a host
 name, `dns:///`, a comma list) are not probed: gRPC's round robin would send
@@ -56,9 +60,13 @@ def is_probed(worker: WorkerHandle) -> bool:
 
 
 async def probe_until_closed(
-    worker: WorkerHandle, mark: Callable[[WorkerHandle, bool], None], closing: Callable[[], bool]
+    worker: WorkerHandle,
+    mark: Callable[[WorkerHandle, bool], None],
+    closing: Callable[[], bool],
+    observe: Callable[[WorkerHandle], None] | None = None,
 ) -> None:
-    """Probe `worker` every `probe.interval_s` until `closing()`; `mark(worker, up)` as above."""
+    """Probe `worker` every `probe.interval_s` until `closing()`; `mark(worker, up)` as above;
+    `observe(worker)` after every answered probe (its Info is in `worker.info`)."""
     probe = worker.entry.probe
     model = worker.entry.name
     while not closing():
@@ -70,6 +78,8 @@ async def probe_until_closed(
         if closing() or connects != worker.connects:
             continue  # restarted meanwhile: the answer is about a channel that is gone
         if answered:
+            if observe is not None:
+                observe(worker)
             if worker.hung_since is not None:
                 stalled_s = time.monotonic() - worker.hung_since
                 worker.hung_since = None

@@ -137,14 +137,43 @@ class WorkerModel(_message.Message):
     max_length: int
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., kind: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
+class BackendServer(_message.Message):
+    __slots__ = ("model", "server", "up", "in_flight", "calls", "latency_counts", "latency_sum", "errors")
+    class ErrorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    UP_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SUM_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    server: str
+    up: bool
+    in_flight: int
+    calls: int
+    latency_counts: _containers.RepeatedScalarFieldContainer[int]
+    latency_sum: float
+    errors: _containers.ScalarMap[str, int]
+    def __init__(self, model: _Optional[str] = ..., server: _Optional[str] = ..., up: _Optional[bool] = ..., in_flight: _Optional[int] = ..., calls: _Optional[int] = ..., latency_counts: _Optional[_Iterable[int]] = ..., latency_sum: _Optional[float] = ..., errors: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class WorkerInfoResponse(_message.Message):
-    __slots__ = ("models", "device", "pid", "groups_scored")
+    __slots__ = ("models", "device", "pid", "groups_scored", "backend_servers")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     GROUPS_SCORED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_SERVERS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[WorkerModel]
     device: str
     pid: int
     groups_scored: int
-    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., groups_scored: _Optional[int] = ...) -> None: ...
+    backend_servers: _containers.RepeatedCompositeFieldContainer[BackendServer]
+    def __init__(self, models: _Optional[_Iterable[_Union[WorkerModel, _Mapping]]] = ..., device: _Optional[str] = ..., pid: _Optional[int] = ..., groups_scored: _Optional[int] = ..., backend_servers: _Optional[_Iterable[_Union[BackendServer, _Mapping]]] = ...) -> None: ...

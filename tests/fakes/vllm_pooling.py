@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from tests.fakes.upstream import ThreadedServer
 
-__all__ = ["FakeVllmPooling"]
+__all__ = ["FakeVllmPooling", "sequence_forward", "token_forward"]
 
 
 class FakeVllmPooling:
@@ -36,7 +36,7 @@ class FakeVllmPooling:
         self.refused = 0  # scoring calls answered with `fail_with`
         architecture = json.loads((path / "config.json").read_text())["architectures"][0]
         self.token_level = architecture.startswith("Qwen2For") and "Sequence" not in architecture
-        self._forward = _token_forward(path) if self.token_level else _sequence_forward(path)
+        self._forward = token_forward(path) if self.token_level else sequence_forward(path)
         routes = [
             Route("/health", self._health),
             Route("/v1/models", self._models),
@@ -100,7 +100,7 @@ class FakeVllmPooling:
         return JSONResponse({"object": "list", "model": self.name, "data": data})
 
 
-def _sequence_forward(path: Path) -> Any:
+def sequence_forward(path: Path) -> Any:
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
@@ -112,7 +112,7 @@ def _sequence_forward(path: Path) -> Any:
     return forward
 
 
-def _token_forward(path: Path) -> Any:
+def token_forward(path: Path) -> Any:
     from safetensors.torch import load_file
     from transformers import Qwen2Model
 

@@ -98,7 +98,7 @@ def test_prompt_affinity_follows_the_prompt() -> None:
 
 async def test_pick_sends_a_prompt_to_its_worker_unless_it_is_much_busier() -> None:
     pool = WorkerPool(gateway_config("http://127.0.0.1:9"), Metrics())
-    workers: list[Any] = [SimpleNamespace(up=True, inflight=0) for _ in range(3)]
+    workers: list[Any] = [SimpleNamespace(serving=True, inflight=0) for _ in range(3)]
     pool._workers["rm"] = workers
     deadline = Deadline.after(5)
     home = workers[7 % 3]
@@ -108,9 +108,9 @@ async def test_pick_sends_a_prompt_to_its_worker_unless_it_is_much_busier() -> N
     home.inflight = AFFINITY_SLACK + 1  # beyond: the least loaded
     assert await pool._pick("rm", set(), deadline, affinity=7) is not home
     home.inflight = 0
-    home.up = False  # down: another one
+    home.serving = False  # down: another one
     assert await pool._pick("rm", set(), deadline, affinity=7) is not home
-    home.up = True  # a retry excludes the worker that failed
+    home.serving = True  # a retry excludes the worker that failed
     assert await pool._pick("rm", {id(home)}, deadline, affinity=7) is not home
     # Without affinity: the least loaded, as before.
     workers[0].inflight, workers[1].inflight, workers[2].inflight = 2, 0, 1

@@ -155,11 +155,11 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
 
     runtimes: dict[str, ModelRuntime] = {}
     for entry in entries:
-        if entry.backend == "vllm":
+        if entry.backend != "workers":
             from bon_gateway.scoring.worker.loading import load_tokenizing_adapter
-            from bon_gateway.scoring.worker.vllm_runtime import VllmRuntime
+            from bon_gateway.scoring.worker.remote_runtime import RemoteRuntime
 
-            remote = VllmRuntime(
+            remote = RemoteRuntime(
                 entry,
                 await asyncio.to_thread(load_tokenizing_adapter, entry),
                 max_queue_tokens=args.max_queue_tokens,
@@ -191,6 +191,7 @@ async def serve(args: argparse.Namespace, entries: list[RewardModelConfig]) -> N
         watch.cancel()
     for runtime in runtimes.values():
         await runtime.batcher.aclose()
+        await runtime.aclose_backend()
     log_phase(log, "stopped")
     remove_socket_dir_if_orphan(args.listen, args.parent_pid)
     # The server has stopped and nothing is in flight: skip asyncio's and the interpreter's

@@ -108,11 +108,12 @@ class ConfigOnly:
 
 
 def load_tokenizing_adapter(entry: RewardModelConfig) -> Adapter:
-    """The adapter of a model scored elsewhere (backend = "vllm"): tokenizer and config,
-    no weights. It builds the sequences and positions; ValueError if vLLM cannot run it."""
+    """The adapter of a model scored elsewhere (backend = "vllm" / "sglang"): tokenizer and
+    config, no weights. It builds the sequences and positions; ValueError if that server
+    cannot run it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from bon_gateway.scoring.worker.vllm_backend import vllm_task
+    from bon_gateway.scoring.worker.remote_runtime import backend_task
 
     architectures = read_architectures(entry)
     cls, architecture = adapter_for(architectures, entry.kind)
@@ -122,7 +123,7 @@ def load_tokenizing_adapter(entry: RewardModelConfig) -> Adapter:
     tokenizer = AutoTokenizer.from_pretrained(entry.path, **common)
     config = AutoConfig.from_pretrained(entry.path, **common)
     adapter = cls(ConfigOnly(config), tokenizer, entry, architecture=architecture)
-    vllm_task(adapter)
+    backend_task(entry.backend, adapter)
     log_phase(
         log, "load", model=entry.name, architecture=architecture, adapter=cls.__name__, backend=entry.backend
     )

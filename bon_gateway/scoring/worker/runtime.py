@@ -39,7 +39,7 @@ from bon_gateway.scoring.worker.planning import Plan, plan_group, shared_prompt_
 from bon_gateway.scoring.worker.prefix_cache import BLOCK_TOKENS, CacheEntry, PrefixCache, common_length
 from bon_gateway.types import Message, RawInput
 
-__all__ = ["GroupOutcome", "ModelRuntime", "OpenedGroup", "Scored", "split_group"]
+__all__ = ["BackendServerFigures", "GroupOutcome", "ModelRuntime", "OpenedGroup", "Scored", "split_group"]
 
 #: plans tried per request when a stem it reads is lost; the last one runs without the cache
 _PLANS = 3
@@ -71,6 +71,16 @@ class OpenedGroup:
     entries: list[CacheEntry] = field(default_factory=list)
     open: bool = True
     timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class BackendServerFigures:
+    """One HTTP backend server of a model (backend = "vllm" / "sglang"), for Info."""
+
+    label: str  # host:port
+    up: bool  # not ejected
+    in_flight: int
+    stats: Any  # http_backend.ServerStats (cumulative since this worker started)
 
 
 @dataclass(slots=True)
@@ -166,9 +176,12 @@ class ModelRuntime:
             ids = ids[-truncate_prompt_tokens:]  # vLLM keeps the last k tokens
         return self.adapter.encode_raw(ids, what=what)
 
-    def available(self) -> bool:
-        """Whether this model can score now (always, with the model in this process)."""
-        return True
+    def backend_servers(self) -> list[BackendServerFigures]:
+        """The HTTP servers that run this model (none: it runs in this process)."""
+        return []
+
+    async def aclose_backend(self) -> None:
+        pass
 
     def caching(self) -> bool:
         return self.prefix_reuse and self.cache is not None

@@ -145,11 +145,22 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
     async def Info(
         self, request: pb.WorkerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.WorkerInfoResponse:
-        # The pool's probe: a model whose backend servers are all down makes this worker
-        # unready (the pool marks it down, /ready follows) until one answers again.
-        down = [name for name, rt in self.runtimes.items() if not rt.available()]
-        if down:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"no backend server of {', '.join(down)} is up")
+        # The pool's probe reads the backend servers here: a model none of whose servers is
+        # up takes this worker out of service there (and /ready follows) until one is.
+        servers = [
+            pb.BackendServer(
+                model=name,
+                server=figures.label,
+                up=figures.up,
+                in_flight=figures.in_flight,
+                calls=figures.stats.calls,
+                latency_counts=figures.stats.latency_counts,
+                latency_sum=figures.stats.latency_sum,
+                errors=figures.stats.errors,
+            )
+            for name, rt in self.runtimes.items()
+            for figures in rt.backend_servers()
+        ]
         models = [
             pb.WorkerModel(
                 name=name,
@@ -161,7 +172,11 @@ class RewardWorkerService(pb_grpc.RewardWorkerServicer):
         ]
         device = next(iter(self.runtimes.values())).device if self.runtimes else ""
         return pb.WorkerInfoResponse(
-            models=models, device=device, pid=os.getpid(), groups_scored=self.groups_scored
+            models=models,
+            device=device,
+            pid=os.getpid(),
+            groups_scored=self.groups_scored,
+            backend_servers=servers,
         )
 
 

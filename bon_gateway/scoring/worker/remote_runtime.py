@@ -1,4 +1,4 @@
-"""A reward model whose forward runs on vLLM pooling servers (backend = "vllm").
+"""A reward model whose forward runs on HTTP pooling servers (backend = "vllm" / "sglang").
 
 The same runtime as for our own forward where it decides what is scored: the
 adapter's tokenization and checks (`prepare`, InputTooLong naming the field),
@@ -15,14 +15,38 @@ from collections import OrderedDict
 from bon_gateway.config import RewardModelConfig
 from bon_gateway.scoring.worker.adapters import Adapter
 from bon_gateway.scoring.worker.groups import Group
-from bon_gateway.scoring.worker.runtime import GroupOutcome, ModelRuntime, OpenedGroup, Scored
-from bon_gateway.scoring.worker.vllm_backend import VllmBackend
+from bon_gateway.scoring.worker.http_backend import HttpScoringBackend
+from bon_gateway.scoring.worker.runtime import (
+    BackendServerFigures,
+    GroupOutcome,
+    ModelRuntime,
+    OpenedGroup,
+    Scored,
+)
 
-__all__ = ["VllmRuntime"]
+__all__ = ["RemoteRuntime", "backend_class", "backend_task"]
+
+
+def backend_class(backend: str) -> type[HttpScoringBackend]:
+    """The HTTP backend of a model entry's `backend` ("vllm" or "sglang")."""
+    if backend == "sglang":
+        from bon_gateway.scoring.worker.sglang_backend import SglangBackend
+
+        return SglangBackend
+    if backend == "vllm":
+        from bon_gateway.scoring.worker.vllm_backend import VllmBackend
+
+        return VllmBackend
+    raise ValueError(f"backend {backend!r} has no HTTP servers")
+
+
+def backend_task(backend: str, adapter: Adapter) -> str:
+    """The server task for this adapter; ValueError (one line) when that server cannot score it."""
+    return backend_class(backend).task_for(adapter)
 
 
 class _ServerBatches:
-    """Stands in for the Batcher: the vLLM server queues and batches; this counts what
+    """Stands in for the Batcher: the server queues and batches; this counts what
     is outstanding there, for the worker's overload bound."""
 
     def __init__(self) -> None:
@@ -41,7 +65,7 @@ class _ServerBatches:
         pass
 
 
-class VllmRuntime(ModelRuntime):
+class RemoteRuntime(ModelRuntime):
     # ModelRuntime.__init__ is not called: it builds the local forward, the cache and the
     # batcher, none of which exist here. The attributes its shared methods read are set below.
     def __init__(
@@ -56,17 +80,24 @@ class VllmRuntime(ModelRuntime):
         self.groups: OrderedDict[str, OpenedGroup] = OrderedDict()
         self.outstanding = _ServerBatches()
         self.batcher = self.outstanding  # type: ignore[assignment]
-        self.backend = VllmBackend(entry, adapter)
+        self.backend = backend_class(entry.backend)(entry, adapter)
 
     @property
     def device(self) -> str:
-        return f"vllm:{self.backend.label}"
-
-    def available(self) -> bool:
-        return self.backend.available()
+        return f"{self.entry.backend}:{self.backend.label}"
 
     async def start_backend(self) -> None:
         await self.backend.check()
+
+    async def aclose_backend(self) -> None:
+        await self.backend.aclose()
+
+    def backend_servers(self) -> list[BackendServerFigures]:
+        balancer = self.backend.balancer
+        return [
+            BackendServerFigures(e.label, balancer.available(e), e.outstanding, self.backend.stats[e.label])
+            for e in balancer.endpoints
+        ]
 
     async def score(
         self,
