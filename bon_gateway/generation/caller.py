@@ -14,6 +14,7 @@ from bon_gateway.balancer import Balancer, Endpoint
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.payload import completion_as_chunk, error_message
 from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
+from bon_gateway.generation.sse import event_json
 from bon_gateway.generation.transport import HttpResponse, ProtocolError, ResponseTooLarge, UpstreamHttp
 from bon_gateway.metrics import Metrics
 from bon_gateway.retry import GaveUp, RetryPolicy, retry_call
@@ -191,7 +192,7 @@ class UpstreamCaller:
         async def on_event(data: str) -> None:
             nonlocal delivered
             try:
-                chunk = json.loads(data)
+                chunk = event_json(data)
             except ValueError:
                 raise _Attempt(
                     "bad_response", "bad_response", "an upstream event is not JSON", retry=True, healthy=False
