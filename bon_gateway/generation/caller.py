@@ -98,10 +98,14 @@ def _retry_after(error: Exception) -> float | None:
     return None
 
 
+# What json.dumps(body, separators=(",", ":"), allow_nan=False) builds on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _encode(body: dict[str, Any]) -> bytes:
     """Standard JSON only: admission refuses NaN / Infinity, and one that slipped through
     must fail here (ValueError) rather than reach the upstream as non-standard JSON."""
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(body).encode()
 
 
 def _deadline_failure(detail: str, cause: _Attempt | None) -> CandidateFailed:
