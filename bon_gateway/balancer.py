@@ -89,9 +89,11 @@ class Balancer:
         this call); falls back to ejected ones rather than failing outright, the
         one whose cooldown ends first: a fully ejected pool still probes.
         """
-        now = self._clock()
         self._turn += 1
         count = len(self.endpoints)
+        if count == 1:
+            return self.endpoints[0]  # every branch below picks it: the common single upstream
+        now = self._clock()
         rotated = [self.endpoints[(self._turn + i) % count] for i in range(count)]
         for candidates in (
             [e for e in rotated if self.available(e, now) and e not in avoid],

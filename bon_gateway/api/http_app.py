@@ -94,6 +94,16 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (
 )
 
 
+class _JSONResponse(JSONResponse):
+    """JSONResponse rendering through one kept encoder: the bytes Starlette's render makes
+    (json.dumps with these options builds a new encoder for every response)."""
+
+    _encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+
+    def render(self, content: Any) -> bytes:
+        return self._encoder.encode(content).encode("utf-8")
+
+
 class ClientGone(Exception):
     """The client disconnected while its request was being processed."""
 
@@ -294,7 +304,7 @@ async def _best_of_n(engine: Engine, api: _GenerateApi, body: GenerateBody, rece
         result = await _guarded(receive, lambda: engine.run(admitted, deadline))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(api.to_body(result, bon))
+    return _JSONResponse(api.to_body(result, bon))
 
 
 async def _score(engine: Engine, body: RewardsRequest, receive: Receive) -> Response:
@@ -306,7 +316,7 @@ async def _score(engine: Engine, body: RewardsRequest, receive: Receive) -> Resp
         result = await _guarded(receive, lambda: engine.score(admitted, deadline))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(rewards_body(result))
+    return _JSONResponse(rewards_body(result))
 
 
 # -- FastAPI --------------------------------------------------------------------------------------

@@ -24,6 +24,11 @@ slow head too, and one header line may be any size. `guarded_protocol` binds
 Timers are armed only for what a read leaves incomplete: a request that
 arrives whole, the common case, costs no timer (asyncio.timeout around the
 app's body read cost ~10 us per request on uvloop here; call_later+cancel ~2.5 us).
+
+A response with a Content-Length leaves in one write, head and body together
+(`_OneWriteResponse`): uvicorn writes them apart, two sends for the gateway and
+two segments for the client to wake up for. Streamed (chunked) responses are
+written as uvicorn writes them.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import asyncio
 from typing import Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from bon_gateway.config import LimitsConfig
@@ -76,6 +81,60 @@ class ConnectionTable:
         oldest = next(iter(self.waiting))
         oldest.evict()
         return True
+
+
+class _OneWriteResponse:
+    """The transport as one request's RequestResponseCycle sees it: the head of a response
+    with a Content-Length is held until the body's write, and both go in one.
+
+    Only the head is held, and never past the current turn of the loop (a `call_soon`
+    flush covers a body that does not follow at once, and a HEAD reply has none).
+    What else the cycle writes (100 Continue, chunked heads and chunks) goes straight
+    through; the bytes on the wire are the same as uvicorn's.
+    """
+
+    __slots__ = ("_cycle", "_head_passed", "_held", "_loop", "_transport")
+
+    def __init__(
+        self, transport: asyncio.Transport, cycle: RequestResponseCycle, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._transport = transport
+        self._cycle = cycle
+        self._loop = loop
+        self._held: bytes | None = None
+        self._head_passed = False
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:  # the body (uvicorn writes it whole for a Content-Length)
+            self._held = None
+            self._transport.write(held + data)
+            return
+        cycle = self._cycle
+        if not self._head_passed and cycle.response_started:
+            # uvicorn sets response_started and the framing before it writes the head.
+            self._head_passed = True
+            if cycle.chunked_encoding is False and cycle.scope["method"] != "HEAD":
+                self._held = data
+                self._loop.call_soon(self.flush)
+                return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -199,6 +258,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._body_pending = True  # until on_message_complete (at once when there is no body)
         self._cancel_timer()
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # a new request's cycle
+            cycle.transport = _OneWriteResponse(self.transport, cycle, self.loop)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         # A whole request is in: it is served, never evicted.

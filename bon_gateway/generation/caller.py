@@ -14,6 +14,7 @@ from bon_gateway.balancer import Balancer, Endpoint
 from bon_gateway.config import GeneratorConfig
 from bon_gateway.generation.payload import completion_as_chunk, error_message
 from bon_gateway.generation.retry import client_fault, parse_retry_after, retryable_status, validation_failure
+from bon_gateway.generation.sse import event_json
 from bon_gateway.generation.transport import HttpResponse, ProtocolError, ResponseTooLarge, UpstreamHttp
 from bon_gateway.metrics import Metrics
 from bon_gateway.retry import GaveUp, RetryPolicy, retry_call
@@ -97,10 +98,14 @@ def _retry_after(error: Exception) -> float | None:
     return None
 
 
+# What json.dumps(body, separators=(",", ":"), allow_nan=False) builds on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _encode(body: dict[str, Any]) -> bytes:
     """Standard JSON only: admission refuses NaN / Infinity, and one that slipped through
     must fail here (ValueError) rather than reach the upstream as non-standard JSON."""
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return _ENCODER.encode(body).encode()
 
 
 def _deadline_failure(detail: str, cause: _Attempt | None) -> CandidateFailed:
@@ -191,7 +196,7 @@ class UpstreamCaller:
         async def on_event(data: str) -> None:
             nonlocal delivered
             try:
-                chunk = json.loads(data)
+                chunk = event_json(data)
             except ValueError:
                 raise _Attempt(
                     "bad_response", "bad_response", "an upstream event is not JSON", retry=True, healthy=False

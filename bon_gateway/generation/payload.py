@@ -172,6 +172,8 @@ class StreamUsage:
 def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
     """The choice deltas and the usage (when this is the usage chunk) of one streamed
     chat.completion.chunk or text_completion event."""
+    # Once per token of every candidate: the conversions are skipped where the JSON value
+    # already has the type (what int() / str() would return anyway).
     try:
         deltas: list[ChoiceDelta] = []
         for choice in data.get("choices") or ():
@@ -179,15 +181,17 @@ def parse_chunk(data: Any) -> tuple[list[ChoiceDelta], StreamUsage | None]:
             if "delta" in choice:
                 delta = choice.get("delta") or {}
                 text = delta.get("content") or ""
-                calls = _tool_call_deltas(delta.get("tool_calls"))
+                if tool_calls := delta.get("tool_calls"):
+                    calls = _tool_call_deltas(tool_calls)
             else:
                 text = choice.get("text") or ""
             reason = choice.get("finish_reason")
+            index = choice.get("index") or 0
             deltas.append(
                 ChoiceDelta(
-                    int(choice.get("index") or 0),
-                    str(text),
-                    None if reason is None else str(reason),
+                    index if type(index) is int else int(index),
+                    text if type(text) is str else str(text),
+                    reason if reason is None or type(reason) is str else str(reason),
                     calls,
                     logprobs if isinstance(logprobs := choice.get("logprobs"), dict) else None,
                 )
