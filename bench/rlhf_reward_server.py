@@ -62,6 +62,8 @@ from rlhf_checkpoints import PRM_SEPARATOR, outcome_rm_dir, process_rm_dir
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 49152
+#: GiB for kept keys and values on every server (vLLM's KV cache space, our prefix cache)
+KV_CACHE_GIB = 2
 STEPS = 4
 
 
@@ -188,7 +190,7 @@ def vllm_env(threads: int) -> dict[str, str]:
         **os.environ,
         "OMP_NUM_THREADS": str(threads),
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
-        "VLLM_CPU_KVCACHE_SPACE": "2",
+        "VLLM_CPU_KVCACHE_SPACE": str(KV_CACHE_GIB),
         "VLLM_LOGGING_LEVEL": "WARNING",
         "HF_HUB_OFFLINE": "1",
     }
@@ -250,7 +252,8 @@ def servers(args: argparse.Namespace, log_dir: Path) -> Iterator[list[Server]]:
     warm-up: minutes), stopped together."""
     orm, prm = outcome_rm_dir(), process_rm_dir()
     dtype = args.dtype
-    entry = {"dtype": dtype, "activation": "none", "workers": 1}
+    # The memory for kept keys and values: vLLM's KV cache space (VLLM_CPU_KVCACHE_SPACE, GiB).
+    entry = {"dtype": dtype, "activation": "none", "workers": 1, "prefix_cache_bytes": KV_CACHE_GIB << 30}
     started: list[Server] = []
     try:
         # One gateway per model, as vLLM runs one server per model: a gateway's local workers

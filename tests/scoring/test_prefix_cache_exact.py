@@ -342,6 +342,18 @@ async def test_raw_inputs_with_no_prompt_boundary_reuse_their_common_prefix(pack
         assert all(s.outcome.reused_tokens >= len(prompt) for s in later)
         # Together: exactly one of them computed the new prompt; the others read it.
         assert sorted(s.outcome.reused_tokens >= len(prompt2) for s in arrived) == [False] + [True] * 4
+        # The samples that continued a prompt kept nothing of their own (their answers):
+        # one entry per prompt.
+        assert runtime.cache.entries == 2
+        # An input that shares only a short head with what is cached (a common first turn)
+        # is kept for the samples of its own prompt.
+        short_head = [*prompt2[:16], *samples(60, 1)[1][0]]
+        alone = await score_raw(runtime, short_head)
+        sibling = await score_raw(runtime, [*short_head[:-3], 7, 8, 9])
+        for ids, got in ((short_head, alone), ([*short_head[:-3], 7, 8, 9], sibling)):
+            assert got.rewards[0][0] == pytest.approx(checkpoints.reference_raw_logits(path, ids)[0], abs=TOL)
+        assert runtime.cache.entries == 3
+        assert sibling.outcome.reused_tokens == len(short_head) - 3
 
 
 @pytest.mark.asyncio

@@ -222,13 +222,21 @@ class ModelRuntime:
             return Plan(parts=split_group(plain, budget))
         shared = shared_prompt_length(group.seqs, group.prefix, prompt_tokens)
         if shared == 0 and len(group.seqs) == 1:
-            # A lone input with no known prompt (raw ids with no assistant-turn header): all
-            # of it but its last token is kept, so a later input sharing any prefix with it
-            # (the next sample of a GRPO group) continues it, found by the longest common
-            # prefix as vLLM's automatic prefix caching finds blocks; one arriving while it
-            # is computed waits for it.
-            shared = len(group.seqs[0]) - 1
+            shared = self._unknown_prompt_length(group.seqs[0])
         return plan_group(self.cache, group, shared, keep=keep, max_batch_tokens=budget)
+
+    def _unknown_prompt_length(self, seq: Sequence[int]) -> int:
+        """What to share of a lone input with no known prompt (raw ids with no assistant-turn
+        header), found by the longest common prefix with what is cached, as vLLM's
+        automatic prefix caching finds blocks. When that covers most of it, it is another
+        sample of a prompt cached before: it continues it, and its own tail (its answer,
+        which no later input shares) is not kept. Otherwise all of it but its last token is
+        kept, so the next sample of its prompt continues it (or, arriving while it is
+        computed, waits for it)."""
+        assert self.cache is not None
+        match = self.cache.match(seq, len(seq) - 1)
+        matched = match.length if match is not None else 0
+        return matched if 2 * matched >= len(seq) else len(seq) - 1
 
     def _prefill(self, stem: Stem, entry: CacheEntry) -> None:
         """Queue a stem for the cache: it runs whoever asked first goes away (others may read it)."""
