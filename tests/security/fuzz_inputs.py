@@ -26,6 +26,7 @@ __all__ = [
     "ALLOWED_GRPC_CODES",
     "GENERATE_ROUTES",
     "RAW_CONTENT_TYPES",
+    "REWARD_MODEL",
     "RLHF_BODIES",
     "SERVICE",
     "RpcCall",
