@@ -175,7 +175,11 @@ scored_chat = mostly(
 )
 vllm_fields = {
     "model": mostly(st.just(REWARD_MODEL), st.just("nope") | any_json),
-    "truncate_prompt_tokens": mostly(st.integers(-1, 64), st.integers(-(2**40), 2**40) | any_json),
+    # The wire's int32 bounds too (2**31 was a 500 before admission checked it).
+    "truncate_prompt_tokens": mostly(
+        st.integers(-1, 64),
+        st.sampled_from([2**31 - 1, 2**31, 2**63]) | st.integers(-(2**40), 2**40) | any_json,
+    ),
     "use_activation": mostly(st.booleans()),
     "activation": mostly(st.booleans()),
     "softmax": mostly(st.booleans()),
