@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.fault_upstream import TEXTS  # noqa: E402
+from bon_gateway.config import GeneratorConfig, LimitsConfig, ProbeConfig  # noqa: E402
 from bon_gateway.v1 import best_of_n_pb2 as pb  # noqa: E402
 from bon_gateway.v1 import best_of_n_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -112,7 +113,21 @@ class Tally:
     rss: list[tuple[int, float, float]] = field(default_factory=list)  # (done, gateway, workers)
 
 
+# The transport limits against hostile clients (issue 13), written out so the soak runs
+# with them on and says which values it ran with: the defaults unless given.
+TRANSPORT_LIMITS = ("max_header_bytes", "header_timeout_s", "body_timeout_s", "max_connections")
+
+
+def transport_limits(args: argparse.Namespace) -> dict[str, float]:
+    defaults = LimitsConfig()
+    return {
+        key: getattr(args, key) if getattr(args, key) is not None else getattr(defaults, key)
+        for key in TRANSPORT_LIMITS
+    }
+
+
 def _config_toml(args: argparse.Namespace, upstream_port: int, model: Path, http: int, grpc_port: int) -> str:
+    limits = "\n".join(f"{key} = {value}" for key, value in transport_limits(args).items())
     return f"""
 [server]
 host = "127.0.0.1"
@@ -124,6 +139,7 @@ log_level = "WARNING"
 
 [server.limits]
 max_in_flight = {max(256, args.concurrency * 2)}
+{limits}
 
 [generator]
 url = "http://127.0.0.1:{upstream_port}/v1"
@@ -332,7 +348,7 @@ class Soak:
                 workers_start = sum(rss_mib(p) for p in worker_pids(gw_pid))
                 print(
                     f"soak: {args.requests} requests, concurrency {args.concurrency}, "
-                    f"gateway pid {gw_pid} rss {rss_start:.0f} MiB",
+                    f"gateway pid {gw_pid} rss {rss_start:.0f} MiB; limits on: {_limits_text(args)}",
                     flush=True,
                 )
                 stub = pb_grpc.BestOfNStub(channel)
@@ -439,8 +455,20 @@ def _metric_sum(text: str, name: str) -> float:
     return total
 
 
+def _limits_text(args: argparse.Namespace) -> str:
+    # Also on, at their defaults: the upstream reply cap and the worker probe (issue 13).
+    generator, probe = GeneratorConfig(), ProbeConfig()
+    return (
+        ", ".join(f"{key} = {value}" for key, value in transport_limits(args).items())
+        + f"; generator.max_response_bytes = {generator.max_response_bytes}"
+        + f"; worker probe every {probe.interval_s} s, timeout {probe.timeout_s} s, "
+        f"restart after {probe.restart_after_s} s"
+    )
+
+
 def render(figures: dict[str, Any], args: argparse.Namespace) -> str:
     rows = [
+        ("limits on", _limits_text(args)),
         (
             "requests",
             f"{figures['requests']} at concurrency {figures['concurrency']} "
@@ -507,6 +535,13 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=30.0, help="client deadline per request")
     parser.add_argument("--model", help="reward model directory (default: the tests' tiny Llama RM)")
     parser.add_argument("--seed", type=int, default=1)
+    for key in TRANSPORT_LIMITS:
+        kind = int if key.startswith("max_") else float
+        parser.add_argument(
+            "--" + key.replace("_", "-"),
+            type=kind,
+            help=f"[server.limits] {key} (default: the gateway's, {getattr(LimitsConfig(), key)})",
+        )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "soak.md")
     args = parser.parse_args()
     figures = asyncio.run(Soak(args).run())

@@ -222,8 +222,13 @@ class Admission:
                     raise InvalidRequest(f"{param}: token ids are between 0 and 2**31 - 1", param=param)
             else:
                 _check_text(raw.text, param)
-        if request.truncate_prompt_tokens < 0:
-            raise InvalidRequest("truncate_prompt_tokens must be >= 0", param="truncate_prompt_tokens")
+        # The worker's wire field is an int32: a bigger count is the client's 400, not a
+        # ValueError (500) when the worker request is built (found by bench/fuzz_at_scale.py).
+        if not 0 <= request.truncate_prompt_tokens < 2**31:
+            raise InvalidRequest(
+                "truncate_prompt_tokens must be between 0 and 2**31 - 1 (or -1: no cut)",
+                param="truncate_prompt_tokens",
+            )
         reward_model = self.reward_model(request.reward_model, param="model")
         return AdmittedScore(request, reward_model, tuple(r.text for r in request.raw))
 

@@ -142,6 +142,32 @@ def test_in_cluster_config_points_at_the_headless_service() -> None:
     assert config.server.host == "0.0.0.0"
 
 
+# Limits against hostile clients and bad upstreams/workers (issue 13): an operator reading
+# the ConfigMap sees them and their values (the gateway's defaults) instead of guessing.
+HARDENING_KEYS = {
+    ("server", "limits"): ("max_header_bytes", "header_timeout_s", "body_timeout_s", "max_connections"),
+    ("generator",): ("max_response_bytes",),
+}
+PROBE_KEYS = ("interval_s", "timeout_s", "restart_after_s")
+
+
+def test_in_cluster_config_writes_out_the_hardening_limits_at_their_defaults() -> None:
+    raw = tomllib.loads(_in_cluster_config())
+    defaults = parse_config({"reward_models": [{"name": "m", "path": "p"}]})
+    for table, keys in HARDENING_KEYS.items():
+        section, default_section = raw, defaults
+        for name in table:
+            section, default_section = section[name], getattr(default_section, name)
+        for key in keys:
+            assert key in section, f"[{'.'.join(table)}] {key} missing from the ConfigMap"
+            assert section[key] == getattr(default_section, key), key
+    for model in raw["reward_models"]:
+        probe = model.get("probe", {})
+        for key in PROBE_KEYS:
+            assert key in probe, f"[reward_models.probe] {key} missing from the ConfigMap"
+            assert probe[key] == getattr(defaults.reward_models[0].probe, key), key
+
+
 def test_every_object_is_in_the_namespace() -> None:
     for (kind, name), doc in _manifests().items():
         if kind != "Namespace":

@@ -7,7 +7,7 @@ import pytest
 from bon_gateway.config import ServerConfig
 from bon_gateway.engine.admission import Admission
 from bon_gateway.errors import InvalidRequest, Unavailable
-from bon_gateway.types import BonRequest, Message, SamplingParams, ScoreRequest, ToolCall
+from bon_gateway.types import BonRequest, Message, RawInput, SamplingParams, ScoreRequest, ToolCall
 
 USER = (Message("user", "What is 2 + 2?"),)
 
@@ -145,6 +145,18 @@ def test_passthrough_values_nested_too_deep_are_refused() -> None:
     admission().admit_bon(
         BonRequest(USER, sampling=SamplingParams(extra={"response_format": {"a": shallow}}))
     )
+
+
+@pytest.mark.parametrize("count", [2**31, 57985071844])
+def test_a_truncation_count_beyond_the_wire_int32_is_refused(count: int) -> None:
+    # bench/fuzz_at_scale.py: POST /classify {"input": ..., "truncate_prompt_tokens": 57985071844}
+    # was a 500 (ValueError building the worker's request); it is the client's 400.
+    request_ = ScoreRequest((), raw=(RawInput(text="2 + 2 = 4"),), truncate_prompt_tokens=count)
+    with pytest.raises(InvalidRequest) as caught:
+        admission(("rm",)).admit_score(request_)
+    assert caught.value.param == "truncate_prompt_tokens"
+    largest = ScoreRequest((), raw=(RawInput(text="2 + 2 = 4"),), truncate_prompt_tokens=2**31 - 1)
+    assert admission(("rm",)).admit_score(largest).request.truncate_prompt_tokens == 2**31 - 1
 
 
 def test_scoring_inputs_with_lone_surrogates_are_refused() -> None:

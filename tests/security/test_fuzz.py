@@ -4,7 +4,9 @@ gateway (FakeScorer, fake upstream on loopback). Nothing may come back 5xx
 (INTERNAL / UNKNOWN on gRPC) and the server must keep serving.
 
 Bounded: BON_FUZZ_EXAMPLES (default 150) examples per test. Run with `-s` to
-see the number of inputs tried.
+see the number of inputs tried. The inputs come from tests/security/fuzz_inputs.py;
+bench/fuzz_at_scale.py runs the same generators to 100,000 inputs against a
+`bon-gateway serve` process.
 """
 
 from __future__ import annotations
@@ -13,27 +15,37 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, get_args
+from typing import Any
 
 import grpc
 import httpx
 import pytest
-from google.protobuf import descriptor as pb_descriptor
 from google.protobuf.message import Message as ProtoMessage
-from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bon_gateway.types import Activation, Aggregation, Selection
-from bon_gateway.v1 import best_of_n_pb2 as pb
 from tests.fakes import FakeScorer, FakeUpstream, ServedGateway, gateway_config
 from tests.security.conftest import REWARDS
+from tests.security.fuzz_inputs import (
+    ALLOWED_GRPC_CODES,
+    GENERATE_ROUTES,
+    RAW_CONTENT_TYPES,
+    RLHF_BODIES,
+    SERVICE,
+    RpcCall,
+    case_request,
+    chat_body,
+    completion_body,
+    malformed_proto,
+    proto_messages,
+    raw_body,
+    rewards_body,
+    rpc_caller,
+    schema_operations,
+)
 
 pytestmark = pytest.mark.integration
 
-SELECTIONS: tuple[str, ...] = get_args(Selection)
-AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
-ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 EXAMPLES = int(os.environ.get("BON_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -78,87 +90,6 @@ def _record(test: str, status: int, detail: str) -> None:
         SERVER_ERRORS.append(f"{test}: {status} {detail[:300]}")
 
 
-# -- HTTP: JSON bodies shaped like the request models ------------------------------
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.integers(-3, 70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=40)
-)
-any_json = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def mostly(valid: st.SearchStrategy[Any], wild: st.SearchStrategy[Any] = any_json) -> st.SearchStrategy[Any]:
-    """`valid` 9 times in 10, else `wild`: most bodies reach the engine, some break one field."""
-    return st.integers(0, 9).flatmap(lambda i: wild if i == 0 else valid)
-
-
-text_part = st.fixed_dictionaries(
-    {
-        "type": mostly(st.just("text"), st.sampled_from(["image_url", ""]) | any_json),
-        "text": st.text(max_size=60),
-    }
-)
-message = mostly(
-    st.fixed_dictionaries(
-        {
-            "role": mostly(st.sampled_from(["system", "user", "assistant", "tool", ""])),
-            "content": mostly(st.text(max_size=200) | st.lists(text_part, max_size=3)),
-        },
-        optional={"name": mostly(st.text(max_size=10))},
-    ),
-    st.fixed_dictionaries({}, optional={"role": any_json, "content": any_json, "name": any_json}),
-)
-generate_fields = {
-    "model": mostly(st.text(max_size=20)),
-    "best_of": mostly(st.integers(1, 8), st.integers(-3, 100) | any_json),
-    "n": mostly(st.integers(1, 2), st.integers(-3, 100) | any_json),
-    "reward_model": mostly(st.just("fake-rm"), st.just("nope") | any_json),
-    "selection": mostly(st.sampled_from(SELECTIONS), st.text(max_size=10) | any_json),
-    "aggregation": mostly(st.sampled_from(AGGREGATIONS), st.text(max_size=10) | any_json),
-    "return_candidates": mostly(st.booleans()),
-    "min_candidates": mostly(st.integers(1, 2), st.integers(-3, 100) | any_json),
-    "temperature": mostly(st.floats(0, 2), st.floats(-1, 3) | any_json),
-    "top_p": mostly(st.floats(0.1, 1), st.floats(-1, 2) | any_json),
-    "max_tokens": mostly(st.integers(1, 64), st.integers(-1, 100_000) | any_json),
-    "seed": mostly(st.integers(0, 2**31), st.integers(-(2**70), 2**70) | any_json),
-    "stop": mostly(st.text(max_size=10) | st.lists(st.text(max_size=10), max_size=3)),
-    "stream": mostly(st.booleans()),
-    "stream_options": mostly(st.fixed_dictionaries({}, optional={"include_usage": mostly(st.booleans())})),
-    "logit_bias": mostly(st.dictionaries(st.text(max_size=5), st.floats(-100, 100), max_size=3)),
-    "response_format": mostly(st.just({"type": "text"})),
-}
-chat_body = st.fixed_dictionaries(
-    {
-        "messages": mostly(
-            st.lists(message, min_size=1, max_size=4), st.lists(message, max_size=20) | any_json
-        )
-    },
-    optional={**generate_fields, "max_completion_tokens": mostly(st.integers(-1, 100_000))},
-)
-completion_body = st.fixed_dictionaries(
-    {"prompt": mostly(st.text(max_size=300) | st.lists(st.text(max_size=50), max_size=3))},
-    optional=generate_fields,
-)
-rewards_body = st.fixed_dictionaries(
-    {"messages": mostly(st.lists(message, min_size=1, max_size=5))},
-    optional={
-        "model": mostly(st.just("fake-rm"), st.just("nope") | any_json),
-        "candidates": mostly(st.lists(st.text(max_size=40), max_size=6)),
-        "steps": mostly(st.lists(st.lists(st.text(max_size=20), max_size=3), max_size=3)),
-        "activation": mostly(st.sampled_from(ACTIVATIONS), st.text(max_size=10) | any_json),
-        "aggregation": mostly(st.sampled_from(AGGREGATIONS), st.text(max_size=10) | any_json),
-        "selection": mostly(st.sampled_from(SELECTIONS), st.text(max_size=10) | any_json),
-    },
-)
-
-
 def _post_json(http: httpx.Client, test: str, path: str, body: Any) -> None:
     content = json.dumps(body)
     try:
@@ -190,9 +121,9 @@ def test_fuzz_rewards(http: httpx.Client, body: dict[str, Any]) -> None:
 
 @FUZZ
 @given(
-    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/rewards"]),
-    raw=st.binary(max_size=300) | any_json.map(lambda v: json.dumps(v).encode()),
-    content_type=st.sampled_from(["application/json", "text/plain", "", "application/json; charset=latin-1"]),
+    path=st.sampled_from(GENERATE_ROUTES + tuple(RLHF_BODIES)),
+    raw=raw_body,
+    content_type=st.sampled_from(RAW_CONTENT_TYPES),
 )
 def test_fuzz_raw_bodies(http: httpx.Client, path: str, raw: bytes, content_type: str) -> None:
     response = http.post(path, content=raw, headers={"Content-Type": content_type})
@@ -200,128 +131,59 @@ def test_fuzz_raw_bodies(http: httpx.Client, path: str, raw: bytes, content_type
     assert response.status_code < 500, response.text
 
 
-# -- gRPC: every field of the request messages, from the descriptors ---------------
-_INT_RANGES = {
-    pb_descriptor.FieldDescriptor.TYPE_INT32: (-(2**31), 2**31 - 1),
-    pb_descriptor.FieldDescriptor.TYPE_SINT32: (-(2**31), 2**31 - 1),
-    pb_descriptor.FieldDescriptor.TYPE_INT64: (-(2**63), 2**63 - 1),
-    pb_descriptor.FieldDescriptor.TYPE_SINT64: (-(2**63), 2**63 - 1),
-    pb_descriptor.FieldDescriptor.TYPE_UINT32: (0, 2**32 - 1),
-    pb_descriptor.FieldDescriptor.TYPE_UINT64: (0, 2**64 - 1),
-}
+# The RLHF routes and malformed RPCs are a fifth of the short run each (per route / RPC).
+SHORT_FUZZ = settings(FUZZ, max_examples=max(10, EXAMPLES // 5))
 
 
-# Values that pass validation, by field name, so most messages reach the engine.
-_LIKELY = {
-    "role": st.sampled_from(["user", "system", "assistant"]),
-    "content": st.text(max_size=80),
-    "prompt": st.just(""),
-    "best_of": st.integers(0, 8),
-    "n": st.integers(0, 3),
-    "min_candidates": st.integers(0, 3),
-    "reward_model": st.sampled_from(["", "fake-rm"]),
-    "model": st.sampled_from(["", "fake-rm"]),
-    "selection": st.sampled_from(("", *SELECTIONS)),
-    "aggregation": st.sampled_from(("", *AGGREGATIONS)),
-    "activation": st.sampled_from(("", *ACTIVATIONS)),
-    "temperature": st.floats(0, 2, width=32),
-    "top_p": st.floats(0.125, 1, width=32),
-    "max_tokens": st.integers(1, 64),
-    "steps": st.just([]),
-    "messages": st.lists(
-        st.builds(pb.ChatMessage, role=st.sampled_from(["user", "system"]), content=st.text(max_size=80)),
-        min_size=1,
-        max_size=3,
-    ),
-    "candidates": st.lists(st.text(max_size=40), min_size=1, max_size=4),
-    "seed": st.integers(0, 2**31),
-}
+@pytest.mark.parametrize("path", list(RLHF_BODIES))
+def test_fuzz_rlhf_routes(http: httpx.Client, path: str) -> None:
+    @SHORT_FUZZ
+    @given(body=RLHF_BODIES[path])
+    def run(body: dict[str, Any]) -> None:
+        _post_json(http, f"http{path.replace('/', '_')}", path, body)
+
+    run()
 
 
-def _scalar(field: pb_descriptor.FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
-    wild = _wild(field, depth)
-    likely = _LIKELY.get(field.name)
-    return wild if likely is None else mostly(likely, wild)
-
-
-def _wild(field: pb_descriptor.FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
-    t = field.type
-    if t in _INT_RANGES:
-        low, high = _INT_RANGES[t]
-        return st.integers(max(low, -3), min(high, 70)) | st.integers(low, high)
-    if t == pb_descriptor.FieldDescriptor.TYPE_FLOAT:
-        return st.floats(width=32)
-    if t == pb_descriptor.FieldDescriptor.TYPE_DOUBLE:
-        return st.floats()
-    if t == pb_descriptor.FieldDescriptor.TYPE_BOOL:
-        return st.booleans()
-    if t == pb_descriptor.FieldDescriptor.TYPE_STRING:
-        names = ["", "fake-rm", "argmax", "majority", "last", "min", "sigmoid", "user", "assistant"]
-        return st.sampled_from(names) | st.text(max_size=60)
-    if t == pb_descriptor.FieldDescriptor.TYPE_BYTES:
-        return st.binary(max_size=40)
-    if t == pb_descriptor.FieldDescriptor.TYPE_ENUM:
-        return st.sampled_from([v.number for v in field.enum_type.values])
-    if t == pb_descriptor.FieldDescriptor.TYPE_MESSAGE:
-        return proto_messages(field.message_type, depth + 1)
-    raise AssertionError(f"unhandled field type {t}")
-
-
-def proto_messages(descriptor: pb_descriptor.Descriptor, depth: int = 0) -> st.SearchStrategy[ProtoMessage]:
-    """Any instance of the message: every field optional, any value its type allows."""
-    cls = GetMessageClass(descriptor)
-    fields: dict[str, st.SearchStrategy[Any]] = {}
-    for field in descriptor.fields:
-        if field.type == pb_descriptor.FieldDescriptor.TYPE_MESSAGE and depth >= 3:
-            continue
-        repeated = getattr(field, "is_repeated", None)
-        if repeated if repeated is not None else field.label == field.LABEL_REPEATED:
-            value = st.lists(_wild(field, depth), max_size=6)
-            if field.name in _LIKELY:
-                value = mostly(_LIKELY[field.name], value)
-        else:
-            value = _scalar(field, depth)
-        fields[field.name] = value
-    return st.fixed_dictionaries({}, optional=fields).map(lambda kwargs: cls(**kwargs))
-
-
-SERVICE = pb.DESCRIPTOR.services_by_name["BestOfN"]
-ALLOWED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
+# -- gRPC: every RPC of the service, messages from the descriptors ----------------
 @pytest.fixture(scope="module")
 def channel(served: ServedGateway) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(served.grpc_target) as chan:
         yield chan
 
 
+def _check_rpc(test: str, call: RpcCall, request: ProtoMessage | bytes) -> None:
+    code, details = call(request, 20)
+    TRIED[test] += 1
+    STATUSES[code.name] += 1
+    if code not in ALLOWED_GRPC_CODES:
+        SERVER_ERRORS.append(f"{test}: {code.name} {details}")
+    assert code in ALLOWED_GRPC_CODES, (code, details, str(request)[:300])
+
+
 @pytest.mark.parametrize("method_name", [m.name for m in SERVICE.methods])
 def test_fuzz_grpc_methods(channel: grpc.Channel, method_name: str) -> None:
     method = SERVICE.methods_by_name[method_name]
-    response_cls = GetMessageClass(method.output_type)
-    path = f"/{SERVICE.full_name}/{method.name}"
-    kwargs = {
-        "request_serializer": lambda m: m.SerializeToString(),
-        "response_deserializer": response_cls.FromString,
-    }
+    call = rpc_caller(channel, method)
 
     @FUZZ
     @given(request=proto_messages(method.input_type))
     def run(request: ProtoMessage) -> None:
-        code = grpc.StatusCode.OK
-        details = ""
-        try:
-            if method.server_streaming:
-                list(channel.unary_stream(path, **kwargs)(request, timeout=20))
-            else:
-                channel.unary_unary(path, **kwargs)(request, timeout=20)
-        except grpc.RpcError as err:
-            code, details = err.code(), err.details() or ""
-        TRIED[f"grpc_{method.name}"] += 1
-        STATUSES[code.name] += 1
-        if code not in ALLOWED_CODES:
-            SERVER_ERRORS.append(f"grpc {method.name}: {code.name} {details}")
-        assert code in ALLOWED_CODES, (code, details, str(request)[:300])
+        _check_rpc(f"grpc_{method.name}", call, request)
+
+    run()
+
+
+@pytest.mark.parametrize("method_name", [m.name for m in SERVICE.methods])
+def test_fuzz_grpc_malformed_messages(channel: grpc.Channel, method_name: str) -> None:
+    """Wire bytes that do not parse as the request: INVALID_ARGUMENT, never UNKNOWN."""
+    method = SERVICE.methods_by_name[method_name]
+    call = rpc_caller(channel, method)
+
+    @SHORT_FUZZ
+    @given(request=malformed_proto(method.input_type))
+    def run(request: bytes) -> None:
+        _check_rpc(f"grpc_malformed_{method.name}", call, request)
 
     run()
 
@@ -329,11 +191,8 @@ def test_fuzz_grpc_methods(channel: grpc.Channel, method_name: str) -> None:
 # -- schemathesis: the OpenAPI schema the app itself publishes ----------------------
 @pytest.mark.slow
 def test_fuzz_openapi_schema_with_schemathesis(served: ServedGateway) -> None:
-    import schemathesis
-
     schema_doc = httpx.get(served.http_url + "/openapi.json", timeout=10).json()
-    schema = schemathesis.openapi.from_dict(schema_doc)
-    operations = [op.ok() for op in schema.get_all_operations()]
+    operations = schema_operations(schema_doc)
     assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/rewards"}
     seen: list[str] = []
     per_operation = max(10, EXAMPLES // 2)
@@ -349,14 +208,10 @@ def test_fuzz_openapi_schema_with_schemathesis(served: ServedGateway) -> None:
             )
             @given(case=strategy)
             def run(case: Any) -> None:
-                kwargs = case.as_transport_kwargs(base_url=served.http_url)
-                response = client.request(**{k: v for k, v in kwargs.items() if k in _HTTPX_KWARGS})
+                response = client.request(**case_request(case, served.http_url))
                 _record("schemathesis", response.status_code, f"{case.method} {case.path} {response.text}")
                 seen.append(f"{case.method} {case.path}")
                 assert response.status_code < 500, (case.method, case.path, case.body, response.text)
 
             run()
     assert len(seen) >= len(operations)
-
-
-_HTTPX_KWARGS = {"method", "url", "headers", "params", "json", "content", "data", "cookies", "files"}
