@@ -157,20 +157,7 @@ async def test_judges_are_refused_for_the_sglang_backend(tiny_judge_lm: Path) ->
     await _start_fails(entry, 'needs backend = "workers"')
 
 
-async def test_a_failing_server_is_left_for_the_next() -> None:
-    orm = small_orm()
-    with FakeSglangReward(orm, "orm") as bad, FakeSglangReward(orm, "orm") as good:
-        entry = {**_sglang("orm-s", orm, bad.url), "backend_urls": [bad.url, good.url]}
-        pool = await _pool(entry)
-        try:
-            bad.fail_with = 503
-            for _ in range(4):
-                result = await pool.score("orm-s", MESSAGES, ["a", "b"], deadline=Deadline.after(60))
-                assert len(result.scores) == 2
-            assert good.calls >= 4
-            assert bad.refused >= 1  # the failing server was tried: the calls moved off it
-        finally:
-            await pool.aclose()
+# Failover to the next server: tests/scoring/test_vllm_backend.py, for both backends.
 
 
 async def test_server_figures_reach_the_metrics_and_ready_follows_the_servers() -> None:

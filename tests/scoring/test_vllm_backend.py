@@ -27,6 +27,7 @@ from bon_gateway.errors import WorkerError
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.pool import WorkerPool
 from bon_gateway.types import Deadline, Message
+from tests.fakes.sglang_reward import FakeSglangReward
 from tests.fakes.upstream import unused_port
 from tests.fakes.vllm_pooling import FakeVllmPooling
 from tests.fixtures.checkpoints import REPO, build_sequence_classifier, cached_checkpoint
@@ -160,15 +161,18 @@ async def test_an_outcome_model_on_a_token_level_server_fails_start_up() -> None
         await pool.aclose()
 
 
-async def test_a_failing_server_is_left_for_the_next() -> None:
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+async def test_a_failing_server_is_left_for_the_next(backend: str) -> None:
+    """Balancing and ejection are shared by both backends (http_backend.py)."""
     orm = small_orm()
-    with FakeVllmPooling(orm, "orm") as bad, FakeVllmPooling(orm, "orm") as good:
-        entry = {"name": "orm-v", "path": str(orm), "backend": "vllm", "backend_urls": [bad.url, good.url]}
+    fake = FakeVllmPooling if backend == "vllm" else FakeSglangReward
+    with fake(orm, "orm") as bad, fake(orm, "orm") as good:
+        entry = {"name": "orm-x", "path": str(orm), "backend": backend, "backend_urls": [bad.url, good.url]}
         pool = await _pool(entry)
         try:
             bad.fail_with = 503
             for _ in range(4):
-                result = await pool.score("orm-v", MESSAGES, ["a", "b"], deadline=Deadline.after(60))
+                result = await pool.score("orm-x", MESSAGES, ["a", "b"], deadline=Deadline.after(60))
                 assert len(result.scores) == 2
             assert good.calls >= 4
             assert bad.refused >= 1  # the failing server was tried: the calls moved off it

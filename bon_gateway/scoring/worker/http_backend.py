@@ -196,6 +196,14 @@ class HttpScoringBackend(ABC):
             self.adapter.max_length = limit
             self.adapter.tok.max_length = limit
 
+    def _check_labels(self, got: torch.Tensor, where: str) -> None:
+        """BackendCheckFailed unless the server's head has the checkpoint's outputs."""
+        if got.shape[-1] != self.num_labels:
+            raise BackendCheckFailed(
+                f"reward model {where}: the server's head has {got.shape[-1]} outputs, "
+                f"the checkpoint {self.num_labels}"
+            )
+
     def probe_encodings(self) -> tuple[Encoded, Encoded]:
         """The probe candidate and a second one sharing its prompt."""
         messages, answer, steps = PROBE

@@ -139,11 +139,7 @@ class SglangBackend(HttpScoringBackend):
         except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as err:
             raise BackendCheckFailed(f"reward model {where}: the probe failed ({err})") from None
         got = alone[0]
-        if got.shape[-1] != self.num_labels:
-            raise BackendCheckFailed(
-                f"reward model {where}: the server's head has {got.shape[-1]} outputs, "
-                f"the checkpoint {self.num_labels}"
-            )
+        self._check_labels(got, where)
         checked = self._check_formula(got, hidden[0], where)
         log_phase(log, "backend-probe", model=self.entry.name, server=endpoint.label, formula=checked)
         if not torch.allclose(got, together[0], atol=PROBE_TOLERANCE):

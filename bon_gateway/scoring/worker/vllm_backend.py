@@ -85,11 +85,7 @@ class VllmBackend(HttpScoringBackend):
         except (httpx.HTTPError, KeyError, TypeError, ValueError) as err:
             raise BackendCheckFailed(f"reward model {where}: the probe failed ({err})") from None
         got = raw[0]
-        if got.shape[-1] != self.num_labels:
-            raise BackendCheckFailed(
-                f"reward model {where}: the server's head has {got.shape[-1]} outputs, "
-                f"the checkpoint {self.num_labels}"
-            )
+        self._check_labels(got, where)
         expected = torch.sigmoid(got) if self.num_labels == 1 else torch.softmax(got, dim=-1)
         if torch.allclose(got, activated[0], atol=1e-6) or not torch.allclose(
             expected, activated[0], atol=1e-3
