@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,15 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.soak import _free_port, _metric_sum, rss_mib, tiny_reward_model, worker_pids  # noqa: E402
+from bench.soak import (  # noqa: E402
+    free_port,
+    metric_sum,
+    rss_mib,
+    stop_gateway,
+    tiny_reward_model,
+    wait_workers_up,
+    worker_pids,
+)
 from tests.security import fuzz_inputs as fz  # noqa: E402
 
 # Error types of the gateway's own failures (errors.py codes of 5xx statuses): inside
@@ -208,7 +215,7 @@ class FuzzRun:
                 health = self.http.get("/health", timeout=10)
                 if health.status_code != 200:
                     problems.append(f"/health {health.status_code}")
-                up = _metric_sum(self.http.get("/metrics", timeout=10).text, "bon_workers_up")
+                up = metric_sum(self.http.get("/metrics", timeout=10).text, "bon_workers_up")
                 if up < self.args.workers:
                     problems.append(f"bon_workers_up {up:g}")
             except httpx.HTTPError as err:
@@ -326,18 +333,6 @@ def _stream_errors(text: str) -> list[str]:
     return found
 
 
-def _wait_ready(gateway: subprocess.Popen[bytes], http_url: str, workers: int) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if gateway.poll() is not None:
-            raise RuntimeError(f"gateway exited with {gateway.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if _metric_sum(httpx.get(http_url + "/metrics", timeout=5).text, "bon_workers_up") >= workers:
-                return
-        time.sleep(0.5)
-    raise RuntimeError("gateway not ready after 300 s")
-
-
 def fuzz(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bon-fuzz-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -346,7 +341,7 @@ def fuzz(args: argparse.Namespace) -> dict[str, Any]:
     )
     assert upstream.stdout is not None
     upstream_port = int(upstream.stdout.readline())
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config = work / "gateway.toml"
     config.write_text(_config_toml(tiny_reward_model(), upstream_port, http_port, grpc_port, args.workers))
     log_path = work / "gateway.log"
@@ -361,7 +356,7 @@ def fuzz(args: argparse.Namespace) -> dict[str, Any]:
         )
     run: FuzzRun | None = None
     try:
-        _wait_ready(gateway, http_url, args.workers)
+        wait_workers_up(gateway, http_url, args.workers)
         schema_ops = fz.schema_operations(httpx.get(http_url + "/openapi.json", timeout=10).json())
         run = FuzzRun(args, gateway, http_url, f"127.0.0.1:{grpc_port}")
         pids = worker_pids(gateway.pid)
@@ -377,9 +372,9 @@ def fuzz(args: argparse.Namespace) -> dict[str, Any]:
         healthy_at_end = run.check()
         rss_after = run.tally.rss[-1][1:]
         pids_after = worker_pids(gateway.pid)
-        restarts = _metric_sum(run.http.get("/metrics").text, "bon_worker_restarts_total")
+        restarts = metric_sum(run.http.get("/metrics").text, "bon_worker_restarts_total")
         gateway_alive = gateway.poll() is None
-        exit_code = _stop(gateway)
+        exit_code = stop_gateway(gateway)
     finally:
         if run is not None:
             run.close()
@@ -412,16 +407,6 @@ def fuzz(args: argparse.Namespace) -> dict[str, Any]:
         "rss_samples": [(n, round(g, 1), round(w, 1)) for n, g, w in tally.rss],
         "gateway_log": str(log_path),
     }
-
-
-def _stop(gateway: subprocess.Popen[bytes]) -> int | None:
-    if gateway.poll() is not None:
-        return gateway.returncode
-    gateway.send_signal(signal.SIGTERM)
-    try:
-        return gateway.wait(60)
-    except subprocess.TimeoutExpired:
-        return None
 
 
 def crashes(figures: dict[str, Any]) -> int:

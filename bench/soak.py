@@ -62,7 +62,7 @@ PROMPTS = (
 REWARD_TOLERANCE = 1e-3  # batched vs single scoring differ by ~1e-6; a swapped text by far more
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -291,7 +291,7 @@ class Soak:
             if self.tally.done < next_kill:
                 continue
             with contextlib.suppress(httpx.HTTPError):
-                up = _metric_sum((await client.get("/metrics")).text, "bon_workers_up")
+                up = metric_sum((await client.get("/metrics")).text, "bon_workers_up")
                 pids = worker_pids(self.gateway.pid)
                 if up >= self.args.workers and len(pids) >= self.args.workers:
                     os.kill(self.rng.choice(pids), signal.SIGKILL)
@@ -301,7 +301,7 @@ class Soak:
     async def run(self) -> dict[str, Any]:
         args = self.args
         work = Path(tempfile.mkdtemp(prefix="bon-soak-"))
-        upstream_port, http_port, grpc_port = _free_port(), _free_port(), _free_port()
+        upstream_port, http_port, grpc_port = free_port(), free_port(), free_port()
         model = Path(args.model) if args.model else tiny_reward_model()
         upstream = _spawn(
             [
@@ -341,7 +341,8 @@ class Soak:
                 ) as client,
                 grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
             ):
-                await self._wait_ready(client)
+                url, wanted, keyed = str(client.base_url), self.args.workers, dict(client.headers)
+                await asyncio.to_thread(wait_workers_up, self.gateway, url, wanted, keyed)
                 await self._reference(client)
                 gw_pid = self.gateway.pid
                 rss_start = rss_mib(gw_pid)
@@ -365,14 +366,14 @@ class Soak:
                 faults = (await client.get(f"http://127.0.0.1:{upstream_port}/stats")).json()
             if self.gateway.poll() is not None:
                 self.gateway_crashed = True
-            exit_code = self._stop_gateway()
+            exit_code = stop_gateway(self.gateway)
         finally:
             if self.gateway.poll() is None:
                 self.gateway.kill()
             upstream.terminate()
             upstream.wait(10)
         tracebacks = log_path.read_text(errors="replace").count("Traceback")
-        restarts = _metric_sum(metrics_text, "bon_worker_restarts_total")
+        restarts = metric_sum(metrics_text, "bon_worker_restarts_total")
         tally = self.tally
         lat = sorted(tally.latencies)
         return {
@@ -402,21 +403,6 @@ class Soak:
             "gateway_log": str(log_path),
         }
 
-    async def _wait_ready(self, client: httpx.AsyncClient) -> None:
-        assert self.gateway is not None
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.gateway.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.gateway.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                # /ready turns 200 with the first worker; the soak starts with all of
-                # them up (a worker killed while the pool starts stops the gateway).
-                metrics = await client.get("/metrics")
-                if _metric_sum(metrics.text, "bon_workers_up") >= self.args.workers:
-                    return
-            await asyncio.sleep(0.5)
-        raise RuntimeError("gateway not ready after 300 s")
-
     async def _reference(self, client: httpx.AsyncClient) -> None:
         """Every (prompt, text) reward, scored before any fault or kill."""
         for index, prompt in enumerate(PROMPTS):
@@ -425,15 +411,34 @@ class Soak:
             response.raise_for_status()
             self.reference[index] = {TEXTS[d["index"]]: d["reward"] for d in response.json()["data"]}
 
-    def _stop_gateway(self) -> int | None:
-        assert self.gateway is not None
-        if self.gateway.poll() is not None:
-            return self.gateway.returncode
-        self.gateway.send_signal(signal.SIGTERM)
-        try:
-            return self.gateway.wait(60)
-        except subprocess.TimeoutExpired:
-            return None
+
+def wait_workers_up(
+    gateway: subprocess.Popen[bytes], http_url: str, workers: int, headers: dict[str, str] | None = None
+) -> None:
+    """Until the gateway reports `workers` reward workers up (/ready turns 200 with the first;
+    a soak or fuzz run starts with all of them: a worker killed while the pool starts stops
+    the gateway)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if gateway.poll() is not None:
+            raise RuntimeError(f"gateway exited with {gateway.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            scrape = httpx.get(http_url.rstrip("/") + "/metrics", headers=headers, timeout=5).text
+            if metric_sum(scrape, "bon_workers_up") >= workers:
+                return
+        time.sleep(0.5)
+    raise RuntimeError("gateway not ready after 300 s")
+
+
+def stop_gateway(gateway: subprocess.Popen[bytes]) -> int | None:
+    """SIGTERM, then its exit code (None if it did not exit within 60 s)."""
+    if gateway.poll() is not None:
+        return gateway.returncode
+    gateway.send_signal(signal.SIGTERM)
+    try:
+        return gateway.wait(60)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
@@ -447,7 +452,7 @@ def _quantile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
 
 
-def _metric_sum(text: str, name: str) -> float:
+def metric_sum(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
