@@ -271,6 +271,10 @@ class StrategyConfig(_Strict):
     # rejected there (the first ones are then judged together). None: ceil((1 -
     # rejection_rate) * best_of), at least 2 (see README, "Search").
     min_peers: int | None = Field(None, ge=1)
+    # best_of_n: each live candidate's text goes to its reward worker every this many new
+    # tokens while it is generated (the worker keeps its keys and values), so that scoring
+    # a finished candidate computes only its last tokens. 0: score whole texts at the end.
+    prefill_every: int = Field(32, ge=0)
 
     @field_validator("checkpoints")
     @classmethod

@@ -125,7 +125,9 @@ class Admission:
                     raise InvalidRequest(
                         f"{name} applies to strategy speculative_rejection, not best_of_n", param=name
                     )
-            return SearchPlan(keep=request.n, aggregation=request.aggregation)
+            return SearchPlan(
+                keep=request.n, aggregation=request.aggregation, prefill_every=self.strategy.prefill_every
+            )
         rate = self.strategy.rejection_rate if request.rejection_rate is None else request.rejection_rate
         if not 0 < rate < 1:
             raise InvalidRequest("rejection_rate must be in (0, 1)", param="rejection_rate")

@@ -164,7 +164,9 @@ class Engine:
                 on_opened()
             margin = min(GENERATION_MARGIN_MAX_S, GENERATION_MARGIN_SHARE * deadline.remaining())
             progress = bool(plan.checkpoints) or callbacks.on_winner_text is not None
-            run = self.generator.stream(request, deadline.earlier(margin), progress=progress)
+            run = self.generator.stream(
+                request, deadline.earlier(margin), progress=progress, progress_every=plan.prefill_every
+            )
             try:
                 outcome = await search(
                     request.best_of,

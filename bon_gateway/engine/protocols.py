@@ -73,8 +73,15 @@ class CandidateGenerator(Protocol):
         """Call `listener` whenever `usable()` may have changed."""
         ...
 
-    def stream(self, request: BonRequest, deadline: Deadline, *, progress: bool = False) -> GenerationRun:
-        """Start best_of candidates; no call, retry or backoff wait runs past `deadline`."""
+    def stream(
+        self, request: BonRequest, deadline: Deadline, *, progress: bool = False, progress_every: int = 0
+    ) -> GenerationRun:
+        """Start best_of candidates; no call, retry or backoff wait runs past `deadline`.
+
+        progress: a Progress event for every chunk of text (a stream that broke after
+        some was shown is not retried from scratch). progress_every > 0: one every that
+        many tokens, which leaves broken streams retryable (a retried candidate's next
+        Progress then has fewer tokens than its last)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -17,6 +17,15 @@ streams are closed. Two rules (`SearchPlan.per_candidate`):
   `rejection_rate` share of the race, finished candidates included, is rejected.
 
 Ranking happens when the last candidate is scored.
+
+Texts sent ahead (`SearchPlan.prefill_every`, best-of-N): while the candidates
+are generated and the request has no scoring call in flight, the live texts
+that grew by `prefill_every` tokens since they were last sent go to the
+worker, which keeps their keys and values in the group; the results are not
+used. A finished candidate then computes only its last tokens, so the
+scoring after the slowest candidate costs little more than one short tail.
+A candidate that finishes while its text is on the way waits for that call,
+whose work its own scoring reuses.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ class SearchPlan:
     aggregation: Aggregation = "last"
     per_candidate: bool = True  # judge each candidate as it reaches a checkpoint (else: rounds)
     min_peers: int = 2  # per_candidate: arrivals at a checkpoint before anyone is rejected there
+    # Without checkpoints: send a live text ahead each time it grew by this many tokens (0: never).
+    prefill_every: int = 0
 
 
 @dataclass(slots=True)
@@ -83,6 +94,7 @@ class _Candidate:
     rejected: RejectedCandidate | None = None
     # checkpoint -> (text, tokens) when the candidate reached it
     snapshots: dict[int, tuple[str, int]] = field(default_factory=dict)
+    prefilled: int = 0  # tokens of the text last sent ahead
 
     @property
     def live(self) -> bool:
@@ -143,11 +155,20 @@ class _RoundScored:
 
 
 @dataclass(frozen=True, slots=True)
+class _Prefilled:
+    batch: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _GenerationDone:
     pass
 
 
-_Message = GenerationEvent | _Scored | _RoundScored | _GenerationDone | BaseException
+_Message = GenerationEvent | _Scored | _RoundScored | _Prefilled | _GenerationDone | BaseException
+
+# A call that sends texts ahead carries at most this many times prefill_every new tokens
+# (at least one text): short enough that a candidate finishing meanwhile waits little.
+_PREFILL_CALL_SHARE = 4
 
 
 class _Search:
@@ -179,6 +200,7 @@ class _Search:
         self.points = [_Checkpoint(c) for c in plan.checkpoints] if plan.per_candidate else []
         self.partials_to_score: list[tuple[int, int]] = []  # (checkpoint position, index)
         self.winner: int | None = None  # the only candidate left, whose text streams
+        self.prefilling: set[int] = set()  # candidates whose texts are on the way ahead
 
     # -- tasks -----------------------------------------------------------------------
     def _spawn(self, work: Awaitable[None]) -> None:
@@ -212,6 +234,13 @@ class _Search:
         texts = [self.candidates[i].snapshots[checkpoint][0] for i in batch]
         result = await self.group.score(texts, deadline=self.deadline)
         self.inbox.put_nowait(_RoundScored(checkpoint, batch, result, time.perf_counter() - started))
+
+    async def _prefill(self, batch: tuple[int, ...], texts: list[str]) -> None:
+        try:
+            await self.group.score(texts, deadline=self.deadline)
+        except Exception as err:  # only work saved is lost: the final scoring recomputes it
+            log.debug("phase=prefill_failed error=%s", type(err).__name__)
+        self.inbox.put_nowait(_Prefilled(batch))
 
     def _generation(self, index: int) -> Generation:
         generation = self.candidates[index].generation
@@ -248,6 +277,8 @@ class _Search:
                         await self._scored(message)
                     elif isinstance(message, _RoundScored):
                         await self._decide(message)
+                    elif isinstance(message, _Prefilled):
+                        self.prefilling.difference_update(message.batch)
                     message = None if self.inbox.empty() else self.inbox.get_nowait()
                 if self.points:
                     await self._judge()
@@ -279,7 +310,7 @@ class _Search:
         """The loop's state in one line (diagnostics when a request is cut)."""
         parts = [
             f"generating={self.generating} scoring={self.scoring} round={self.round_running}",
-            f"next_round={self.next_round} to_score={self.to_score}",
+            f"next_round={self.next_round} to_score={self.to_score} prefilling={sorted(self.prefilling)}",
         ]
         for point in self.points:
             parts.append(
@@ -296,13 +327,42 @@ class _Search:
 
     def _kick(self) -> None:
         """Start the scoring work that can start now."""
-        if not self.scoring and (self.to_score or self.partials_to_score):
-            batch, self.to_score = tuple(self.to_score), []
+        # A candidate whose text is on the way ahead waits for it: its scoring reuses that work.
+        ready = [i for i in self.to_score if i not in self.prefilling]
+        if not self.scoring and (ready or self.partials_to_score):
+            batch = tuple(ready)
+            self.to_score = [i for i in self.to_score if i in self.prefilling]
             partials, self.partials_to_score = tuple(self.partials_to_score), []
             self.scoring = True
             self._spawn(self._score_final(batch, partials))
         if not self.plan.per_candidate:
             self._maybe_start_round()
+        if self.plan.prefill_every and not self.plan.checkpoints:
+            self._send_ahead()
+
+    def _send_ahead(self) -> None:
+        """Send the live texts that grew by prefill_every tokens, when the worker has nothing
+        of this request to do: what they leave to compute at the end is their last tokens."""
+        every = self.plan.prefill_every
+        if not self.generating or self.scoring or self.prefilling:
+            return
+        grown = sorted(
+            (c for c in self.candidates if c.live and c.tokens - c.prefilled >= every),
+            key=lambda c: (c.prefilled - c.tokens, c.index),
+        )
+        batch: list[_Candidate] = []
+        new_tokens = 0
+        for candidate in grown:
+            if batch and new_tokens + candidate.tokens - candidate.prefilled > _PREFILL_CALL_SHARE * every:
+                break
+            batch.append(candidate)
+            new_tokens += candidate.tokens - candidate.prefilled
+        if not batch:
+            return
+        for candidate in batch:
+            candidate.prefilled = candidate.tokens
+            self.prefilling.add(candidate.index)
+        self._spawn(self._prefill(tuple(c.index for c in batch), [c.text for c in batch]))
 
     # -- events ----------------------------------------------------------------------
     async def _progress(self, event: Progress) -> None:
@@ -310,6 +370,8 @@ class _Search:
         if not candidate.live:
             return
         previous = candidate.text
+        if event.tokens < candidate.tokens:  # its stream started over
+            candidate.prefilled = 0
         candidate.text, candidate.tokens = event.text, event.tokens
         self._snapshot(candidate)
         if self.winner == event.index and self.callbacks.on_winner_text is not None:

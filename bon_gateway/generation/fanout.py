@@ -126,13 +126,15 @@ class FanOut:
         deadline: Deadline,
         *,
         progress: bool,
+        progress_every: int = 0,
     ) -> None:
         self.client = client
         self.request = request
         self.model = model
         self.base_seed = base_seed
         self.deadline = deadline
-        self.progress = progress
+        self.progress = progress  # every chunk: a stream that showed text is not started over
+        self.progress_every = progress_every
         self._events: asyncio.Queue[GenerationEvent | BaseException | _Wake] = asyncio.Queue()
         self._live = {i: _Live(i) for i in range(request.best_of)}
         self._calls: list[_Call] = []
@@ -288,7 +290,8 @@ class FanOut:
                     live.parts.append(delta.text)
                     live.tokens += 1
                     call.counted_tokens += 1
-                    if self.progress and delta.text:
+                    every = self.progress_every
+                    if delta.text and (self.progress or (every and live.tokens % every == 0)):
                         self._events.put_nowait(Progress(live.index, live.text(), live.tokens))
                 if delta.finish_reason is not None:
                     live.finish_reason = delta.finish_reason

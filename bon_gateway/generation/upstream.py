@@ -81,7 +81,9 @@ class UpstreamClient:
     def endpoints(self) -> list[Endpoint]:
         return self.caller.balancer.endpoints
 
-    def stream(self, request: BonRequest, deadline: Deadline, *, progress: bool = False) -> FanOut:
+    def stream(
+        self, request: BonRequest, deadline: Deadline, *, progress: bool = False, progress_every: int = 0
+    ) -> FanOut:
         """Start best_of candidates; iterate the run for their events, `aclose` it when done.
 
         A client-fault 4xx from the upstream is raised from the iteration as an
@@ -96,6 +98,7 @@ class UpstreamClient:
             self._rng.randrange(2**31) if seed is None else seed,
             deadline,
             progress=progress,
+            progress_every=progress_every,
         )
 
     async def generate(self, request: BonRequest, deadline: Deadline) -> FanOutResult:

@@ -99,7 +99,9 @@ class TimedGenerator:
     def on_readiness_change(self, listener: ReadinessListener) -> None:
         pass
 
-    def stream(self, request: BonRequest, deadline: Deadline, *, progress: bool = False) -> TimedRun:
+    def stream(
+        self, request: BonRequest, deadline: Deadline, *, progress: bool = False, progress_every: int = 0
+    ) -> TimedRun:
         assert progress  # checkpoints need Progress events
         run = TimedRun(self.tokens, self.ticks)
         self.runs.append(run)

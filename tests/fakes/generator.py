@@ -26,13 +26,23 @@ __all__ = ["ScriptedGenerator", "ScriptedRun"]
 
 class ScriptedRun:
     """One request: candidate i streams `tokens[i]`; `fail` maps an index to the token
-    count after which it fails (a stream that dies). Records what each candidate sent."""
+    count after which it fails (a stream that dies); `step_s`: the pause between steps.
+    Records what each candidate sent.
+    Progress: for every token with `progress`, else every `progress_every` tokens."""
 
     def __init__(
-        self, tokens: Sequence[Sequence[str]], progress: bool, fail: dict[int, int], hang: bool = False
+        self,
+        tokens: Sequence[Sequence[str]],
+        progress: bool,
+        fail: dict[int, int],
+        hang: bool = False,
+        progress_every: int = 0,
+        step_s: float = 0.0,
     ) -> None:
         self.tokens = [list(t) for t in tokens]
+        self.step_s = step_s
         self.progress = progress
+        self.progress_every = progress_every
         self.fail = fail
         self.hang = hang
         self.sent = [0] * len(self.tokens)
@@ -54,13 +64,14 @@ class ScriptedRun:
                     continue
                 if self.sent[i] < len(tokens):
                     self.sent[i] += 1
-                    if self.progress:
+                    every = self.progress_every
+                    if self.progress or (every and self.sent[i] % every == 0):
                         yield Progress(i, "".join(tokens[: self.sent[i]]), self.sent[i])
                 if self.sent[i] == len(tokens):
                     done.add(i)
                     yield Finished(Generation(i, "".join(tokens), "stop", 3, len(tokens)))
             # Let the consumer's scoring run between steps, as real streams interleave.
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.step_s)
             if self.hang:
                 await asyncio.Event().wait()
 
@@ -79,9 +90,15 @@ class ScriptedGenerator:
     """Candidate i of every request streams the words of `texts[i]` (see ScriptedRun)."""
 
     def __init__(
-        self, texts: Sequence[str], *, fail: dict[int, int] | None = None, hang: bool = False
+        self,
+        texts: Sequence[str],
+        *,
+        fail: dict[int, int] | None = None,
+        hang: bool = False,
+        step_s: float = 0.0,
     ) -> None:
         self.texts = list(texts)
+        self.step_s = step_s
         self.fail = dict(fail or {})
         self.hang = hang
         self.runs: list[ScriptedRun] = []
@@ -97,10 +114,12 @@ class ScriptedGenerator:
     def on_readiness_change(self, listener: ReadinessListener) -> None:
         pass
 
-    def stream(self, request: BonRequest, deadline: Deadline, *, progress: bool = False) -> ScriptedRun:
+    def stream(
+        self, request: BonRequest, deadline: Deadline, *, progress: bool = False, progress_every: int = 0
+    ) -> ScriptedRun:
         self.deadlines.append(deadline)
         tokens = [tokens_of(self.texts[i % len(self.texts)]) for i in range(request.best_of)]
-        run = ScriptedRun(tokens, progress, self.fail, self.hang)
+        run = ScriptedRun(tokens, progress, self.fail, self.hang, progress_every, self.step_s)
         self.runs.append(run)
         return run
 

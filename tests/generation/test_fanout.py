@@ -15,7 +15,17 @@ from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from bon_gateway.generation.upstream import UpstreamClient
 from bon_gateway.metrics import Metrics
-from bon_gateway.types import BonRequest, BonResult, Deadline, Dropped, Message, SamplingParams
+from bon_gateway.types import (
+    BonRequest,
+    BonResult,
+    Deadline,
+    Dropped,
+    Failed,
+    Finished,
+    Message,
+    Progress,
+    SamplingParams,
+)
 from tests.fakes import FakeScorer, unused_port
 from tests.fakes.fault_upstream import FaultUpstream, Garbage, Hang, Reply, Reset
 
@@ -302,6 +312,34 @@ async def test_cancelling_the_request_closes_upstream_connections(fault: FaultUp
     )
     assert up.endpoints[0].outstanding == 0
     await up.aclose()
+
+
+@pytest.mark.parametrize(
+    ("progress", "every", "shown", "retried"),
+    [
+        (False, 3, [3, 3, 6], True),  # every 3 tokens: the broken stream starts over
+        (True, 0, [1, 2, 3, 4], False),  # every chunk: what was shown stands, the candidate fails
+    ],
+)
+async def test_progress_every_k_tokens_leaves_broken_streams_retryable(
+    progress: bool, every: int, shown: list[int], retried: bool
+) -> None:
+    text = "one two three four five six seven"
+    with FaultUpstream((text,)) as server:
+        server.script(Reply(break_after=4))  # the first call dies after 4 tokens
+        up = client(server.url, mode="parallel", retries=1)
+        run = up.stream(request(best_of=1), Deadline.after(30), progress=progress, progress_every=every)
+        events = [event async for event in run]
+        await run.aclose()
+        await up.aclose()
+        calls = len(server.calls)
+    assert [e.tokens for e in events if isinstance(e, Progress)] == shown
+    if retried:
+        assert calls == 2
+        assert [e.generation.text for e in events if isinstance(e, Finished)] == [text]
+    else:
+        assert calls == 1
+        assert [type(e) for e in events if not isinstance(e, Progress)] == [Failed]
 
 
 async def test_min_candidates(fault: FaultUpstream) -> None:

@@ -9,16 +9,20 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from bon_gateway.config import GatewayConfig
+from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import InvalidRequest
 from bon_gateway.metrics import Metrics
 from bon_gateway.scoring.group import PooledGroup
 from bon_gateway.scoring.pool import WorkerPool
 from bon_gateway.scoring.wire import score_request
-from bon_gateway.types import Deadline, Message
+from bon_gateway.types import BonRequest, Deadline, Message
+from tests.fakes.generator import ScriptedGenerator
 from tests.fakes.scorer import FakeScorer
 from tests.fixtures import checkpoints
 from tests.scoring.helpers import MESSAGE_DICTS, MESSAGES, gateway_config, mixed_candidates
@@ -219,3 +223,61 @@ async def test_fake_scorer_groups_record_their_calls() -> None:
     scorer.open_error = InvalidRequest("too long", param="messages")
     with pytest.raises(InvalidRequest):
         await scorer.open_group("fake-rm", MESSAGES, deadline=Deadline.after(5)).opened()
+
+
+class _Recording:
+    """The pool as the engine's scorer, recording the texts of every group call."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.calls: list[tuple[str, ...]] = []
+        self.prompt_tokens = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def open_group(self, model: str, messages: Any, *, deadline: Deadline, request_id: str = "") -> Any:
+        group = self.pool.open_group(model, messages, deadline=deadline, request_id=request_id)
+        recording = self
+
+        class Group:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(group, name)
+
+            async def score(self, texts: Any, *, deadline: Deadline) -> Any:
+                recording.calls.append(tuple(texts))
+                result = await group.score(texts, deadline=deadline)
+                recording.prompt_tokens = group.prompt_tokens
+                return result
+
+        return Group()
+
+
+@pytest.mark.integration
+@pytest.mark.asyncio(loop_scope="module")
+async def test_texts_sent_ahead_are_reused_and_every_reward_stays_exact(
+    pool: WorkerPool, tiny_llama_rm: Path
+) -> None:
+    # Best-of-3 on the real pool, the candidates streaming word by word (10 ms a step),
+    # their texts sent ahead every 8 words: every reward equals the reference forward of
+    # the whole text, and the calls reused the candidates' earlier texts, not only the prompt.
+    candidates = [" ".join(f"Step {i}: add {i} and {j}." for i in range(n)) for j, n in enumerate((3, 9, 14))]
+    config = GatewayConfig.model_validate(
+        {
+            "generator": {"url": "http://127.0.0.1:9/v1", "model": "scripted"},
+            "strategy": {"prefill_every": 8},
+        }
+    )
+    scorer = _Recording(pool)
+    gateway = Engine(config, ScriptedGenerator(candidates, step_s=0.01), scorer, Metrics())  # type: ignore[arg-type]
+    before = reused(pool, "rm")
+    request = BonRequest(MESSAGES, best_of=3, reward_model="rm")
+    result = await gateway.run(gateway.admit(request), Deadline.after(60))
+    got = {c.index: c.reward for c in result.ranked}
+    assert got == pytest.approx({i: want(tiny_llama_rm, t) for i, t in enumerate(candidates)}, abs=TOL)
+    texts = [t for call in scorer.calls for t in call]
+    ahead = [t for t in texts if t not in candidates]
+    assert len(ahead) >= 4, scorer.calls  # the long ones went ahead several times
+    # A text reuses at most the whole prompt from the prompt alone: the rest is the
+    # candidates' own earlier texts.
+    assert reused(pool, "rm") - before > len(texts) * scorer.prompt_tokens
