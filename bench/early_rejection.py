@@ -3,6 +3,7 @@
     python bench/early_rejection.py                      # 50 questions, N 4 8 16, alphas 0.5 0.75
     python bench/early_rejection.py --questions 5 --ns 4 8   # a quick look
     python bench/early_rejection.py --resume             # continue an interrupted run
+    python bench/early_rejection.py --ns 16 --generator-nice 0 10   # generator niced, A/B
 
 What runs: `--upstreams` llama-cpp-python servers on the SmolLM2-135M-Instruct GGUF
 (one thread each, `--interrupt_requests False`; llama-cpp-python serialises requests
@@ -24,6 +25,16 @@ cancelled stream really saved there), wall seconds, the winner's final reward, a
 whether the winner's answer is right (math-verify). Every request is a line of
 bench/results/early_rejection.jsonl; the summary is early_rejection.md and the
 reward-vs-tokens plot early_rejection.png.
+
+Overshoot: the tokens a request generated beyond what its candidates account for
+(finished ones: their length; rejected ones: their length at the checkpoint that
+sank them), that is, tokens generated between a candidate reaching its checkpoint
+and its cancel taking effect: the wait for the checkpoint's first `min_peers`
+arrivals, then the scoring of its partial text. On this 2-core machine the reward worker shares the
+cores with the generating processes, so each decision waits for CPU;
+`--generator-nice 0 10` runs every configuration at both niceness levels of the
+llama.cpp processes, alternating (a generator on its own accelerator does not slow
+the reward worker).
 """
 
 from __future__ import annotations
@@ -62,12 +73,24 @@ class Config:
     strategy: str  # best_of_n | speculative_rejection
     n: int
     alpha: float | None = None
+    nice: int = 0  # of the llama.cpp processes during this configuration's requests
 
     @property
     def key(self) -> str:
-        if self.alpha is None:
-            return f"best_of_n/N={self.n}"
-        return f"speculative_rejection/N={self.n}/alpha={self.alpha}"
+        key = (
+            f"best_of_n/N={self.n}"
+            if self.alpha is None
+            else f"speculative_rejection/N={self.n}/alpha={self.alpha}"
+        )
+        return key if not self.nice else f"{key}/nice={self.nice}"
+
+
+def renice(processes: list[psutil.Process], nice: int) -> None:
+    """Every thread of the servers to `nice` (Linux niceness is per thread)."""
+    for process in processes:
+        for thread in process.threads():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpriority(os.PRIO_PROCESS, thread.id, nice)
 
 
 # -- the servers ----------------------------------------------------------------
@@ -213,6 +236,7 @@ def ask(
         "strategy": config.strategy,
         "n": config.n,
         "alpha": config.alpha,
+        "nice": config.nice,
         "tokens": data["usage"]["completion_tokens"],
         "upstream_cpu_s": cpu,
         "wall_s": wall,
@@ -249,6 +273,13 @@ def main() -> None:
     parser.add_argument(
         "--cancel-probe", action="store_true", help="only measure what llama.cpp does when a stream closes"
     )
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="niceness levels of the llama.cpp processes; each configuration runs at each (A/B)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "early_rejection")
     args = parser.parse_args()
     # A terminated run still stops its servers (the `with` blocks' cleanup runs).
@@ -265,8 +296,11 @@ def main() -> None:
         report([json.loads(line) for line in raw.read_text().splitlines()], problems, args)
         return
     big = max(args.ns)
-    configs = [Config("best_of_n", n) for n in args.ns] + [
-        Config("speculative_rejection", n, a) for n in args.ns for a in args.alphas
+    configs = [Config("best_of_n", n, None, nice) for n in args.ns for nice in args.generator_nice] + [
+        Config("speculative_rejection", n, a, nice)
+        for n in args.ns
+        for a in args.alphas
+        for nice in args.generator_nice
     ]
     raw.parent.mkdir(parents=True, exist_ok=True)
     done: set[tuple[int, str]] = set()
@@ -289,6 +323,7 @@ def main() -> None:
             for config in order:
                 if (problem.index, config.key) in done:
                     continue
+                renice(processes, config.nice)
                 row = ask(client, url, problem, config, args, processes)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -374,8 +409,12 @@ def report(rows: list[dict[str, Any]], problems: list[Problem], args: argparse.N
             "strategy": group[0]["strategy"],
             "n": group[0]["n"],
             "alpha": group[0]["alpha"],
+            "nice": group[0].get("nice", 0),
             "questions": len(group),
             "tokens": statistics.mean(r["tokens"] for r in group),
+            "overshoot": statistics.mean(
+                r["tokens"] - sum(c["tokens"] or 0 for c in r["candidates"]) for r in group
+            ),
             "reward": statistics.mean(w["reward"] for w in winners),
             "right": statistics.mean(
                 is_right(extract_answer(w["text"]), by_index[r["question"]])
@@ -384,7 +423,14 @@ def report(rows: list[dict[str, Any]], problems: list[Problem], args: argparse.N
             "wall_s": statistics.mean(r["wall_s"] for r in group),
             "cpu_s": statistics.mean(r["upstream_cpu_s"] for r in group),
         }
-    bon = sorted((s for s in summary.values() if s["alpha"] is None), key=lambda s: s["tokens"])
+    bon = {
+        nice: sorted(
+            (s for s in summary.values() if s["alpha"] is None and s["nice"] == nice),
+            key=lambda s: s["tokens"],
+        )
+        for nice in {s["nice"] for s in summary.values()}
+    }
+    nice_flags = " --generator-nice " + " ".join(map(str, args.generator_nice)) if len(bon) > 1 else ""
     lines = [
         f"# Speculative rejection vs best-of-N ({questions} GSM8K questions, llama.cpp SmolLM2-135M, "
         f"GSM8K verifier)",
@@ -392,28 +438,33 @@ def report(rows: list[dict[str, Any]], problems: list[Problem], args: argparse.N
         f"checkpoints {args.checkpoints}, max_tokens {args.max_tokens}, temperature {args.temperature}, "
         f"seed {args.seed}; `python bench/early_rejection.py "
         f"--questions {args.questions} --ns {' '.join(map(str, args.ns))} "
-        f"--alphas {' '.join(map(str, args.alphas))}`",
+        f"--alphas {' '.join(map(str, args.alphas))}{nice_flags}`",
         "",
-        "| strategy | N | alpha | tokens / question | x best-of-N | upstream CPU s | wall s "
+        "| strategy | N | alpha | generator nice | tokens / question | x best-of-N | overshoot "
+        "| x best-of-N without overshoot | upstream CPU s | wall s "
         "| winner reward | winner right | reward vs best-of-N at equal tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in sorted(summary.values(), key=lambda s: (s["n"], s["alpha"] or 0.0)):
-        same_n = summary[Config("best_of_n", s["n"]).key]
+    for s in sorted(summary.values(), key=lambda s: (s["n"], s["alpha"] or 0.0, s["nice"])):
+        same_n = summary[Config("best_of_n", s["n"], None, s["nice"]).key]
         ratio = s["tokens"] / same_n["tokens"]
         versus = ""
         if s["alpha"] is not None:
-            at = bon_reward_at(bon, s["tokens"])
+            at = bon_reward_at(bon[s["nice"]], s["tokens"])
             versus = f"{s['reward'] - at:+.4f} ({'above' if s['reward'] > at else 'below'})"
         lines.append(
-            f"| {s['strategy']} | {s['n']} | {s['alpha'] if s['alpha'] is not None else '-'} "
-            f"| {s['tokens']:.0f} | {ratio:.2f} | {s['cpu_s']:.2f} | {s['wall_s']:.2f} "
+            f"| {s['strategy']} | {s['n']} | {s['alpha'] if s['alpha'] is not None else '-'} | {s['nice']} "
+            f"| {s['tokens']:.0f} | {ratio:.2f} | {s['overshoot']:.0f} "
+            f"| {(s['tokens'] - s['overshoot']) / same_n['tokens']:.2f} "
+            f"| {s['cpu_s']:.2f} | {s['wall_s']:.2f} "
             f"| {s['reward']:.4f} | {s['right']:.1%} | {versus} |"
         )
     lines += [
         "",
         "'reward vs best-of-N at equal tokens': the winner's mean reward minus best-of-N's curve "
-        "interpolated (linearly in tokens; flat beyond its ends) at the same mean tokens.",
+        "(same generator nice) interpolated (linearly in tokens; flat beyond its ends) at the same "
+        "mean tokens. 'overshoot': tokens per question generated after a candidate reached the "
+        "checkpoint that rejected it, before its cancel took effect (see the module docstring).",
     ]
     text = "\n".join(lines) + "\n"
     args.out.with_suffix(".md").write_text(text, encoding="utf-8")
@@ -442,6 +493,7 @@ def plot(summary: dict[str, dict[str, Any]], path: Path) -> None:
     lines: dict[str, list[dict[str, Any]]] = {}
     for s in summary.values():
         label = "best_of_n" if s["alpha"] is None else f"speculative_rejection alpha={s['alpha']}"
+        label += f" (generator nice {s['nice']})" if s["nice"] else ""
         lines.setdefault(label, []).append(s)
     for label, points in sorted(lines.items()):
         points.sort(key=lambda s: s["tokens"])

@@ -160,8 +160,9 @@ async def test_deadline_bounds_the_worker_call(tiny_llama_rm: Path) -> None:
             await pool.score("rm", MESSAGES, ["x"], deadline=Deadline(time.monotonic() - 1))
         assert await groups_scored() == 0
         # The worker call gets the time left, not the server's request timeout (300 s here):
-        # a big group cannot be scored in 50 ms.
-        big = ["word " * 200] * 64
+        # a big group cannot be scored in 50 ms (distinct texts: identical ones would share
+        # their keys and values, and 64 of them took under 50 ms on a fast machine).
+        big = [f"w{i} " + "word " * 300 for i in range(128)]
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             await pool.score("rm", MESSAGES, big, deadline=Deadline.after(0.05))
