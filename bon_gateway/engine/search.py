@@ -36,6 +36,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bon_gateway.engine.ahead import texts_to_send_ahead
 from bon_gateway.engine.protocols import GenerationRun, OnGenerated, OnScored, ScoringGroup
 from bon_gateway.engine.rejection import rejected_at_checkpoint, rejected_on_arrival
 from bon_gateway.types import (
@@ -165,10 +166,6 @@ class _GenerationDone:
 
 
 _Message = GenerationEvent | _Scored | _RoundScored | _Prefilled | _GenerationDone | BaseException
-
-# A call that sends texts ahead carries at most this many times prefill_every new tokens
-# (at least one text): short enough that a candidate finishing meanwhile waits little.
-_PREFILL_CALL_SHARE = 4
 
 
 class _Search:
@@ -343,20 +340,10 @@ class _Search:
     def _send_ahead(self) -> None:
         """Send the live texts that grew by prefill_every tokens, when the worker has nothing
         of this request to do: what they leave to compute at the end is their last tokens."""
-        every = self.plan.prefill_every
         if not self.generating or self.scoring or self.prefilling:
             return
-        grown = sorted(
-            (c for c in self.candidates if c.live and c.tokens - c.prefilled >= every),
-            key=lambda c: (c.prefilled - c.tokens, c.index),
-        )
-        batch: list[_Candidate] = []
-        new_tokens = 0
-        for candidate in grown:
-            if batch and new_tokens + candidate.tokens - candidate.prefilled > _PREFILL_CALL_SHARE * every:
-                break
-            batch.append(candidate)
-            new_tokens += candidate.tokens - candidate.prefilled
+        grown = ((c.index, c.tokens - c.prefilled) for c in self.candidates if c.live)
+        batch = [self.candidates[i] for i in texts_to_send_ahead(grown, self.plan.prefill_every)]
         if not batch:
             return
         for candidate in batch:

@@ -11,8 +11,6 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
 from bon_gateway.config import GatewayConfig
 from bon_gateway.engine.engine import Engine
 from bon_gateway.errors import Unavailable
@@ -144,13 +142,12 @@ async def test_a_failed_call_ahead_changes_nothing() -> None:
     assert any(what == "end" and not set(call) & set(candidates) for what, call in scorer.log)
 
 
-@pytest.mark.parametrize("strategy", ["speculative_rejection"])
-async def test_no_texts_go_ahead_with_checkpoints(strategy: str) -> None:
+async def test_no_texts_go_ahead_with_checkpoints() -> None:
     # Checkpoints score partial texts already (and reuse them): nothing else is sent ahead.
     candidates = texts([20, 20])
     scorer = FakeScorer(default_reward=0.0)
     gateway = engine(scorer, candidates, 2)
-    request = BonRequest(USER, best_of=2, strategy=strategy, checkpoints=(8,))
+    request = BonRequest(USER, best_of=2, strategy="speculative_rejection", checkpoints=(8,))
     await gateway.run(gateway.admit(request), Deadline.after(30))
     sizes = {words(t) for call in scorer.groups[0].scored for t in call if t not in candidates}
     assert sizes == {8}

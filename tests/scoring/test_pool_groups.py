@@ -225,32 +225,36 @@ async def test_fake_scorer_groups_record_their_calls() -> None:
         await scorer.open_group("fake-rm", MESSAGES, deadline=Deadline.after(5)).opened()
 
 
+class _RecordingGroup:
+    """A pool group that records the texts of its calls in `calls`."""
+
+    def __init__(self, group: Any, calls: list[tuple[str, ...]]) -> None:
+        self.group = group
+        self.calls = calls
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.group, name)
+
+    async def score(self, texts: Any, *, deadline: Deadline) -> Any:
+        self.calls.append(tuple(texts))
+        return await self.group.score(texts, deadline=deadline)
+
+
 class _Recording:
-    """The pool as the engine's scorer, recording the texts of every group call."""
+    """The pool as the engine's scorer, its groups recording their calls."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
         self.calls: list[tuple[str, ...]] = []
-        self.prompt_tokens = 0
+        self.groups: list[_RecordingGroup] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
 
     def open_group(self, model: str, messages: Any, *, deadline: Deadline, request_id: str = "") -> Any:
         group = self.pool.open_group(model, messages, deadline=deadline, request_id=request_id)
-        recording = self
-
-        class Group:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(group, name)
-
-            async def score(self, texts: Any, *, deadline: Deadline) -> Any:
-                recording.calls.append(tuple(texts))
-                result = await group.score(texts, deadline=deadline)
-                recording.prompt_tokens = group.prompt_tokens
-                return result
-
-        return Group()
+        self.groups.append(_RecordingGroup(group, self.calls))
+        return self.groups[-1]
 
 
 @pytest.mark.integration
@@ -280,4 +284,4 @@ async def test_texts_sent_ahead_are_reused_and_every_reward_stays_exact(
     assert len(ahead) >= 4, scorer.calls  # the long ones went ahead several times
     # A text reuses at most the whole prompt from the prompt alone: the rest is the
     # candidates' own earlier texts.
-    assert reused(pool, "rm") - before > len(texts) * scorer.prompt_tokens
+    assert reused(pool, "rm") - before > len(texts) * scorer.groups[0].prompt_tokens
