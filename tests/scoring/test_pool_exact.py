@@ -106,10 +106,12 @@ async def test_concurrent_requests_batched_still_exact(
 async def test_cancelled_request_then_next_request_exact(
     pool: WorkerPool, reference_outcome_reward: object
 ) -> None:
-    task = asyncio.create_task(
-        pool.score("qwen3", MESSAGES, mixed_candidates() * 4, deadline=Deadline.after(60))
-    )
+    # Distinct long texts the worker has not seen: repeated ones share keys and values
+    # and were scored in under 50 ms on a fast machine, before the cancel arrived.
+    big = [f"c{i} " + "word " * 300 for i in range(128)]
+    task = asyncio.create_task(pool.score("qwen3", MESSAGES, big, deadline=Deadline.after(60)))
     await asyncio.sleep(0.05)
+    assert not task.done()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
